@@ -1,0 +1,30 @@
+"""r1kit — the DeepSeek-R1 recipe, small, fast and hackable on PyTorch.
+
+    model, tok = r1kit.load("path/to/checkpoint")          # r1kit or Hugging Face directory
+    print(r1kit.generate(model, tok, ["What is 2+3?"], max_new_tokens=64))
+    r1kit.save(model, tok, "path/to/new_checkpoint")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from r1kit.checkpoint import load, save  # noqa: E402
+
+
+def generate(model, tok, prompts, n: int = 1, max_new_tokens: int = 256, temperature: float = 0.6,
+             top_p: float = 0.95, top_k: int = 0, stop=(), seed: int | None = None, chat: bool = True):
+    """Sample completions for text prompts.
+
+    Each prompt is a string (a user message) or a list of chat messages; with `chat=False` a
+    string is tokenized as is. Returns one string per prompt, or a list of `n` strings when n > 1.
+    """
+    from r1kit.engine import Engine, SamplingParams
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    use_chat = chat and tok.style_name is not None
+    ids = [tok.chat_prompt(p) if use_chat else tok.encode(p) for p in prompts]
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        n=n, stop=tuple(stop), seed=seed)
+    out = Engine(model, tok).generate(ids, sp)
+    texts = [[s.text for s in group] for group in out]
+    return [t[0] for t in texts] if n == 1 else texts

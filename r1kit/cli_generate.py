@@ -1,0 +1,26 @@
+"""`r1kit generate CKPT --prompt TEXT`: sample from a checkpoint directory."""
+from __future__ import annotations
+
+import r1kit
+
+
+def add_args(p) -> None:
+    p.add_argument("ckpt", help="checkpoint directory (r1kit or Hugging Face format)")
+    p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
+    p.add_argument("-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, without the chat template")
+    p.add_argument("--device", default="auto")
+
+
+def main(args) -> int:
+    model, tok = r1kit.load(args.ckpt, device=args.device)
+    out = r1kit.generate(model, tok, args.prompt, n=args.n, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=not args.raw)
+    for prompt, texts in zip(args.prompt, out):
+        for t in (texts if args.n > 1 else [texts]):
+            print(f"> {prompt}\n{t}\n")
+    return 0

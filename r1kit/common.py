@@ -1,0 +1,80 @@
+"""Device, dtype, distributed init, printing and seeding — the few things every stage needs."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def autodetect_device() -> torch.device:
+    """cuda → mps → cpu, detected rather than assumed."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None`/"auto" → autodetect; anything else is passed to torch.device."""
+    if name in (None, "", "auto"):
+        return autodetect_device()
+    return torch.device(name)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" → bf16 on a GPU that supports it, fp32 elsewhere (CPU training wants fp32)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "", "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[name]
+
+
+def is_distributed() -> bool:
+    """True when launched by torchrun (it sets these variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise the process group under torchrun: NCCL on CUDA, gloo otherwise.
+
+    Returns (rank, local_rank, world_size); (0, 0, 1) outside torchrun.
+    """
+    if not is_distributed():
+        return 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return rank, local_rank, world
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only, so multi-process logs stay readable."""
+    if rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

@@ -1,0 +1,277 @@
+"""K-quant block maths (Q4_K, Q5_K, Q6_K), vectorised with NumPy.
+
+The goal is byte identity with llama.cpp's reference quantizers (the path
+``llama_model_quantize`` takes when no importance matrix is given), so every
+quantity is computed with the same float32 operations in the same order:
+
+* Products like ``w*l*x`` are evaluated left to right, one float32 rounding per
+  operation (ggml-base is built without FMA contraction).
+* Sums over the 32 (or 16) values of a sub-block are sequential. Sub-blocks are
+  stored *column-wise* — shape ``(block_len, n_subblocks)`` — because NumPy reduces
+  along axis 0 by adding rows one after another, which is exactly the C loop's
+  order; a reduction along the contiguous last axis would use pairwise summation
+  and drift by an ulp now and then, enough to flip a rounding decision.
+* ``nearest_int`` (the 1.5*2**23 magic-number trick) is round-half-to-even for
+  the small values of the search loops, where ``np.rint`` is used; where a value
+  can be arbitrarily large (after dividing by a tiny scale) the bit trick itself
+  is reproduced, garbage and all, so clamping gives the same answer.
+
+Work is done in chunks of super-blocks so the temporaries stay in cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256
+_CHUNK_SUPERBLOCKS = 512  # 512*256 floats = 512 KiB per (32, n) temporary
+
+_F32 = np.float32
+_MAGIC = _F32(12582912.0)  # 1.5 * 2**23: adding it leaves round(v) in the low mantissa bits
+_RINT_SAFE = _F32(4194304.0)  # beyond 2**22 the magic trick stops matching plain rounding
+_GROUP_MAX_EPS = _F32(1e-15)
+
+Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2
+Q5_K_BYTES = 2 + 2 + 12 + QK_K // 8 + QK_K // 2
+Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's ``nearest_int`` bit for bit (also for huge / non-finite input), as float32."""
+    bits = (np.asarray(v, dtype=_F32) + _MAGIC).view(np.int32)
+    return ((bits & 0x007FFFFF) - 0x00400000).astype(_F32)
+
+
+def _round(v: np.ndarray, exact: bool) -> np.ndarray:
+    # np.rint equals nearest_int while |v| < 2**22; `exact` covers the rare rest
+    return nearest_int(v) if exact else np.rint(v, out=v)
+
+
+def _fp16_round_trip(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fp16 bytes as uint16, the fp16 value back in float32). NumPy's cast rounds to
+    nearest even, as ggml's FP32_TO_FP16 does."""
+    h = v.astype(np.float16)
+    return h.view(np.uint16), h.astype(_F32)
+
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    return np.add.reduce(a, axis=0)
+
+
+def _qkx2_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """make_qkx2_quants for every column of x (block_len, m) at once.
+
+    Returns (L, scale, the_min): levels in [0, nmax] as float32, and per column the
+    scale and the (positive) offset.
+    """
+    fnmax = _F32(nmax)
+    xmin_true = x.min(axis=0)
+    mn = np.minimum(xmin_true, _F32(0))
+    mx = x.max(axis=0)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    live = mx != mn  # all-equal columns get L = 0 and scale 0 below, like the reference
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fnmax / (mx - mn)
+        scale = _F32(1) / iscale
+        L = _levels(x, mn, iscale, fnmax, _rint_ok(iscale, mx, mn, xmin_true, live), np.empty_like(x))
+        best = _weighted_sq_err(scale, L, mn, x, w)
+        l_try = np.empty_like(x)
+        tmp = np.empty_like(x)
+        for step in range(nstep + 1):
+            # `mn` may have moved to an earlier step's fitted min: the reference reuses it here
+            iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + fnmax) / (mx - mn)
+            _levels(x, mn, iscale, fnmax, _rint_ok(iscale, mx, mn, xmin_true, live), l_try)
+            np.multiply(w, l_try, out=tmp)
+            sum_l = _seq_sum(tmp)
+            sum_l2 = _seq_sum(tmp * l_try)
+            sum_xl = _seq_sum(np.multiply(tmp, x, out=tmp))
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min[pos] = 0
+            this_scale[pos] = (sum_xl / sum_l2)[pos]
+            cur = _weighted_sq_err(this_scale, l_try, this_min, x, w, out=tmp)
+            better = live & (D > 0) & (cur < best)
+            if better.any():
+                np.copyto(L, l_try, where=better)
+                best[better] = cur[better]
+                scale[better] = this_scale[better]
+                mn[better] = this_min[better]
+    L[:, ~live] = 0
+    scale[~live] = 0
+    return L, scale, -mn
+
+
+def _rint_ok(iscale, mx, mn, xmin_true, live) -> bool:
+    """True when every |iscale*(x - mn)| of a live column stays below 2**22 (rint is exact)."""
+    reach = np.maximum(np.abs(mx - mn), np.abs(xmin_true - mn))
+    bound = (np.abs(iscale) * reach)[live]
+    return bool(np.all(bound < _RINT_SAFE))
+
+
+def _levels(x, mn, iscale, fnmax, rint_ok: bool, out):
+    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) into `out`."""
+    np.subtract(x, mn, out=out)
+    out *= iscale
+    if rint_ok:
+        np.rint(out, out=out)
+    else:
+        out[...] = nearest_int(out)
+    return np.clip(out, 0, fnmax, out=out)
+
+
+def _weighted_sq_err(scale, L, mn, x, w, out=None):
+    # sum_i w_i * ((scale*L_i + mn) - x_i)**2, in the reference's operation order
+    d = np.multiply(L, scale, out=out)
+    d += mn
+    d -= x
+    d *= d
+    d *= w
+    return _seq_sum(d)
+
+
+def _pack_scales_mins(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins per super-block -> the 12-byte K_SCALE layout."""
+    out = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _to_u6(v: np.ndarray) -> np.ndarray:
+    # the reference stores nearest_int(...) into a uint8 (wrapping mod 256) and caps it at 63
+    return np.minimum(v.astype(np.int32).astype(np.uint8), 63)
+
+
+def _q45k_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """Shared Q4_K/Q5_K maths for x of shape (nb, 256): returns (d16, dmin16, scales12, L)."""
+    nb = x.shape[0]
+    xs = np.ascontiguousarray(x.reshape(nb * 8, 32).T)  # (32, nb*8), column = sub-block
+    sum_x2 = _seq_sum(xs * xs)
+    av_x = np.sqrt(sum_x2 / _F32(32))
+    w = np.abs(xs)
+    w += av_x
+    L, scales, mins = _qkx2_search(xs, w, nmax, rmin, 0.1, nstep)
+    scales = scales.reshape(nb, 8)
+    mins = mins.reshape(nb, 8)
+    max_scale = np.maximum(scales.max(axis=1), _F32(0))
+    max_min = np.maximum(mins.max(axis=1), _F32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0)).astype(_F32)
+        inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0)).astype(_F32)
+    ls = _to_u6(nearest_int(inv_scale[:, None] * scales))
+    lm = _to_u6(nearest_int(inv_min[:, None] * mins))
+    d16, d = _fp16_round_trip(max_scale / _F32(63))
+    dmin16, dmin = _fp16_round_trip(max_min / _F32(63))
+    # second pass: re-quantise each value against the scale/min actually stored
+    sub_d = (d[:, None] * ls.astype(_F32)).reshape(-1)
+    sub_m = (dmin[:, None] * lm.astype(_F32)).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((xs + sub_m) / sub_d), 0, _F32(nmax))
+    np.copyto(L, requant, where=sub_d != 0)
+    L8 = L.T.astype(np.uint8).reshape(nb, 4, 2, 32)
+    return d16, dmin16, _pack_scales_mins(ls, lm), L8
+
+
+def _q4k_chunk(x: np.ndarray) -> np.ndarray:
+    d16, dmin16, sc, L8 = _q45k_chunk(x, 15, -1.0, 20)
+    nb = x.shape[0]
+    qs = (L8[:, :, 0] | (L8[:, :, 1] << 4)).reshape(nb, 128)
+    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2),
+                           sc, qs], axis=1)
+
+
+def _q5k_chunk(x: np.ndarray) -> np.ndarray:
+    d16, dmin16, sc, L8 = _q45k_chunk(x, 31, -0.5, 15)
+    nb = x.shape[0]
+    qs = ((L8[:, :, 0] & 0xF) | ((L8[:, :, 1] & 0xF) << 4)).reshape(nb, 128)
+    hi = L8 >> 4  # (nb, 4, 2, 32): bit for pair k, half h goes to bit 2k+h of qh
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
+    qh = np.bitwise_or.reduce(hi << shifts[None, :, :, None], axis=(1, 2)).astype(np.uint8)
+    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2),
+                           sc, qh, qs], axis=1)
+
+
+def _qx_search(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(16, 32, rmse_type=1) for every column of x (16, m): (L in [0,63], scale)."""
+    nmax = _F32(32)
+    idx = np.abs(x).argmax(axis=0)  # first index of the largest |x|, like the strict '>' scan
+    xmax = np.take_along_axis(x, idx[None, :], axis=0)[0]
+    zero = np.abs(xmax) < _GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = -nmax / xmax
+        exact = not bool(np.all(np.isfinite(iscale[~zero])))
+        wx = x * x * x  # w = x*x, then (w*x): same two roundings as the reference's w*x[i]
+        w = x * x
+        l = np.clip(_round(iscale * x, exact), -nmax, nmax - 1)
+        sumlx = _seq_sum(wx * l)
+        suml2 = _seq_sum(w * l * l)
+        scale = np.where(suml2 != 0, sumlx / suml2, _F32(0)).astype(_F32)
+        best = scale * sumlx
+        L = l + nmax
+        t = np.empty_like(x)
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(nmax + _F32(0.1) * _F32(step)) / xmax
+            np.multiply(x, iscale, out=t)
+            np.clip(_round(t, exact), -nmax, nmax - 1, out=t)
+            sumlx = _seq_sum(wx * t)
+            suml2 = _seq_sum(np.multiply(w, t, out=l) * t)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if better.any():
+                np.copyto(L, t + nmax, where=better)
+                scale[better] = (sumlx / suml2)[better]
+                best[better] = scale[better] * sumlx[better]
+    L[:, zero] = 0
+    scale[zero] = 0
+    return L, scale
+
+
+def _q6k_chunk(x: np.ndarray) -> np.ndarray:
+    nb = x.shape[0]
+    xs = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16), column = sub-block
+    L, scales = _qx_search(xs)
+    scales = scales.reshape(nb, 16)
+    # the signed scale of largest magnitude (first one on ties) sets the super-block scale
+    pick = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, pick[:, None], axis=1)[:, 0]
+    empty = np.abs(max_scale) < _GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = _F32(-128) / max_scale
+        d16, d = _fp16_round_trip(_F32(1) / iscale)
+        # MIN(127, nearest_int(..)) stored into an int8: wrap like the C assignment does
+        sc = np.minimum(nearest_int(iscale[:, None] * scales), _F32(127))
+        sc8 = sc.astype(np.int32).astype(np.int8)
+        sub_d = (d[:, None] * sc8.astype(_F32)).reshape(-1)
+        requant = np.clip(nearest_int(xs / sub_d), _F32(-32), _F32(31)) + _F32(32)
+    np.copyto(L, requant, where=sub_d != 0)
+    L8 = L.T.astype(np.uint8).reshape(nb, 2, 4, 32)
+    ql = ((L8[:, :, 0:2] & 0xF) | ((L8[:, :, 2:4] & 0xF) << 4)).reshape(nb, 128)
+    hi = L8 >> 4
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    out = np.concatenate([ql, qh, sc8.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)], axis=1)
+    out[empty] = 0  # all-zero super-block: the reference writes zeros throughout
+    return out
+
+
+_CHUNK_FNS = {"Q4_K": (_q4k_chunk, Q4_K_BYTES), "Q5_K": (_q5k_chunk, Q5_K_BYTES),
+              "Q6_K": (_q6k_chunk, Q6_K_BYTES)}
+
+
+def quantize_k(x: np.ndarray, kind: str) -> np.ndarray:
+    """Quantize float32 values (any shape, size a multiple of 256) to `kind` in {"Q4_K", "Q5_K",
+    "Q6_K"}; returns uint8 of shape (n_superblocks, block_bytes) in GGUF order."""
+    fn, nbytes = _CHUNK_FNS[kind]
+    flat = np.ascontiguousarray(x, dtype=_F32).reshape(-1)
+    if flat.size % QK_K:
+        raise ValueError(f"{kind} needs a multiple of {QK_K} values, got {flat.size}")
+    blocks = flat.reshape(-1, QK_K)
+    out = np.empty((blocks.shape[0], nbytes), dtype=np.uint8)
+    for start in range(0, blocks.shape[0], _CHUNK_SUPERBLOCKS):
+        stop = start + _CHUNK_SUPERBLOCKS
+        out[start:stop] = fn(blocks[start:stop])
+    return out

@@ -1,0 +1,314 @@
+"""Dense decoder for the Llama 3 / 3.1, Qwen2 / 2.5 and Qwen3 families, in one file.
+
+The three families differ only in switches, so one model covers them:
+  Llama 3.x : RoPE with `llama3` frequency scaling, GQA, SwiGLU, RMSNorm, optional tied embeddings
+  Qwen2/2.5 : + bias on the q/k/v projections, tied embeddings on the small sizes
+  Qwen3     : + RMSNorm on each head's query and key before RoPE (QK-norm), explicit head_dim
+
+Names follow DeepSeek-V3's inference/model.py (`embed`, `attn.wq`, `ffn.w1`, `head`); the
+mapping to Hugging Face names lives in hf.py. Config field names are Hugging Face's, so a
+`config.json` translates one to one.
+
+The contract every r1kit model keeps:
+    forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None)
+idx (B, T) → logits (B, T, V); with targets → loss ("mean", "sum") or per-token NLL (B, T)
+("none", 0 where targets == -100). With a kv_cache, the new tokens of row b sit at positions
+cache.lens[b] + 0..T-1 and may attend to everything the row has cached before them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # None → num_attention_heads (plain MHA)
+    head_dim: int | None = None  # None → hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}
+    attention_bias: bool = False  # bias on q/k/v (Qwen2 always; Llama/Qwen3 when configured)
+    o_bias: bool = False  # bias on the output projection (Llama with attention_bias=True)
+    qk_norm: bool = False  # Qwen3
+    tie_word_embeddings: bool = False
+    architecture: str = "LlamaForCausalLM"
+    extra: dict = field(default_factory=dict)  # HF keys we carry but do not use (bos_token_id …)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("extra", "architecture")]
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with the config's long-context scaling applied."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        return _llama3_scale(inv_freq, scaling).float()
+    raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported for the dense family "
+                     "(supported: default, linear, llama3)")
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, blend the band between.
+
+    Wavelengths longer than the original context would see positions never trained on, so
+    they are stretched; short ones already cycle many times and are left alone.
+    """
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / lo, inv_freq / factor, blended)
+    return torch.where(wavelen < old_ctx / hi, inv_freq, out)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (T,) or (B, T) → cos, sin broadcastable to (B, H, T, head_dim)."""
+    freqs = pos.to(inv_freq.dtype)[..., None] * inv_freq  # (..., T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): HF's half-split layout
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    if pos.dim() == 2:  # per-row positions: add the head axis
+        return cos[:, None], sin[:, None]
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) — the layout Hugging Face checkpoints are stored in."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys and values for every layer, plus each row's filled length.
+
+    k, v: (L, B, n_kv_heads, max_len, head_dim). Rows fill independently (`lens` (B,)), so
+    ragged prompts need no left padding: a row's tokens always sit at positions 0..len-1,
+    and RoPE positions equal cache columns.
+    """
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lens.shape[0]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) positions of the T tokens about to be written."""
+        pos = self.lens[:, None] + torch.arange(T, device=self.lens.device)
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"KV cache full: position {int(pos.max())} ≥ max_len {self.max_len}")
+        return pos
+
+    def attn_mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, Tk) boolean: query at position p sees cache columns 0..p of its own row."""
+        Tk = int(pos.max()) + 1
+        return (torch.arange(Tk, device=pos.device) <= pos[:, :, None])[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, Tk: int):
+        """k, v (B, H, T, D) → store at each row's positions; return the (B, H, Tk, D) views."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)  # (B, T)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, H, D)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        return self.k[layer, :, :, :Tk], self.v[layer, :, :, :Tk]
+
+    def advance(self, T: int) -> None:
+        self.lens += T
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (e.g. drop finished sequences to shrink the batch)."""
+        self.k, self.v, self.lens = self.k[:, rows], self.v[:, rows], self.lens[rows]
+
+    def insert(self, slots: torch.Tensor, other: "KVCache") -> None:
+        """Copy `other`'s rows (a freshly prefilled batch) into rows `slots` of this cache."""
+        n = other.k.shape[3]
+        self.k[:, slots, :, :n] = other.k
+        self.v[:, slots, :, :n] = other.v
+        self.lens[slots] = other.lens
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 even for bf16 activations, then scale — as the checkpoints expect
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
+        self.wk = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.wv = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, pos, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalises each head before rotating it
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, Hkv, Tk, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) → (B, T, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)  # gate
+        self.w2 = nn.Linear(inter, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache, layer, pos, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.embed.weight.device)
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "Llama":
+        """Fresh weights for training from scratch; residual outputs scaled by depth (GPT-2)."""
+        g = torch.Generator().manual_seed(seed)
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * s)
+        return self
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        c, w = self.config, self.embed.weight
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
+                       dtype or w.dtype, device or w.device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None):
+        """idx (B, T) → logits (B, T, V), or loss (see module docstring).
+
+        logit_pos (B,): compute logits only at these positions of each row → (B, 1, V);
+        prefill uses it to skip the vocabulary projection of every prompt token.
+        """
+        B, T = idx.shape
+        x = self.embed(idx)  # (B, T, d)
+        if kv_cache is not None:
+            pos = kv_cache.positions(T)  # (B, T)
+            mask = kv_cache.attn_mask(pos)  # (B, 1, T, Tk)
+        else:
+            pos, mask = torch.arange(T, device=idx.device), None
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache, i, pos, mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.norm(x)
+        if logit_pos is not None:
+            x = x[torch.arange(B, device=x.device), logit_pos][:, None]  # (B, 1, d)
+        logits = self.head(x)
+        if targets is None:
+            return logits
+        return token_loss(logits, targets, loss_reduction)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy in fp32; -100 targets are ignored. "none" → (B, T) NLL with zeros there."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                          ignore_index=IGNORE_INDEX, reduction=reduction)
+    return nll.view(targets.shape) if reduction == "none" else nll

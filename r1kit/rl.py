@@ -1,0 +1,422 @@
+"""GRPO maths as small pure tensor functions.
+
+Nothing here touches a model, an optimizer or a device: every function maps tensors to tensors,
+so each piece can be unit-tested against hand arithmetic and swapped from a recipe through the
+small name -> function registries at the bottom (``ADVANTAGES``, ``POLICY_LOSSES``,
+``AGGREGATIONS``, ``KL_ESTIMATORS``).
+
+Shape letters used throughout:
+    B  prompts (groups) in a batch        G  completions per prompt (group size)
+    N  = B*G sequences                    T  completion tokens (padded)        V  vocabulary
+
+Conventions
+-----------
+* Losses are things to *minimise*: ``loss = -objective``.
+* Per-token losses come back as ``(N, T)`` with exact zeros at padding (``mask == 0``) and a
+  dict of detached 0-d statistic tensors (no ``.item()``, so nothing forces a GPU sync).
+* ``old_logp`` is the log-prob under the policy that sampled the rollout. For a single update per
+  rollout pass ``old_logp = logp.detach()``: the ratio is then exactly 1, nothing clips, and
+  the gradient is the plain policy gradient ``-A * grad(logp)``.
+* Log-ratios are clamped to ``[-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]`` before ``exp`` so a stale or
+  garbage log-prob can never overflow to ``inf`` (``exp(20) ~ 4.9e8`` is finite in fp32 and
+  bf16). A token that far out is far past every clip range, so the zero gradient the clamp gives
+  it is what the clip would give anyway (for a negative advantage it acts as a very loose dual
+  clip).
+* bf16/fp16 log-probs are upcast to fp32 before any ratio is formed: bf16 steps by 2^-7 ~ 8e-3
+  just above 1, far coarser than GSPO's 4e-4 clip range, and token sums lose precision in it.
+* Padding is handled with ``torch.where`` rather than multiplication so that NaN/inf values at
+  padded positions (``0 * nan = nan``) cannot leak into a policy loss, an aggregate or their
+  gradients. The KL estimators take no mask: aggregate them with one of the functions here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LOG_RATIO_CLAMP = 20.0
+
+Stats = dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Group advantages and dynamic sampling
+# --------------------------------------------------------------------------------------------
+
+
+def _as_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """View rewards ``(B*G,)`` or ``(B, G)`` as float ``(B, G)``."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    if r.dim() == 2:
+        if r.shape[1] != group_size:
+            raise ValueError(f"rewards shape {tuple(r.shape)} does not match group_size {group_size}")
+        return r
+    if r.dim() != 1 or r.numel() % group_size != 0:
+        raise ValueError(f"rewards of shape {tuple(r.shape)} do not split into groups of {group_size}")
+    return r.view(-1, group_size)
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4,
+                    unbiased: bool = True) -> Tensor:
+    """GRPO outcome advantages: ``(r - mean_group) / (std_group + eps)``.
+
+    Args:
+        rewards: ``(B*G,)`` (groups contiguous: rows ``g*G .. g*G+G-1`` share a prompt) or ``(B, G)``.
+        group_size: G.
+        eps: added to the std so zero-variance groups give advantage 0 instead of 0/0.
+        unbiased: sample std with Bessel's correction (divide by G-1). This is the default because
+            TRL and verl both use ``torch.std`` (unbiased); ``False`` gives the population std.
+
+    Returns:
+        Advantages with the same shape as ``rewards`` (float).
+
+    >>> grpo_advantages(torch.tensor([1., 0., 1., 0.]), group_size=2, eps=0.0)
+    tensor([ 0.7071, -0.7071,  0.7071, -0.7071])
+    """
+    if unbiased and group_size < 2:
+        raise ValueError("the unbiased std needs group_size >= 2")
+    r = _as_groups(rewards, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, correction=1 if unbiased else 0)
+    return ((r - mean) / (std + eps)).view(rewards.shape)
+
+
+def drgrpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO advantages: ``r - mean_group``, no std division.
+
+    Liu et al. 2025 ("Understanding R1-Zero-Like Training") drop the std because it up-weights
+    groups that are nearly all right or all wrong (tiny std), a question-difficulty bias.
+
+    Args:
+        rewards: ``(B*G,)`` or ``(B, G)``.  Returns: same shape.
+
+    >>> drgrpo_advantages(torch.tensor([1., 0., 0., 0.]), group_size=4)
+    tensor([ 0.7500, -0.2500, -0.2500, -0.2500])
+    """
+    r = _as_groups(rewards, group_size)
+    return (r - r.mean(dim=1, keepdim=True)).view(rewards.shape)
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int, atol: float = 0.0) -> Tensor:
+    """Which groups have (numerically) identical rewards: ``(B,)`` bool.
+
+    Such groups have zero advantage for every member, so they contribute no policy gradient (only
+    KL). ``max - min <= atol`` is used instead of ``std == 0`` because it is exact for equal floats
+    and does not depend on the std's rounding.
+
+    >>> zero_variance_groups(torch.tensor([1., 1., 0., 1.]), group_size=2)
+    tensor([ True, False])
+    """
+    r = _as_groups(rewards, group_size)
+    return (r.amax(dim=1) - r.amin(dim=1)) <= atol
+
+
+def groups_to_keep(rewards: Tensor, group_size: int, atol: float = 0.0) -> Tensor:
+    """DAPO dynamic sampling: keep only groups whose rewards are not all equal. ``(B,)`` bool.
+
+    DAPO (Yu et al. 2025) over-samples prompts and drops groups with accuracy 0 or 1 so every
+    kept sequence carries gradient; ``zero_variance_groups`` generalises that to graded rewards.
+    """
+    return ~zero_variance_groups(rewards, group_size, atol)
+
+
+def expand_group_mask(group_mask: Tensor, group_size: int) -> Tensor:
+    """Per-group ``(B,)`` mask -> per-sequence ``(B*G,)`` mask (groups contiguous).
+
+    >>> expand_group_mask(torch.tensor([True, False]), 2)
+    tensor([ True,  True, False, False])
+    """
+    return group_mask.repeat_interleave(group_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Policy losses (per token)
+# --------------------------------------------------------------------------------------------
+
+
+def _broadcast_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    """Advantages ``(N,)`` (one per sequence) or ``(N, T)`` (per token) -> ``(N, T)``."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    return advantages.to(like.dtype).expand_as(like)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true; 0 if there are none. Detached."""
+    m = mask.to(values.dtype)
+    return ((values.detach() * m).sum() / m.sum().clamp(min=1.0))
+
+
+def _clipped_surrogate(log_ratio: Tensor, adv: Tensor, mask: Tensor,
+                       eps_low: float, eps_high: float) -> tuple[Tensor, Stats]:
+    """Shared PPO clipped surrogate on a given (already masked, clamped) log-ratio ``(N, T)``.
+
+    Returns the per-token loss (padding not yet zeroed) and clip statistics.
+    A token counts as clipped when the clipped branch is the active one, i.e. its gradient is
+    zero: ``A > 0 and ratio > 1 + eps_high`` or ``A < 0 and ratio < 1 - eps_low`` (strict, so a
+    ratio exactly on the boundary is not clipped).
+    """
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    low = (adv < 0) & (ratio < 1.0 - eps_low) & mask
+    high = (adv > 0) & (ratio > 1.0 + eps_high) & mask
+    stats = {
+        "clip_frac": _masked_mean((low | high).to(ratio.dtype), mask),
+        "clip_frac_low": _masked_mean(low.to(ratio.dtype), mask),
+        "clip_frac_high": _masked_mean(high.to(ratio.dtype), mask),
+        "ratio_mean": _masked_mean(ratio, mask),
+    }
+    return loss, stats
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Half-precision tensors -> fp32 (differentiably); fp32/fp64 pass through unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _token_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """``log(pi_theta / pi_old)`` per token, 0 at padding, clamped to +-LOG_RATIO_CLAMP."""
+    logp, old_logp = _upcast(logp), _upcast(old_logp)
+    log_ratio = torch.where(mask, logp - old_logp.detach(), torch.zeros_like(logp))
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def clipped_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                       eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Tensor, Stats]:
+    """PPO/GRPO clipped surrogate per token, with DAPO's decoupled "clip-higher" range.
+
+    ``loss_t = -min(r_t * A, clip(r_t, 1 - eps_low, 1 + eps_high) * A)``, ``r_t = exp(logp - old_logp)``.
+    DAPO raises ``eps_high`` (0.28) above ``eps_low`` (0.2) so low-probability tokens with positive
+    advantage can grow, which counters entropy collapse.
+
+    Args:
+        logp: ``(N, T)`` log pi_theta(token), differentiable.
+        old_logp: ``(N, T)`` log pi_old(token) from rollout time; treated as a constant.
+        advantages: ``(N,)`` per sequence or ``(N, T)`` per token; treated as a constant.
+        mask: ``(N, T)`` bool or 0/1, true on completion tokens.
+
+    Returns:
+        ``(loss (N, T), stats)``; loss is 0 at padding; stats: clip_frac, clip_frac_low,
+        clip_frac_high, ratio_mean (token means over the mask).
+    """
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    log_ratio = _token_log_ratio(logp, old_logp, mask)
+    loss, stats = _clipped_surrogate(log_ratio, adv, mask, eps_low, eps_high)
+    return torch.where(mask, loss, torch.zeros_like(loss)), stats
+
+
+def dual_clip_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                         eps_low: float = 0.2, eps_high: float = 0.2,
+                         clip_c: float = 3.0) -> tuple[Tensor, Stats]:
+    """Dual-clip PPO (Ye et al. 2020): the clipped surrogate, plus for ``A < 0`` a floor ``c * A``.
+
+    With a negative advantage the ordinary clip leaves ``-r * A`` unbounded as ``r`` grows (a
+    token the policy now likes far more than when sampled), so one stale token can dominate the
+    batch. Dual clip caps that token's loss at ``-c * A`` (and its gradient at zero) once
+    ``r > c``. ``clip_c`` must be > 1.
+
+    Shapes as in ``clipped_token_loss``. Extra stat: ``dual_clip_frac`` (tokens where the cap is
+    active). ``clip_frac`` counts only the ordinary clip.
+    """
+    if clip_c <= 1.0:
+        raise ValueError(f"clip_c must be > 1, got {clip_c}")
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    log_ratio = _token_log_ratio(logp, old_logp, mask)
+    loss, stats = _clipped_surrogate(log_ratio, adv, mask, eps_low, eps_high)
+    cap = -clip_c * adv
+    capped = (adv < 0) & (loss > cap)
+    loss = torch.where(capped, cap, loss)
+    stats["dual_clip_frac"] = _masked_mean(capped.to(loss.dtype), mask)
+    return torch.where(mask, loss, torch.zeros_like(loss)), stats
+
+
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's length-normalised sequence log-ratio ``(1/|y|) * sum_t (logp_t - old_logp_t)``: ``(N,)``.
+
+    Sequences with no tokens get 0 (ratio 1).
+    """
+    mask = mask.bool()
+    lr = _token_log_ratio(logp, old_logp, mask)
+    return lr.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(lr.dtype)
+
+
+def gspo_sequence_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                       eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[Tensor, Stats]:
+    """GSPO (Zheng et al. 2025): clip a sequence-level ratio, broadcast to tokens.
+
+    ``s_i = exp(mean_t(logp - old_logp))`` (the geometric mean of token ratios), loss
+    ``-min(s_i * A, clip(s_i, 1 - eps_low, 1 + eps_high) * A)``. Because ``s_i`` is a
+    length-normalised quantity near 1, the paper's clip range is tiny: 3e-4 left, 4e-4 right.
+
+    Implemented in the paper's "GSPO-token" form: token ratio ``sg[s_i] * exp(logp_t - sg[logp_t])``,
+    whose *value* is ``s_i`` on every token and whose gradient w.r.t. ``logp_t`` is ``s_i`` for that
+    token only. With per-sequence advantages this gives exactly the sequence-level GSPO loss and
+    gradient under ``seq_mean_token_mean`` (the paper's 1/G mean), and under every aggregation here
+    it equals broadcasting the sequence loss to tokens; it also accepts per-token advantages.
+
+    Shapes as in ``clipped_token_loss``. Stats are token-weighted (a clipped sequence clips all
+    its tokens), matching the clip fractions reported in the GSPO paper; ``ratio_mean`` is too.
+    """
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    seq_lr = sequence_log_ratio(logp, old_logp, mask).detach().unsqueeze(-1)
+    # value: seq_lr on every valid token; gradient: d/dlogp_t = 1 for its own token only.
+    token_form = seq_lr + (logp - logp.detach())
+    log_ratio = torch.where(mask, token_form, torch.zeros_like(token_form))
+    loss, stats = _clipped_surrogate(log_ratio, adv, mask, eps_low, eps_high)
+    return torch.where(mask, loss, torch.zeros_like(loss)), stats
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation of a per-token matrix to a scalar
+# --------------------------------------------------------------------------------------------
+
+
+def seq_mean_token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Original GRPO: mean over each sequence's tokens, then mean over sequences. ``(N, T) -> ()``.
+
+    Every sequence weighs the same, so a token in a long completion counts less (the length bias
+    DAPO and Dr. GRPO point out). An empty sequence contributes 0 but still counts in the mean.
+
+    >>> seq_mean_token_mean(torch.tensor([[1., 3.], [5., 0.]]), torch.tensor([[1, 1], [1, 0]]))
+    tensor(3.5000)
+    """
+    m = mask.to(values.dtype)
+    v = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return ((v.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean())
+
+
+def token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """DAPO token-level mean: sum over all valid tokens / their number. ``(N, T) -> ()``.
+
+    >>> token_mean(torch.tensor([[1., 3.], [5., 0.]]), torch.tensor([[1, 1], [1, 0]]))
+    tensor(3.)
+    """
+    m = mask.to(values.dtype)
+    v = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return v.sum() / m.sum().clamp(min=1.0)
+
+
+def seq_mean_token_sum_norm(values: Tensor, mask: Tensor, norm: float) -> Tensor:
+    """Dr. GRPO: per-sequence token sum / a constant, then mean over sequences. ``(N, T) -> ()``.
+
+    ``norm`` must be a constant of the run (e.g. ``max_completion_length``), not the batch's padded
+    width: dividing by anything length-dependent reintroduces the length bias this removes.
+
+    >>> seq_mean_token_sum_norm(torch.tensor([[1., 3.], [5., 0.]]), torch.tensor([[1, 1], [1, 0]]), 4)
+    tensor(1.1250)
+    """
+    if norm <= 0:
+        raise ValueError(f"norm must be positive, got {norm}")
+    v = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return (v.sum(dim=1) / norm).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# KL to a frozen reference (per token)
+# --------------------------------------------------------------------------------------------
+# Schulman, "Approximating KL Divergence" (2020): for x ~ q and r = p(x)/q(x), the estimators of
+# KL(q || p) are k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r. GRPO samples from the
+# policy and penalises KL(pi_theta || pi_ref), so q = pi_theta, p = pi_ref and
+# r = pi_ref / pi_theta (DeepSeekMath eq. 4 uses k3 with exactly this r). k1 is unbiased but can be
+# negative, k2 is biased but low-variance, k3 is unbiased and always >= 0. (Strictly the samples
+# come from pi_old; like TRL and verl we ignore that off-policy correction.)
+
+
+def _ref_log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """``log r = ref_logp - logp`` in fp32 or wider, clamped to +-LOG_RATIO_CLAMP (no exp overflow)."""
+    return (_upcast(ref_logp.detach()) - _upcast(logp)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 = ``-log r = logp - ref_logp`` per token ``(N, T)``; unbiased, can be negative."""
+    return -_ref_log_ratio(logp, ref_logp)
+
+
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 = ``(log r)^2 / 2`` per token ``(N, T)``; >= 0, biased (exact to second order)."""
+    return 0.5 * _ref_log_ratio(logp, ref_logp) ** 2
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 = ``r - 1 - log r``, ``r = pi_ref / pi_theta``, per token ``(N, T)``; unbiased and >= 0.
+
+    ``expm1`` keeps ``r - 1`` accurate when the policy is still close to the reference.
+
+    >>> kl_k3(torch.tensor([0.0]), torch.tensor([0.0]))
+    tensor([0.])
+    """
+    log_r = _ref_log_ratio(logp, ref_logp)
+    # r - 1 - log r >= 0 mathematically; clamp away the last-ulp negatives rounding can produce.
+    return (torch.expm1(log_r) - log_r).clamp(min=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Logits -> log-probs / entropy
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log softmax(logits)[target]`` per position: ``(N, T, V), (N, T) -> (N, T)`` (float32).
+
+    Computed as ``logit[target] - logsumexp(logits)`` so the full ``(N, T, V)`` log-softmax is
+    never kept for backward. Negative targets (an ignore index such as -100) give 0.
+    """
+    x = logits.float()
+    valid = targets >= 0
+    picked = x.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = picked - torch.logsumexp(x, dim=-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` per position: ``(N, T, V) -> (N, T)`` (float32, nats).
+
+    ``H = -sum p log p`` with ``log p`` from ``log_softmax`` (max-shifted, so no overflow).
+    ``-inf`` logits (banned tokens) have ``p = 0``; their ``log p = -inf`` is replaced by 0 before
+    the product, so they add 0 to H and NaN cannot appear in the value or the gradient.
+
+    >>> entropy_from_logits(torch.zeros(1, 1, 4))  # uniform over 4 -> log 4
+    tensor([[1.3863]])
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    logp = logp.masked_fill(torch.isinf(logp), 0.0)
+    return -(p * logp).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Registries: recipe names -> functions (configs pick by name; call sites stay branch-free)
+# --------------------------------------------------------------------------------------------
+
+ADVANTAGES: dict[str, Callable[..., Tensor]] = {
+    "grpo": grpo_advantages,
+    "drgrpo": drgrpo_advantages,
+}
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Stats]]] = {
+    "clip": clipped_token_loss,
+    "dual_clip": dual_clip_token_loss,
+    "gspo": gspo_sequence_loss,
+}
+
+# seq_mean_token_sum_norm needs its constant: bind it with functools.partial(..., norm=L).
+AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
+    "seq_mean_token_mean": seq_mean_token_mean,
+    "token_mean": token_mean,
+    "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
+}
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
+}

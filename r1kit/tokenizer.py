@@ -1,0 +1,264 @@
+"""Tokenizer: the HF `tokenizers` library underneath, chat templates on top.
+
+One class wraps a `tokenizer.json`. Chats render to `(ids, loss_mask)` in one of three styles
+— Llama 3, ChatML (Qwen) and DeepSeek-R1 — and each style ships the equivalent Jinja template
+in `tokenizer_config.json`, so `transformers`, vLLM and llama.cpp render the same tokens.
+
+The loss mask comes from character spans: the whole conversation is rendered to one string,
+encoded once with offsets, and a token is trained on when it starts inside an assistant span.
+Encoding the whole string (not pieces) keeps ids identical to what other tools produce.
+
+`build_bpe_tokenizer` makes a small byte-level BPE in code for the synthetic tasks: digits are
+single tokens (as in Qwen's pre-tokenizer), the reasoning tags are whole tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+THINK_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# Qwen2's split pattern: letters runs, single digits, punctuation runs, whitespace rules.
+# llama.cpp knows it as the "qwen2" pre-tokenizer, so GGUF exports tokenize identically.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass(frozen=True)
+class ChatStyle:
+    """How one family renders a conversation. Strings may contain special-token text."""
+    name: str
+    bos: str
+    eos: str  # the token that ends an assistant turn
+    specials: tuple[str, ...]
+    jinja: str
+
+    def render(self, messages: list[dict], add_generation_prompt: bool, force_think: bool):
+        """→ (text, [(start, end) character spans of assistant output to train on])."""
+        return _RENDERERS[self.name](self, messages, add_generation_prompt, force_think)
+
+
+def _render_llama3(style, messages, gen, force_think):
+    text, spans = style.bos, []
+    for m in messages:
+        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+        start = len(text)
+        text += m["content"] + "<|eot_id|>"
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+    if gen:
+        text += "<|start_header_id|>assistant<|end_header_id|>\n\n" + ("<think>\n" if force_think else "")
+    return text, spans
+
+
+def _render_chatml(style, messages, gen, force_think):
+    text, spans = "", []
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n"
+        start = len(text)
+        text += m["content"] + "<|im_end|>"
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    if gen:
+        text += "<|im_start|>assistant\n" + ("<think>\n" if force_think else "")
+    return text, spans
+
+
+def _render_r1(style, messages, gen, force_think):
+    """DeepSeek-R1: system text first, then User/Assistant turns; EOS closes each answer."""
+    text, spans = style.bos, []
+    text += "".join(m["content"] for m in messages if m["role"] == "system")
+    for m in messages:
+        if m["role"] == "user":
+            text += "<｜User｜>" + m["content"]
+        elif m["role"] == "assistant":
+            text += "<｜Assistant｜>"
+            start = len(text)
+            text += m["content"] + style.eos
+            spans.append((start, len(text)))
+    if gen:
+        text += "<｜Assistant｜>" + ("<think>\n" if force_think else "")
+    return text, spans
+
+
+_RENDERERS = {"llama3": _render_llama3, "chatml": _render_chatml, "deepseek-r1": _render_r1}
+
+# The same templates in Jinja for other tools. `force_think` is baked in when saving.
+_JINJA = {
+    "llama3": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n{THINK}{% endif %}"),
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{THINK}{% endif %}"),
+    "deepseek-r1": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+                    "{% endif %}{% endfor %}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>"
+                    "{{ m['content'] }}{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}"
+                    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{THINK}"
+                    "{% endif %}"),
+}
+
+STYLES = {
+    "llama3": ChatStyle("llama3", "<|begin_of_text|>", "<|eot_id|>",
+                        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"), _JINJA["llama3"]),
+    "chatml": ChatStyle("chatml", "", "<|im_end|>", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                        _JINJA["chatml"]),
+    "deepseek-r1": ChatStyle("deepseek-r1", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                             ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                              "<｜▁pad▁｜>"), _JINJA["deepseek-r1"]),
+}
+
+
+def detect_style(template: str | None) -> str | None:
+    """Recognise a style from a Jinja chat template by its marker tokens."""
+    if not template:
+        return None
+    for marker, name in (("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"),
+                         ("<｜Assistant｜>", "deepseek-r1")):
+        if marker in template:
+            return name
+    return None
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """`tokenizers.Tokenizer` + a chat style. ids are plain Python lists of ints."""
+
+    def __init__(self, tk: HFTokenizer, style: str | None = None, force_think: bool = False,
+                 chat_template: str | None = None, eos: str | None = None, bos: str | None = None):
+        self.tk, self.style_name, self.force_think = tk, style, force_think
+        self.chat_template = chat_template
+        st = STYLES.get(style) if style else None
+        self.eos_token = eos or (st.eos if st else None)
+        self.bos_token = bos if bos is not None else (st.bos if st else None)
+        self.eos_id = self._id_or_none(self.eos_token)
+        self.bos_id = self._id_or_none(self.bos_token)
+        # every token that ends generation: the style's turn end plus the family's text end
+        ends = {self.eos_token, "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>",
+                "<｜end▁of▁sentence｜>"}
+        self.stop_ids = sorted({i for t in ends if t and (i := tk.token_to_id(t)) is not None})
+
+    def _id_or_none(self, tok: str | None) -> int | None:
+        return self.tk.token_to_id(tok) if tok else None
+
+    # -- basics ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        for t in ("<｜▁pad▁｜>", "<|finetune_right_pad_id|>", "<|endoftext|>"):
+            if (i := self.tk.token_to_id(t)) is not None:
+                return i
+        return self.eos_id if self.eos_id is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text → ids; special-token text inside is recognised, nothing is added."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, tok: str) -> int | None:
+        return self.tk.token_to_id(tok)
+
+    # -- chat ------------------------------------------------------------------------------------
+    @property
+    def style(self) -> ChatStyle:
+        if self.style_name not in STYLES:
+            raise TokenizerError("this tokenizer has no recognised chat template (supported styles: "
+                                 f"{', '.join(STYLES)}); pass a style or use plain encode()")
+        return STYLES[self.style_name]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """messages → (ids, loss_mask) where mask is 1 on assistant content and its end token."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise TokenizerError(f"message {i}: expected {{'role': system|user|assistant, "
+                                     f"'content': str}}, got {m!r:.120}")
+        text, spans = self.style.render(messages, add_generation_prompt, self.force_think)
+        enc = self.tk.encode(text, add_special_tokens=False)
+        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc.offsets]
+        return enc.ids, mask
+
+    def chat_prompt(self, messages: list[dict] | str) -> list[int]:
+        """ids ready for generation: the conversation + the assistant header."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.render_chat(messages, add_generation_prompt=True)[0]
+
+    def jinja_template(self) -> str:
+        if self.chat_template and self.style_name is None:
+            return self.chat_template
+        return self.style.jinja.replace("{THINK}", "<think>\n" if self.force_think else "")
+
+    # -- files -----------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        path = Path(path)
+        self.tk.save(str(path / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token or None,
+               "eos_token": self.eos_token, "pad_token": self.tk.id_to_token(self.pad_id),
+               "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+               "r1kit": {"chat_style": self.style_name, "force_think": self.force_think}}
+        if self.style_name or self.chat_template:
+            cfg["chat_template"] = self.jinja_template()
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        path = Path(path)
+        tj, tc = path / "tokenizer.json", path / "tokenizer_config.json"
+        try:
+            tk = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # the Rust library reports parse errors as plain Exceptions
+            raise TokenizerError(f"{tj}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
+        cfg = {}
+        if tc.exists():
+            try:
+                cfg = json.loads(tc.read_text())
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{tc}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        ours = cfg.get("r1kit") or {}
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # a list of named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        style = ours.get("chat_style") or detect_style(template)
+        force = bool(ours.get("force_think", False))
+        if "r1kit" not in cfg and template and style:  # e.g. R1-Distill's template opens <think>
+            tail = template.split("add_generation_prompt")[-1]
+            force = "<think>" in tail
+        tok_text = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+        return cls(tk, style, force, template, eos=tok_text(cfg.get("eos_token")), bos=tok_text(cfg.get("bos_token")))
+
+
+def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1",
+                        extra_tokens: list[str] = THINK_TAGS, force_think: bool = False) -> Tokenizer:
+    """Train a byte-level BPE on `corpus` (an iterable of strings) with the style's specials.
+
+    Digits stay single tokens (the split pattern isolates them): arithmetic in a tiny model is
+    much easier to learn when every digit is its own token.
+    """
+    st = STYLES[style]
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    n_added = len(st.specials) + len(extra_tokens)
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - n_added, 257), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tk.train_from_iterator(corpus, trainer=trainer)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in st.specials])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
+    return Tokenizer(tk, style, force_think)

@@ -1,0 +1,168 @@
+"""Reward functions: hand-computed cases for extraction, format, accuracy, math-verify grading,
+language consistency, the overlong penalty and weighted combination."""
+
+import threading
+
+import pytest
+
+from r1kit.rewards import (
+    RewardError,
+    accuracy_reward,
+    combine,
+    extract_answer,
+    format_reward,
+    has_think,
+    language_consistency,
+    math_verify_equal,
+    overlong_penalty,
+    parse_reference,
+)
+
+GOOD = "<think>6+1+0=07,5+6+0=11,4+1+1=06,7+1+0=08</think><answer>8617</answer>"
+
+
+def exact(answer, reference):
+    return answer == reference
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (GOOD, "8617"),
+        ("<think>\nwork\n</think>\n\n<answer>\n 8617 \n</answer>\n", "8617"),
+        ("<answer>1</answer><answer>2</answer>", "2"),
+        ("<answer>outer <answer>inner</answer>", "inner"),
+        ("<think>x</think><answer>8617", None),  # truncated before the closing tag
+        ("no tags at all", None),
+        ("</answer><answer>", None),
+        ("<answer></answer>", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, require_think, expected",
+    [
+        (GOOD, True, 1.0),
+        ("  <think>\na\n</think>\n<answer>7</answer>\n\n", True, 1.0),
+        ("<answer>7</answer>", True, 0.0),
+        ("<answer>7</answer>", False, 1.0),
+        (GOOD, False, 1.0),
+        ("<think></think><answer>7</answer>", True, 0.0),  # empty reasoning does not count
+        ("<think>a</think><answer> </answer>", True, 0.0),
+        ("Sure! <think>a</think><answer>7</answer>", True, 0.0),
+        ("<think>a</think><answer>7</answer> and more", True, 0.0),
+        ("<think>a</think><answer>7</answer><answer>8</answer>", True, 0.0),
+        ("<think>a</think><think>b</think><answer>7</answer>", True, 0.0),
+        ("<think>a<answer>7</answer></think><answer>7</answer>", True, 0.0),
+        ("<answer>7</answer><think>a</think>", False, 0.0),
+        ("<think>a</think>", True, 0.0),
+    ],
+)
+def test_format_reward(text, require_think, expected):
+    assert format_reward(text, require_think=require_think) == expected
+
+
+def test_has_think():
+    assert has_think(GOOD)
+    assert not has_think("<answer>1</answer>")
+    assert not has_think("<think>  </think><answer>1</answer>")
+    assert not has_think("<think>never closed")
+
+
+def test_accuracy_reward_scores_the_last_answer():
+    assert accuracy_reward(GOOD, "8617", exact) == 1.0
+    assert accuracy_reward("<answer>8617</answer><answer>1</answer>", "8617", exact) == 0.0
+    assert accuracy_reward("8617", "8617", exact) == 0.0  # no answer tag, no credit
+
+
+def test_accuracy_reward_reports_a_failing_verifier():
+    def broken_verifier(answer, reference):
+        raise KeyError("numbers")
+
+    with pytest.raises(RewardError, match=r"accuracy reward: verifier .*broken_verifier raised KeyError.*'8617'"):
+        accuracy_reward(GOOD, "8617", broken_verifier)
+
+
+@pytest.mark.parametrize(
+    "answer, reference, expected",
+    [
+        ("72", "72", True),
+        ("72.0", "72", True),
+        ("1,234", "1234", True),
+        ("-7", "-7", True),
+        ("\\boxed{72}", "72", True),
+        ("The answer is \\boxed{\\frac{1}{2}}", "0.5", True),
+        ("1/2", "\\frac{1}{2}", True),
+        ("\\dfrac{3}{4}", "0.75", True),
+        ("2\\sqrt{2}", "\\sqrt{8}", True),
+        ("2\\sqrt{2}", "2", False),  # the leading 2 alone must not match
+        ("73", "72", False),
+        ("banana", "72", False),
+        ("", "72", False),
+        ("7" * 5000, "7", False),  # absurdly long answers are wrong, not slow
+    ],
+)
+def test_math_verify_equal(answer, reference, expected):
+    assert math_verify_equal(answer, reference) is expected
+
+
+def test_parse_reference_rejects_garbage_and_is_reusable():
+    with pytest.raises(ValueError, match="cannot parse reference answer"):
+        parse_reference("}{")
+    parsed = parse_reference("\\frac{1}{2}")
+    assert math_verify_equal("0.5", parsed)
+    # An unparseable reference never yields reward 1, even for an identical answer string.
+    with pytest.raises(ValueError):
+        math_verify_equal("}{", "}{")
+
+
+def test_math_verify_equal_works_off_the_main_thread():
+    # math_verify's signal-based timeout fails in threads; the wrapper must not.
+    results = []
+    worker = threading.Thread(target=lambda: results.append(math_verify_equal("\\frac{6}{4}", "1.5")))
+    worker.start()
+    worker.join()
+    assert results == [True]
+
+
+@pytest.mark.parametrize(
+    "text, lang, expected",
+    [
+        ("<think>first add the ones</think><answer>5</answer>", "en", 1.0),
+        ("<think>先 加 个位</think>", "zh", 1.0),
+        ("<think>first 先加</think>", "en", 1 / 3),  # 1 Latin word, 2 ideographs
+        ("<think>first 先加</think>", "zh", 2 / 3),
+        ("<think>1+6+0=07,5+6+0=11</think><answer>8617</answer>", "en", 1.0),  # no words
+        ("<think>area is πr, θ = 2</think>", "en", 1.0),  # Greek letters are math, not language
+        ("<think>сумма is</think>", "en", 0.5),
+        ("<think>unclosed reasoning 中", "en", 2 / 3),
+        ("no tags, just words", "en", 1.0),
+    ],
+)
+def test_language_consistency(text, lang, expected):
+    assert language_consistency(text, lang) == pytest.approx(expected)
+
+
+def test_language_consistency_ignores_the_answer_and_rejects_unknown_languages():
+    assert language_consistency("<think>reason here</think><answer>答案</answer>", "en") == 1.0
+    with pytest.raises(ValueError, match="unsupported lang 'fr'"):
+        language_consistency("x", "fr")
+
+
+def test_overlong_penalty():
+    assert [overlong_penalty(n, 1000, 200) for n in (0, 800, 900, 1000, 1001)] == [0.0, 0.0, -0.5, -1.0, -1.0]
+    assert overlong_penalty(850, 1000, 200) == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="cache_tokens"):
+        overlong_penalty(10, 100, 200)
+
+
+def test_combine():
+    parts = {"accuracy": 1.0, "format": 1.0, "language": 0.5, "think": 1.0}
+    assert combine(parts, {"accuracy": 1.0, "format": 0.1}) == pytest.approx(1.1)
+    assert combine(parts, {"accuracy": 1.0, "language": 0.2}) == pytest.approx(1.1)
+    assert combine(parts, {}) == 0.0
+    with pytest.raises(ValueError, match="'overlong' has no matching reward part"):
+        combine(parts, {"overlong": 1.0})

@@ -1,0 +1,397 @@
+"""r1kit.rl against hand arithmetic (written out in the comments), gradient signs and edge cases."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+from r1kit import rl
+
+D = torch.float64  # exact-ish arithmetic so hand values can be compared tightly
+
+
+def t(x, dtype=D):
+    return torch.tensor(x, dtype=dtype)
+
+
+def close(a, b, tol=1e-9):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=D), torch.as_tensor(b, dtype=D), rtol=tol, atol=tol)
+
+
+def logp_pair(log_ratios, dtype=D):
+    """(logp requiring grad, old_logp) with logp - old_logp == log_ratios exactly (old = 0)."""
+    logp = t(log_ratios, dtype).clone().requires_grad_(True)
+    return logp, torch.zeros_like(logp)
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+def test_grpo_advantages_sample_std_hand_values():
+    # group [1,0,0,0]: mean 0.25; deviations .75, -.25 x3; squares .5625 + 3*.0625 = .75
+    # sample var = .75/3 = .25 -> std .5 -> adv = [1.5, -.5, -.5, -.5]
+    # group [2,4,6,8]: mean 5, squares 9+1+1+9 = 20, var 20/3, std 2.5820 -> adv = dev/std
+    r = t([1, 0, 0, 0, 2, 4, 6, 8])
+    s = math.sqrt(20 / 3)
+    close(rl.grpo_advantages(r, 4, eps=0.0), [1.5, -.5, -.5, -.5, -3 / s, -1 / s, 1 / s, 3 / s])
+    # with the default eps the denominator is std + 1e-4
+    close(rl.grpo_advantages(r, 4)[:4], t([1.5, -.5, -.5, -.5]) * .5 / .5001)
+
+
+def test_grpo_advantages_population_std():
+    # population var of [1,0,0,0] = .75/4 = .1875, std = sqrt(3)/4 -> adv = .75/(sqrt3/4) = sqrt3
+    close(rl.grpo_advantages(t([1, 0, 0, 0]), 4, eps=0.0, unbiased=False),
+          [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)])
+
+
+def test_advantages_keep_shape_and_accept_2d_and_ints():
+    flat = torch.tensor([1, 0, 1, 1, 0, 0])  # ints are promoted to float
+    a_flat = rl.grpo_advantages(flat, 3)
+    a_2d = rl.grpo_advantages(flat.view(2, 3), 3)
+    assert a_flat.shape == (6,) and a_2d.shape == (2, 3) and a_flat.is_floating_point()
+    close(a_flat.view(2, 3), a_2d)
+    assert rl.drgrpo_advantages(flat.view(2, 3), 3).shape == (2, 3)
+    with pytest.raises(ValueError):
+        rl.grpo_advantages(t([1, 0, 1]), 2)  # 3 rewards cannot form groups of 2
+    with pytest.raises(ValueError):
+        rl.grpo_advantages(t([[1, 0, 1]]), 2)  # (B,G) width disagrees with group_size
+    with pytest.raises(ValueError):
+        rl.grpo_advantages(t([1.0]), 1)  # sample std of one value is undefined
+
+
+def test_zero_variance_group_gives_zero_advantage_not_nan():
+    a = rl.grpo_advantages(t([1, 1, 1, 0, 1, 0]), 3)
+    assert torch.isfinite(a).all()
+    close(a[:3], [0, 0, 0])  # 0 / (0 + eps)
+
+
+def test_drgrpo_is_mean_only():
+    # [1,0,0,0] - .25 ; [2,4] - 3
+    close(rl.drgrpo_advantages(t([1, 0, 0, 0]), 4), [.75, -.25, -.25, -.25])
+    close(rl.drgrpo_advantages(t([2, 4]), 2), [-1, 1])
+
+
+def test_zero_variance_mask_and_dynamic_sampling_keep():
+    r = t([1, 1, 0, 1, 0, 0, .5, .5])  # groups of 2: [1,1] [0,1] [0,0] [.5,.5]
+    assert rl.zero_variance_groups(r, 2).tolist() == [True, False, True, True]
+    assert rl.groups_to_keep(r, 2).tolist() == [False, True, False, False]
+    assert rl.expand_group_mask(rl.groups_to_keep(r, 2), 2).tolist() == [False, False, True, True] + [False] * 4
+    # atol groups near-equal graded rewards together
+    assert rl.zero_variance_groups(t([.5, .5 + 1e-9]), 2, atol=1e-6).tolist() == [True]
+
+
+# ---------------------------------------------------------------------------- clipped loss
+
+
+def test_clipped_loss_hand_values_gradients_and_clip_counts():
+    # eps = .2 -> clip range [.8, 1.2]. Per token (ratio, A) -> loss, d loss / d logp:
+    #   (1.1, +1): min(1.1, 1.1) -> -1.1, grad -r*A = -1.1      (inside range)
+    #   (1.5, +1): min(1.5, 1.2) -> -1.2, grad 0, high-clipped
+    #   (0.5, +1): min(0.5, 0.8) -> -0.5, grad -0.5            (below range, A>0: not clipped)
+    #   (0.5, -1): min(-.5, -.8) -> +0.8, grad 0, low-clipped
+    #   (1.5, -1): min(-1.5,-1.2) -> +1.5, grad +1.5           (above range, A<0: not clipped)
+    ratios = [1.1, 1.5, 0.5, 0.5, 1.5]
+    logp, old = logp_pair([[math.log(x)] for x in ratios])
+    adv = t([1, 1, 1, -1, -1])
+    mask = torch.ones(5, 1, dtype=torch.bool)
+    loss, st = rl.clipped_token_loss(logp, old, adv, mask)
+    close(loss.squeeze(1), [-1.1, -1.2, -0.5, 0.8, 1.5])
+    loss.sum().backward()
+    close(logp.grad.squeeze(1), [-1.1, 0, -0.5, 0, 1.5])
+    close(st["clip_frac"], 2 / 5)
+    close(st["clip_frac_high"], 1 / 5)
+    close(st["clip_frac_low"], 1 / 5)
+    close(st["ratio_mean"], sum(ratios) / 5)
+
+
+def test_clip_boundary_is_not_clipped_and_keeps_gradient():
+    # exp(log 2) == 2.0 exactly in float64, so ratio sits exactly on 1 + eps_high = 2.
+    logp, old = logp_pair([[math.log(2.0)]])
+    assert torch.exp(logp - old).item() == 2.0
+    loss, st = rl.clipped_token_loss(logp, old, t([1.0]), torch.ones(1, 1, dtype=torch.bool), eps_high=1.0)
+    loss.sum().backward()
+    close(loss, [[-2.0]])
+    close(logp.grad, [[-2.0]])  # full gradient: clamp is inclusive at its bounds
+    close(st["clip_frac"], 0.0)
+    # and an epsilon past the bound it is clipped, with zero gradient
+    logp, old = logp_pair([[math.log(2.0) + 1e-6]])
+    loss, st = rl.clipped_token_loss(logp, old, t([1.0]), torch.ones(1, 1, dtype=torch.bool), eps_high=1.0)
+    loss.sum().backward()
+    close(logp.grad, [[0.0]])
+    close(st["clip_frac"], 1.0)
+
+
+def test_zero_eps_on_policy_is_plain_policy_gradient():
+    # ratio exactly 1 == both bounds when eps = 0: still the boundary, so nothing is clipped.
+    logp = t([[-1.0, -2.0], [-0.5, -3.0]]).requires_grad_(True)
+    adv = t([2.0, -3.0])
+    loss, st = rl.clipped_token_loss(logp, logp.detach(), adv, torch.ones(2, 2), eps_low=0.0, eps_high=0.0)
+    close(loss, [[-2.0, -2.0], [3.0, 3.0]])  # -A * 1
+    loss.sum().backward()
+    close(logp.grad, [[-2.0, -2.0], [3.0, 3.0]])  # -A * r
+    close(st["clip_frac"], 0.0)
+
+
+def test_positive_advantage_increases_logp_and_negative_decreases():
+    for a, sign in ((1.0, 1.0), (-1.0, -1.0)):
+        logp = t([[-1.0, -1.2, -0.7]]).requires_grad_(True)
+        old = logp.detach()
+        for loss_fn in (rl.clipped_token_loss, rl.dual_clip_token_loss, rl.gspo_sequence_loss):
+            loss, _ = loss_fn(logp, old, t([a]), torch.ones(1, 3))
+            (g,) = torch.autograd.grad(rl.token_mean(loss, torch.ones(1, 3)), logp)
+            # a gradient-descent step moves logp by -lr * g
+            assert (torch.sign(-g) == sign).all(), (loss_fn.__name__, a, g)
+
+
+def test_clip_higher_decouples_bounds():
+    # ratio 1.25 with A>0: clipped at eps_high=.2 (loss -1.2) but not at .28 (loss -1.25).
+    # ratio 0.75 with A<0: clipped at eps_low=.2 (lower bound .8 -> loss +.8) in both settings.
+    logp, old = logp_pair([[math.log(1.25)], [math.log(0.75)]])
+    adv, mask = t([1.0, -1.0]), torch.ones(2, 1)
+    sym, st_sym = rl.clipped_token_loss(logp, old, adv, mask)
+    dapo, st_dapo = rl.clipped_token_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    close(sym.squeeze(1), [-1.2, 0.8])
+    close(dapo.squeeze(1), [-1.25, 0.8])
+    close(st_sym["clip_frac_high"], 0.5)
+    close(st_dapo["clip_frac_high"], 0.0)
+    close(st_dapo["clip_frac_low"], 0.5)
+
+
+def test_padding_is_zero_ignored_by_stats_and_nan_safe():
+    # token 2 of row 0 is padding holding a NaN log-prob and (were it real) a clippable ratio.
+    logp = t([[math.log(1.1), float("nan")], [math.log(5.0), 0.0]]).requires_grad_(True)
+    old = torch.zeros(2, 2, dtype=D)
+    mask = torch.tensor([[True, False], [True, False]])
+    for loss_fn in (rl.clipped_token_loss, rl.dual_clip_token_loss, rl.gspo_sequence_loss):
+        loss, st = loss_fn(logp, old, t([1.0, 1.0]), mask, eps_low=0.2, eps_high=0.2)
+        assert loss[:, 1].eq(0).all() and torch.isfinite(loss).all()
+        (g,) = torch.autograd.grad(rl.token_mean(loss, mask), logp)
+        assert torch.isfinite(g).all() and g[:, 1].eq(0).all()
+        close(st["clip_frac"], 0.5)  # 1 of the 2 real tokens (ratio 5 > 1.2), padding not counted
+
+
+def test_huge_log_ratio_is_clamped_not_inf():
+    logp, old = logp_pair([[500.0, -500.0]])
+    loss, st = rl.clipped_token_loss(logp, old, t([-1.0]), torch.ones(1, 2))
+    assert torch.isfinite(loss).all() and torch.isfinite(st["ratio_mean"])
+    close(loss[0, 0], math.exp(rl.LOG_RATIO_CLAMP))  # -A * exp(20), not inf
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+# ---------------------------------------------------------------------------- dual clip
+
+
+def test_dual_clip_hand_values():
+    # c = 3, eps = .2.  (ratio, A):
+    #   (4, -1): clipped surrogate max(-A*r, -A*clip) = max(4, 1.2) = 4 > cap -c*A = 3 -> 3, grad 0
+    #   (2, -1): 2 < 3 -> 2, grad -A*r = 2
+    #   (4, +1): ordinary high clip -> -1.2, grad 0 (cap only applies to A<0)
+    #   (.5,-1): ordinary low clip -> .8, grad 0
+    logp, old = logp_pair([[math.log(4.0)], [math.log(2.0)], [math.log(4.0)], [math.log(0.5)]])
+    adv, mask = t([-1.0, -1.0, 1.0, -1.0]), torch.ones(4, 1)
+    loss, st = rl.dual_clip_token_loss(logp, old, adv, mask, clip_c=3.0)
+    close(loss.squeeze(1), [3.0, 2.0, -1.2, 0.8])
+    loss.sum().backward()
+    close(logp.grad.squeeze(1), [0.0, 2.0, 0.0, 0.0])
+    close(st["dual_clip_frac"], 1 / 4)
+    close(st["clip_frac"], 2 / 4)  # rows 3 and 4: the ordinary clip only
+    with pytest.raises(ValueError):
+        rl.dual_clip_token_loss(logp, old, adv, mask, clip_c=1.0)
+
+
+def test_dual_clip_equals_plain_clip_when_cap_inactive():
+    torch.manual_seed(0)
+    logp = (torch.randn(4, 6, dtype=D) * 0.3)
+    old = logp + torch.randn(4, 6, dtype=D) * 0.1  # ratios ~ exp(+-0.3) << 3
+    adv, mask = torch.randn(4, dtype=D), torch.rand(4, 6) > 0.3
+    a, _ = rl.clipped_token_loss(logp, old, adv, mask)
+    b, st = rl.dual_clip_token_loss(logp, old, adv, mask)
+    close(a, b)
+    close(st["dual_clip_frac"], 0.0)
+
+
+# ---------------------------------------------------------------------------- GSPO
+
+
+def reference_gspo(logp, old, adv, mask, eps_low, eps_high):
+    """The paper's sequence objective written directly: -(1/N) sum_i min(s_i A_i, clip(s_i) A_i)."""
+    m = mask.to(logp.dtype)
+    s = torch.exp(((logp - old) * m).sum(1) / m.sum(1))
+    return -torch.minimum(s * adv, s.clamp(1 - eps_low, 1 + eps_high) * adv).mean()
+
+
+def test_gspo_hand_value_and_ragged_sequence_mean():
+    # row 0: token log-ratios .1, .3 -> mean .2 -> s = e^.2 = 1.22140 ; row 1: .4 + padding -> s = e^.4
+    logp, old = logp_pair([[0.1, 0.3], [0.4, 9.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    close(rl.sequence_log_ratio(logp, old, mask), [0.2, 0.4])
+    # wide eps (.5): both inside [.5, 1.5]; A = [1, -1] -> token losses -s0 (twice), +s1
+    loss, st = rl.gspo_sequence_loss(logp, old, t([1.0, -1.0]), mask, eps_low=0.5, eps_high=0.5)
+    close(loss, [[-math.exp(0.2), -math.exp(0.2)], [math.exp(0.4), 0.0]])
+    close(st["clip_frac"], 0.0)
+    # paper defaults (3e-4 / 4e-4): s0 > 1.0004 with A>0 -> clipped to -1.0004 on both tokens
+    loss, st = rl.gspo_sequence_loss(logp, old, t([1.0, -1.0]), mask)
+    close(loss[0], [-1.0004, -1.0004])
+    close(st["clip_frac"], 2 / 3)  # 2 of the 3 real tokens belong to a clipped sequence
+
+
+def test_gspo_matches_sequence_level_objective_and_gradient():
+    torch.manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    for eps in ((0.3, 0.4), (3e-4, 4e-4)):  # unclipped regime and the paper's (mostly clipped)
+        base = torch.randn(3, 4, dtype=D)
+        old = base + torch.randn(3, 4, dtype=D) * 0.05
+        adv = t([0.7, -1.3, 0.4])
+        logp_a = base.clone().requires_grad_(True)
+        loss, _ = rl.gspo_sequence_loss(logp_a, old, adv, mask, *eps)
+        ours = rl.seq_mean_token_mean(loss, mask)
+        ours.backward()
+        logp_b = base.clone().requires_grad_(True)
+        ref = reference_gspo(logp_b, old, adv, mask, *eps)
+        ref.backward()
+        close(ours, ref)
+        close(logp_a.grad, logp_b.grad)
+
+
+def test_gspo_equals_token_level_when_all_ratios_equal():
+    # every token of a sequence has log-ratio d_i, so s_i = exp(d_i) = each token ratio.
+    d = t([[0.1], [-0.15], [0.3], [0.05]])
+    base = torch.randn(4, 5, dtype=D)
+    old = base - d
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    adv = t([1.0, -1.0, 1.0, -2.0])
+    grads = []
+    for loss_fn in (rl.clipped_token_loss, rl.gspo_sequence_loss):
+        logp = base.clone().requires_grad_(True)
+        loss, st = loss_fn(logp, old, adv, mask, eps_low=0.2, eps_high=0.2)
+        rl.token_mean(loss, mask).backward()
+        grads.append((loss.detach(), logp.grad, st["clip_frac"]))
+    close(grads[0][0], grads[1][0])
+    close(grads[0][1], grads[1][1])
+    close(grads[0][2], grads[1][2])  # row 2 (ratio e^.3 > 1.2, A>0) clips in both
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+VALUES = t([[1.0, 2.0, 3.0], [4.0, float("nan"), float("inf")]])  # row 1 padding is garbage
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+
+def test_aggregations_on_ragged_mask():
+    # seq means: (1+2+3)/3 = 2 and 4/1 = 4 -> (2+4)/2 = 3
+    close(rl.seq_mean_token_mean(VALUES, MASK), 3.0)
+    # tokens: (1+2+3+4)/4 = 2.5
+    close(rl.token_mean(VALUES, MASK), 2.5)
+    # sums 6 and 4, / norm 3 -> 2 and 4/3 -> mean 5/3
+    close(rl.seq_mean_token_sum_norm(VALUES, MASK, 3), 5 / 3)
+    with pytest.raises(ValueError):
+        rl.seq_mean_token_sum_norm(VALUES, MASK, 0)
+
+
+def test_aggregation_gradients_weight_tokens_as_documented():
+    v = torch.zeros(2, 3, dtype=D, requires_grad=True)
+    (g,) = torch.autograd.grad(rl.seq_mean_token_mean(v, MASK), v)
+    close(g, [[1 / 6, 1 / 6, 1 / 6], [1 / 2, 0, 0]])  # 1/(N * len_i): short rows weigh more
+    (g,) = torch.autograd.grad(rl.token_mean(v, MASK), v)
+    close(g, [[.25, .25, .25], [.25, 0, 0]])  # every token equal
+    (g,) = torch.autograd.grad(rl.seq_mean_token_sum_norm(v, MASK, 4), v)
+    close(g, [[1 / 8, 1 / 8, 1 / 8], [1 / 8, 0, 0]])  # 1/(N * norm): length-independent
+
+
+def test_aggregation_empty_rows_and_empty_batch():
+    m = torch.tensor([[1, 1], [0, 0]])
+    close(rl.seq_mean_token_mean(t([[2.0, 4.0], [9.0, 9.0]]), m), 1.5)  # (3 + 0) / 2
+    close(rl.token_mean(t([[2.0, 4.0], [9.0, 9.0]]), m), 3.0)
+    close(rl.token_mean(t([[2.0]]), torch.zeros(1, 1)), 0.0)  # no tokens at all: 0, not NaN
+
+
+def test_registries_name_the_functions():
+    assert rl.ADVANTAGES["drgrpo"] is rl.drgrpo_advantages
+    assert rl.POLICY_LOSSES["gspo"] is rl.gspo_sequence_loss
+    assert rl.KL_ESTIMATORS["k3"] is rl.kl_k3
+    agg = functools.partial(rl.AGGREGATIONS["seq_mean_token_sum_norm"], norm=3)
+    close(agg(VALUES, MASK), 5 / 3)
+
+
+# ---------------------------------------------------------------------------- KL
+
+
+def test_kl_estimators_hand_values():
+    # pi_theta = .5, pi_ref = .25 -> r = pi_ref/pi_theta = .5, log r = -ln 2
+    # k1 = -log r = ln2 ; k2 = (ln2)^2/2 ; k3 = r - 1 - log r = -.5 + ln2
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    ln2 = math.log(2)
+    close(rl.kl_k1(logp, ref), [ln2])
+    close(rl.kl_k2(logp, ref), [ln2 ** 2 / 2])
+    close(rl.kl_k3(logp, ref), [ln2 - 0.5])
+
+
+def test_k1_and_k3_are_unbiased_for_kl_policy_to_ref():
+    # E_{x~pi}[k(x)] over the full support equals KL(pi || ref) exactly for k1 and k3.
+    pi, ref = t([0.5, 0.3, 0.2]), t([0.2, 0.2, 0.6])
+    kl = (pi * (pi / ref).log()).sum()
+    for k in (rl.kl_k1, rl.kl_k3):
+        close((pi * k(pi.log(), ref.log())).sum(), kl)
+
+
+def test_k3_nonnegative_zero_at_equality_finite_and_pulls_toward_ref():
+    torch.manual_seed(2)
+    logp, ref = torch.randn(64, 16) * 5, torch.randn(64, 16) * 5
+    k3 = rl.kl_k3(logp, ref)
+    assert (k3 >= 0).all() and torch.isfinite(k3).all()
+    close(rl.kl_k3(ref, ref), torch.zeros(64, 16))
+    # extreme gaps are clamped, not inf
+    assert torch.isfinite(rl.kl_k3(t([-1000.0, 0.0]), t([0.0, -1000.0]))).all()
+    # d k3 / d logp = 1 - r: positive when the policy is above the reference, so descent lowers it
+    logp = t([-0.5, -3.0]).requires_grad_(True)
+    rl.kl_k3(logp, t([-2.0, -1.0])).sum().backward()
+    assert logp.grad[0] > 0 and logp.grad[1] < 0
+    close(logp.grad, [1 - math.exp(-1.5), 1 - math.exp(2.0)])
+
+
+# ---------------------------------------------------------------------------- logits helpers
+
+
+def test_entropy_hand_values_and_stability():
+    close(rl.entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4)]], tol=1e-6)
+    # banned tokens (-inf): uniform over the 2 live tokens -> ln 2, finite gradient
+    logits = torch.tensor([[[0.0, 0.0, -math.inf, -math.inf]]], requires_grad=True)
+    h = rl.entropy_from_logits(logits)
+    close(h, [[math.log(2)]], tol=1e-6)
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # huge logits do not overflow; a near one-hot has ~0 entropy
+    assert rl.entropy_from_logits(torch.tensor([[[1e4, 0.0, 0.0]]])).item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 7, dtype=D)
+    p = x.softmax(-1)
+    close(rl.entropy_from_logits(x), -(p * p.log()).sum(-1), tol=1e-6)
+
+
+def test_token_logprobs_matches_log_softmax_and_ignores_negative_targets():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 5)
+    tgt = torch.tensor([[0, 4, 2], [1, -100, 3]])
+    lp = rl.token_logprobs(x, tgt)
+    ref = x.log_softmax(-1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp[tgt >= 0], ref[tgt >= 0])
+    assert lp[1, 1].item() == 0.0
+    assert rl.token_logprobs(torch.randn(1, 2, 5, dtype=torch.bfloat16), torch.zeros(1, 2, dtype=torch.long)).dtype == torch.float32
+
+
+def test_half_precision_inputs_are_upcast_so_gspo_can_resolve_its_clip_range():
+    # bf16 steps by 2^-7 ~ 8e-3 just above 1: any ratio it can tell from 1 is outside GSPO's
+    # [1-3e-4, 1+4e-4]. Formed in fp32, a 1e-4 sequence log-ratio stays inside, unclipped.
+    logp = torch.full((2, 8), -2.0, dtype=torch.bfloat16, requires_grad=True)
+    old = (logp.detach().float() - 1e-4)  # fp32 old log-probs, as stored at rollout time
+    loss, st = rl.gspo_sequence_loss(logp, old, torch.tensor([1.0, -1.0]), torch.ones(2, 8))
+    assert loss.dtype == torch.float32
+    assert st["clip_frac"].item() == 0.0
+    close(loss[0, 0].double(), -math.exp(1e-4), tol=1e-6)
+    rl.token_mean(loss, torch.ones(2, 8)).backward()
+    assert logp.grad.dtype == torch.bfloat16 and torch.isfinite(logp.grad).all()
+    assert rl.kl_k3(logp, old).dtype == torch.float32
