@@ -1,4 +1,4 @@
-"""`r1kit <verb>`: one entry point, one module per verb, imported only when used.
+"""`r1kit <verb>`: one entry point, one module per verb, imported only when that verb runs.
 
 Each verb module exposes `add_args(parser)` and `main(args) -> int | None`.
 """
@@ -10,36 +10,53 @@ import sys
 
 # verb → (module, one-line help). A new stage adds one row.
 VERBS = {
+    "demo": ("r1kit.recipe", "run the whole tiny R1 recipe end to end (pretrain → GRPO → SFT → distill → eval)"),
     "generate": ("r1kit.cli_generate", "sample completions from a checkpoint"),
+    "pretrain": ("r1kit.stages.pretrain", "pretrain a tiny base model from scratch on a synthetic task"),
+    "sft": ("r1kit.stages.sft", "supervised fine-tuning on chat JSONL (cold start, distillation)"),
+    "grpo": ("r1kit.stages.grpo", "R1-Zero style GRPO on verifiable rewards"),
+    "distill": ("r1kit.stages.distill", "rejection-sample a teacher and fine-tune a small dense student"),
+    "eval": ("r1kit.stages.evaluate", "pass@1 over k samples, cons@k, pass@k, greedy accuracy"),
+    "export": ("r1kit.export.cli", "export a checkpoint to GGUF (F32/F16/Q8_0/Q4_K_M/Q5_K_M/Q6_K)"),
+    "fit": ("r1kit.export.fit", "will it fit: file size, KV cache, GPU layers and a speed bound"),
+    "serve": ("r1kit.serve.server", "OpenAI-compatible API server with a web chat"),
+    "chat": ("r1kit.serve.chat", "chat with a checkpoint in the terminal"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="r1kit", description="The DeepSeek-R1 recipe, small and fast.")
-    sub = ap.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (module, help_) in VERBS.items():
-        p = sub.add_parser(verb, help=help_, description=help_)
-        importlib.import_module(module).add_args(p)
-        p.set_defaults(_module=module)
-    return ap
+def top_help() -> str:
+    lines = ["usage: r1kit VERB [options]   (r1kit VERB --help explains every option)", "", "verbs:"]
+    lines += [f"  {v:10s} {h}" for v, (_, h) in VERBS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if not args.verb:
-        ap.print_help()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help())
+        return 0 if argv else 2
+    verb = argv[0]
+    if verb not in VERBS:
+        import difflib
+        near = difflib.get_close_matches(verb, list(VERBS), n=1)
+        print(f"r1kit: unknown verb {verb!r}" + (f"; did you mean '{near[0]}'?" if near else ""), file=sys.stderr)
+        print(top_help(), file=sys.stderr)
         return 2
+    module_name, help_ = VERBS[verb]
+    module = importlib.import_module(module_name)
+    p = argparse.ArgumentParser(prog=f"r1kit {verb}", description=help_)
+    module.add_args(p)
+    args = p.parse_args(argv[1:])
     from r1kit.config import ConfigError
     from r1kit.models.hf import CheckpointError
     from r1kit.tokenizer import TokenizerError
     try:
-        return importlib.import_module(args._module).main(args) or 0
+        return module.main(args) or 0
     except (ConfigError, CheckpointError, TokenizerError) as e:  # user errors: one line, no traceback
-        print(f"r1kit {args.verb}: error: {e}", file=sys.stderr)
+        print(f"r1kit {verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nr1kit {args.verb}: interrupted", file=sys.stderr)
+        print(f"\nr1kit {verb}: interrupted", file=sys.stderr)
         return 130
 
 
