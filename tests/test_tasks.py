@@ -250,8 +250,8 @@ def test_math_style_fields_template_and_test_file(tmp_path):
     rows = [{"problem": "Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
             {"problem": "Root of 8?", "solution": "$\\boxed{2\\sqrt{2}}$"}]
     test_rows = [{"problem": "Root of 8?", "solution": "$\\boxed{2\\sqrt{2}}$"}, {"problem": "Two?", "solution": "2"}]
-    task = MathFileTask(write_jsonl(tmp_path / "train.jsonl", rows), test_path=write_jsonl(tmp_path / "test.jsonl", test_rows),
-                        prompt_template="Q: {question}\nA:")
+    train_file, test_file = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "test.jsonl", test_rows)
+    task = MathFileTask(train_file, test_path=test_file, prompt_template="Q: {question}\nA:")
     train, test = task.problems("train"), task.problems("test")
     assert [p.prompt for p in train] == ["Q: Half of one?\nA:"]  # the test question is dropped from train
     assert [p.answer for p in test] == ["2\\sqrt{2}", "2"]
@@ -351,3 +351,12 @@ def test_problems_are_hashable_and_base_task_explains_missing_methods():
         Task().problems("train")
     with pytest.raises(NotImplementedError, match="no synthetic traces"):
         Task().trace(Problem("a", "1"), random.Random(0))
+
+
+def test_task_settings_are_checked_at_construction():
+    with pytest.raises(ValueError, match=r"weights for unknown reward parts \['acuracy'\]"):
+        ArithmeticTask(weights={"acuracy": 1.0})
+    with pytest.raises(ValueError, match="unsupported lang 'xx'"):
+        CountdownTask(lang="xx")
+    problem = Problem("1 from 1=", "1", {"numbers": [1], "target": 1})
+    assert CountdownTask(lang="zh").reward("<think>先</think><answer>1</answer>", problem)["language"] == 1.0

@@ -150,3 +150,305 @@ class ArchInfo:
 
 def _text(v) -> str:
     return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tensor rules (llama.cpp src/llama-quant.cpp, no imatrix, no user overrides)
+# ---------------------------------------------------------------------------------------------
+
+# substrings that keep a weight in its source type whatever the mix (tiny or index-like tensors)
+_KEEP_SUBSTRINGS = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+    "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+    "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.",
+    "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+    *(f"time_mix_{s}.weight" for s in ("first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2",
+                                       "g1", "g2", "decay_w1", "decay_w2", "lerp_fused")),
+)
+_KEEP_NAMES = ("position_embd.weight", "token_types.weight")
+
+# category by name, first match wins; the order matters ("attn_kv_b" before "attn_v" ...)
+_CATEGORY_PATTERNS = (
+    ("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+    ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
+)
+_ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")
+_LAYER_RE = re.compile(r"blk\.\s*([+-]?\d+)")
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for pattern, cat in _CATEGORY_PATTERNS:
+        if pattern in name:
+            return cat
+    return "other"
+
+
+def _trimmed(shape: Sequence[int]) -> tuple[int, ...]:
+    """Drop leading size-1 axes, as ggml_n_dims ignores trailing ne[] of 1."""
+    shape = tuple(int(s) for s in shape)
+    i = 0
+    while i < len(shape) - 1 and shape[i] == 1:
+        i += 1
+    return shape[i:]
+
+
+def allows_quantization(name: str, shape: Sequence[int]) -> bool:
+    """Whether llama.cpp would convert this tensor at all (else it keeps its source type)."""
+    if len(_trimmed(shape)) < 2 or not name.endswith("weight"):
+        return False
+    return name not in _KEEP_NAMES and not any(s in name for s in _KEEP_SUBSTRINGS)
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER_RE.match(name)
+    if m is None:
+        raise ValueError(f"cannot tell the layer of tensor {name!r} (expected a 'blk.N.' prefix)")
+    return int(m.group(1))
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    # C integer division; the modulo is only reached with i >= n//8, so signs agree with C
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _output_rule(ne0: int, mix: Mix, info: ArchInfo) -> QT:
+    if info.arch == "falcon" or ne0 % GGML_QUANT_SIZES[mix.default][0]:
+        return QT.Q8_0
+    return mix.default if mix.default == QT.Q8_0 else QT.Q6_K
+
+
+def _attn_v_rule(new: QT, mix: Mix, info: ArchInfo, i_attn_v: int, n_attn_v: int) -> QT:
+    if mix.name in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i_attn_v, n_attn_v):
+        new = QT.Q6_K
+    elif mix.name == "Q4_K_S" and i_attn_v < 4:
+        new = QT.Q5_K
+    if info.is_70b and new in (QT.Q3_K, QT.Q4_K):
+        new = QT.Q5_K  # 70B shares each attn_v across 8 heads: a cheap place for more bits
+    return QT.Q8_0 if info.n_expert == 8 else new
+
+
+def _ffn_down_rule(new: QT, mix: Mix, info: ArchInfo, i_layer: int, n_layer: int) -> QT:
+    falcon = info.arch == "falcon"
+    if mix.name == "Q4_K_M":
+        if falcon:
+            if i_layer < n_layer // 16:
+                return QT.Q6_K
+            return QT.Q5_K if _use_more_bits(i_layer, n_layer) else QT.Q4_K
+        return QT.Q6_K if _use_more_bits(i_layer, n_layer) else new
+    if mix.name == "Q5_K_M" and _use_more_bits(i_layer, n_layer):
+        return QT.Q6_K
+    if mix.name == "Q4_K_S" and not falcon and i_layer < n_layer // 8:
+        return QT.Q5_K
+    return new
+
+
+def _mix_rule(name: str, cat: str, ne0: int, mix: Mix, info: ArchInfo,
+              i_attn_v: int, n_attn_v: int, i_ffn_down: int) -> QT:
+    """llama_tensor_get_type_impl restricted to the mixes in MIXES."""
+    new = mix.default
+    if cat == "output" or (info.tied_embeddings and cat == "token_embd"):
+        return _output_rule(ne0, mix, info)
+    if cat in _ATTN_V_LIKE:
+        return _attn_v_rule(new, mix, info, i_attn_v, n_attn_v)
+    if cat == "attn_k":
+        return QT.Q8_0 if info.n_expert == 8 else new
+    if cat == "ffn_down":
+        if info.n_expert > 1:  # experts are not stored in layer order: read the layer off the name
+            i_layer = _layer_of(name)
+            if not 0 <= i_layer < info.n_layer:
+                raise ValueError(f"tensor {name!r}: layer {i_layer} outside [0, {info.n_layer})")
+        else:
+            i_layer = i_ffn_down
+        return _ffn_down_rule(new, mix, info, i_layer, info.n_layer)
+    if cat == "attn_output" and info.arch != "falcon" and info.n_expert == 8 \
+            and mix.name in ("Q4_K_S", "Q4_K_M"):
+        return QT.Q5_K
+    if cat == "attn_qkv":
+        return {"Q4_K_M": QT.Q5_K, "Q5_K_M": QT.Q6_K}.get(mix.name, new)
+    return new
+
+
+_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+
+
+def _fallback(name: str, ne0: int, qtype: QT) -> QT:
+    """A 256-block type on rows it does not divide drops to a 32-block type, then to F16."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    if ne0 % block == 0:
+        return qtype
+    if block > 32 and qtype not in _FALLBACK:
+        raise ValueError(f"tensor {name!r}: no fallback for {qtype.name} with rows of {ne0}")
+    new = _FALLBACK.get(qtype, qtype)
+    return new if ne0 % GGML_QUANT_SIZES[new][0] == 0 else QT.F16
+
+
+def _choose(name: str, shape: Sequence[int], src: QT, mix: Mix, info: ArchInfo,
+            i_attn_v: int, n_attn_v: int, i_ffn_down: int) -> QT:
+    shape = _trimmed(shape)
+    if not allows_quantization(name, shape):
+        return src
+    if mix.default in _FLOAT_TYPES:  # float "mixes" skip every rule and every fallback
+        return mix.default
+    cat = _category(name)
+    new = _mix_rule(name, cat, shape[-1], mix, info, i_attn_v, n_attn_v, i_ffn_down)
+    return _fallback(name, shape[-1], new)
+
+
+def tensor_type(name: str, shape: Sequence[int], mix: str | Mix, info: ArchInfo,
+                src_type: QT = QT.F32) -> QT:
+    """The type llama.cpp gives tensor `name` (NumPy `shape`) in `mix`.
+
+    llama.cpp counts attn_v and dense ffn_down tensors as it meets them; for a model with one
+    per layer that count is the layer index, which is what this single-tensor form assumes.
+    :func:`plan_types` replays llama.cpp's counting over a whole model instead.
+    """
+    mix = get_mix(mix)
+    cat = _category(name)
+    i = _layer_of(name) if cat in _ATTN_V_LIKE or (cat == "ffn_down" and info.n_expert <= 1) else 0
+    n_attn_v = info.n_attn_v if info.n_attn_v is not None else info.n_layer
+    return _choose(name, shape, src_type, mix, info, i, n_attn_v, i)
+
+
+def llama_order(names: Iterable[str]) -> list[str]:
+    """llama.cpp's tensor order: by layer number (none first), then by name."""
+    def key(n: str):
+        m = _LAYER_RE.match(n)
+        return (int(m.group(1)) if m else -1, n.encode("utf-8"))
+    return sorted(names, key=key)
+
+
+def plan_types(tensors: Iterable[tuple[str, Sequence[int], QT]], mix: str | Mix,
+               info: ArchInfo) -> dict[str, QT]:
+    """{name: type} for (name, NumPy shape, source type) triples, in llama.cpp's order, with its
+    running attn_v / ffn_down counters."""
+    mix = get_mix(mix)
+    by_name = {name: (shape, QT(src)) for name, shape, src in tensors}
+    n_attn_v = sum(_category(n) in _ATTN_V_LIKE for n in by_name)
+    plan: dict[str, QT] = {}
+    i_attn_v = i_ffn_down = 0
+    for name in llama_order(by_name):
+        shape, src = by_name[name]
+        plan[name] = _choose(name, shape, src, mix, info, i_attn_v, n_attn_v, i_ffn_down)
+        if allows_quantization(name, shape) and mix.default not in _FLOAT_TYPES:
+            cat = _category(name)
+            i_attn_v += cat in _ATTN_V_LIKE
+            i_ffn_down += cat == "ffn_down"
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# whole files
+# ---------------------------------------------------------------------------------------------
+
+_DROPPED_KEYS = ("general.architecture",  # GGUFWriter writes it itself, first, as the source had it
+                 "general.quantization_version", "general.file_type",  # re-added last, like llama.cpp
+                 "split.no", "split.count", "split.tensors.count")
+
+
+def _field_value(field):
+    """A reader field's value in the form GGUFWriter.add_key_value takes (strings as raw bytes)."""
+    main = field.types[0]
+    if main == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]])
+    if main != GGUFValueType.ARRAY:
+        return field.parts[field.data[0]][0].item()
+    sub = field.types[-1]
+    if sub == GGUFValueType.ARRAY:
+        raise ValueError(f"metadata {field.name!r}: nested arrays are not supported")
+    if sub == GGUFValueType.STRING:
+        return [bytes(field.parts[i]) for i in field.data]
+    if not field.data:
+        return []
+    return np.concatenate([field.parts[i] for i in field.data]).tolist()
+
+
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in _DROPPED_KEYS:
+            continue
+        value = _field_value(field)
+        if field.types[0] == GGUFValueType.ARRAY and not value:
+            raise ValueError(f"metadata {name!r}: GGUFWriter cannot write an empty array")
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    if "general.alignment" in reader.fields:
+        writer.data_alignment = int(_field_value(reader.fields["general.alignment"]))
+
+
+def _source_f32(tensor) -> np.ndarray:
+    """A reader tensor as float32 in NumPy shape, for F32 / F16 / BF16 sources."""
+    shape = tuple(int(s) for s in reversed(tensor.shape))
+    src = QT(tensor.tensor_type)
+    raw = np.asarray(tensor.data)
+    if src == QT.F32:
+        return raw.reshape(shape).astype(np.float32, copy=False)
+    if src == QT.F16:
+        return raw.reshape(shape).astype(np.float32)
+    if src == QT.BF16:
+        bits = raw.view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    raise ValueError(f"tensor {tensor.name!r}: cannot requantize from {src.name}; start from F32/F16/BF16")
+
+
+def _row_bytes(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return (*shape[:-1], shape[-1] // block * type_size)
+
+
+def _tensor_bytes(tensor, shape: tuple[int, ...], target: QT) -> np.ndarray:
+    if QT(tensor.tensor_type) == target:  # unchanged tensors are copied byte for byte
+        return np.asarray(tensor.data).view(np.uint8).reshape(_row_bytes(shape, target))
+    x = _source_f32(tensor).reshape(shape)
+    if not np.isfinite(x).all():
+        raise ValueError(f"tensor {tensor.name!r} contains NaN or Inf; refusing to quantize it")
+    try:
+        return quantize(x, target)
+    except ValueError as e:
+        raise ValueError(f"tensor {tensor.name!r}: {e}") from e
+
+
+def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, mix: str | Mix) -> dict[str, QT]:
+    """Quantize an F32/F16/BF16 GGUF file into `mix`, as llama.cpp's quantizer would.
+
+    Metadata is copied (general.file_type and general.quantization_version set like llama.cpp
+    sets them), tensors are written in llama.cpp's order, and the file appears atomically
+    (temp file in the same folder, then rename). Returns {tensor name: type written}.
+    """
+    mix = get_mix(mix)
+    reader = GGUFReader(in_path)
+    info = ArchInfo.from_reader(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: _trimmed(tuple(int(s) for s in reversed(t.shape))) for n, t in tensors.items()}
+    plan = plan_types(((n, shapes[n], QT(t.tensor_type)) for n, t in tensors.items()), mix, info)
+
+    out_path = os.fspath(out_path)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    fd, tmp = tempfile.mkstemp(prefix=".quant-", suffix=".gguf", dir=out_dir)
+    os.close(fd)
+    writer = GGUFWriter(tmp, info.arch)
+    try:
+        _copy_metadata(reader, writer)
+        writer.add_uint32("general.quantization_version", 2)  # ggml's GGML_QNT_VERSION
+        writer.add_uint32("general.file_type", int(mix.ftype))
+        for name, qtype in plan.items():
+            byte_shape = _row_bytes(shapes[name], qtype)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                   raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, qtype in plan.items():
+            writer.write_tensor_data(_tensor_bytes(tensors[name], shapes[name], qtype))
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return plan

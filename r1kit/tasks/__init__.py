@@ -1,12 +1,11 @@
 """Tasks: problems with reference answers, a seeded train/test split and a reward.
 
+>>> import random
 >>> task = get_task("arithmetic", digits=2)
 >>> problem = task.problems("train", 1)[0]
 >>> task.reward(task.trace(problem, random.Random(0), "think"), problem)["accuracy"]
 1.0
 """
-
-import random  # noqa: F401  (used by the doctest above)
 
 from r1kit.tasks.base import (
     DEFAULT_WEIGHTS,

@@ -111,7 +111,9 @@ class ArithmeticTask(SyntheticTask):
         if not ops or any(op not in OPS for op in ops):
             raise ValueError(f"arithmetic: ops must be a non-empty string of {OPS!r}, got {ops!r}")
         if not (1 <= self.digits <= 18 and 1 <= self.digits_b <= 18):
-            raise ValueError(f"arithmetic: digits and digits_b must be in 1..18, got {self.digits} and {self.digits_b}")
+            raise ValueError(
+                f"arithmetic: digits and digits_b must be in 1..18, got {self.digits} and {self.digits_b}"
+            )
 
     def _operand(self, rng: random.Random, digits: int) -> int:
         return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)

@@ -13,7 +13,14 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from r1kit.rewards import accuracy_reward, combine, format_reward, has_think, language_consistency
+from r1kit.rewards import (
+    LANGUAGE_SCRIPTS,
+    accuracy_reward,
+    combine,
+    format_reward,
+    has_think,
+    language_consistency,
+)
 
 SPLITS = ("train", "test")
 TRACE_STYLES = ("think", "slip", "direct")
@@ -38,6 +45,7 @@ class Task:
     optionally ``trace``; ``problems`` and ``reward`` are shared."""
 
     name: str = "task"
+    reward_parts: tuple[str, ...] = ("accuracy", "format", "language", "think")
 
     def __init__(
         self,
@@ -50,6 +58,12 @@ class Task:
         self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         self.require_think = require_think
         self.lang = lang
+        # Catch a typo in a recipe at construction, not at the first rollout.
+        unknown = sorted(set(self.weights) - set(self.reward_parts))
+        if unknown:
+            raise ValueError(f"{self.name}: weights for unknown reward parts {unknown}; parts are {self.reward_parts}")
+        if lang not in LANGUAGE_SCRIPTS:
+            raise ValueError(f"{self.name}: unsupported lang {lang!r}; use one of {sorted(LANGUAGE_SCRIPTS)}")
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

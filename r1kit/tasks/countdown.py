@@ -71,7 +71,8 @@ def _evaluate_node(node: ast.AST, numbers: list[int]) -> Fraction:
             raise ValueError("division by zero")
         return left / right
     # Unary minus is rejected: it would let an answer use a number that was not given (-7).
-    raise ValueError(f"{type(node).__name__} is not allowed; use numbers, + - * / and parentheses")
+    culprit = node.op if isinstance(node, ast.BinOp) else node
+    raise ValueError(f"{type(culprit).__name__} is not allowed; use numbers, + - * / and parentheses")
 
 
 def countdown_mistake(answer: str, numbers: list[int], target: int, use_all: bool = True) -> str | None:

@@ -83,7 +83,8 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: invalid JSON ({error.msg}): {line.strip()[:80]!r}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                kind = type(row).__name__
+                raise ValueError(f"{path}:{number}: expected one JSON object per line (JSONL), got {kind}")
             rows.append((f"{path}:{number}", row))
     return rows
 
@@ -138,7 +139,8 @@ class MathFileTask(Task):
             if isinstance(answer_text, (int, float)) and not isinstance(answer_text, bool):
                 answer_text = str(answer_text)
             if not isinstance(answer_text, str):
-                raise ValueError(f"{where}: field {answer_name!r} must be a string or number, got {type(answer_text).__name__}")
+                kind = type(answer_text).__name__
+                raise ValueError(f"{where}: field {answer_name!r} must be a string or number, got {kind}")
             reference, solution = split_reference(answer_text)
             if reference is None:
                 raise ValueError(f"{where}: no reference answer in field {answer_name!r}: {answer_text!r:.80}")

@@ -1,0 +1,199 @@
+"""Dense family: parity with transformers, HF round trip, cache and padding invariance, bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import r1kit
+from r1kit.engine import Engine, SamplingParams
+from r1kit.models import hf
+from r1kit.models.llama import Llama, LlamaConfig
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {
+    "llama3": dict(architecture="LlamaForCausalLM", max_position_embeddings=512,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3": dict(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=24),
+}
+
+
+def make_model(family, seed=0):
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **FAMILIES[family])
+    m = Llama(cfg).init_weights(seed=seed, std=0.1)
+    with torch.no_grad():  # non-trivial norms and biases so every parameter matters
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval()
+
+
+def hf_greedy(ref, ids, n):
+    ids_t = torch.tensor([ids])  # explicit mask: HF would otherwise treat token id 0 as padding
+    out = ref.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parity_with_transformers_and_round_trip(family, tmp_path, tiny_tok):
+    m = make_model(family)
+    r1kit.save(m, tiny_tok, tmp_path / "ckpt")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    idx = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = m(idx), ref(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    prompt = idx[0, :8].tolist()
+    greedy = Engine(m).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+    assert greedy[0][0].tokens == hf_greedy(ref, prompt, 12)
+    # transformers saves it again; we load that and get the same logits
+    ref.save_pretrained(tmp_path / "hf_saved")
+    shutil.copy(tmp_path / "ckpt" / "tokenizer.json", tmp_path / "hf_saved")
+    shutil.copy(tmp_path / "ckpt" / "tokenizer_config.json", tmp_path / "hf_saved")
+    m2, _ = r1kit.load(tmp_path / "hf_saved")
+    with torch.no_grad():
+        assert (m2(idx) - ours).abs().max().item() <= 1e-6
+
+
+def test_sharded_checkpoint_round_trip(tmp_path, tiny_tok):
+    m = make_model("llama3")
+    r1kit.save(m, tiny_tok, tmp_path / "c", shard_bytes=60_000)
+    files = sorted(p.name for p in (tmp_path / "c").glob("model-*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "c" / "model.safetensors.index.json").exists()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32)
+    m2, _ = r1kit.load(tmp_path / "c")
+    idx = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        assert (m2(idx) - m(idx)).abs().max() == 0
+        assert (ref(idx).logits - m(idx)).abs().max() <= 1e-4
+
+
+def test_cached_equals_uncached():
+    m = make_model("qwen3")
+    idx = torch.randint(0, 320, (3, 16))
+    with torch.no_grad():
+        full = m(idx)
+        cache = m.new_cache(3, 32)
+        parts = [m(idx[:, :9], kv_cache=cache)] + [m(idx[:, t:t + 1], kv_cache=cache) for t in range(9, 16)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_ragged_batch_matches_each_prompt_alone():
+    m = make_model("llama3")
+    eng = Engine(m)
+    prompts = [[5, 6, 7], list(range(10, 30)), [42], [7] * 11]
+    sp = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    batched = eng.generate(prompts, sp)
+    for p, got in zip(prompts, batched):
+        assert got[0].tokens == eng.generate([p], sp)[0][0].tokens
+
+
+def test_per_token_nll_and_logprobs_agree():
+    m = make_model("qwen2")
+    eng = Engine(m)
+    out = eng.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True, seed=1))
+    s = out[0][0]
+    seq = torch.tensor([[1, 2, 3, 4] + s.tokens])
+    targets = torch.cat([seq[:, 1:], torch.full((1, 1), -100)], 1)
+    targets[:, :3] = -100  # only completion tokens
+    with torch.no_grad():
+        nll = m(seq, targets=targets, loss_reduction="none")
+    assert nll.shape == seq.shape
+    got = -nll[0, 3:3 + len(s.tokens)]
+    assert torch.allclose(got, torch.tensor(s.logprobs), atol=1e-4)
+
+
+def test_sampling_is_seeded_and_top_p_truncates():
+    m = make_model("llama3")
+    eng = Engine(m)
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.5, n=3, seed=7, ignore_eos=True)
+    a, b = eng.generate([[1, 2]], sp), eng.generate([[1, 2]], sp)
+    assert [s.tokens for s in a[0]] == [s.tokens for s in b[0]]
+    tiny_p = eng.generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-6, ignore_eos=True))
+    greedy = eng.generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    assert tiny_p[0][0].tokens == greedy[0][0].tokens
+
+
+def test_stop_strings_and_eos(tiny_tok):
+    m = make_model("llama3")
+    eng = Engine(m, tiny_tok)
+    out = eng.generate([tiny_tok.encode("12+34=")], SamplingParams(max_new_tokens=20, temperature=0))
+    s = out[0][0]
+    text = tiny_tok.decode(s.tokens)
+    stop = text[2:4] if len(text) >= 4 else None
+    if stop:
+        cut = eng.generate([tiny_tok.encode("12+34=")], SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,)))
+        assert cut[0][0].finish_reason == "stop" and stop not in cut[0][0].text
+    eos = tiny_tok.eos_id
+    forced = eng.generate([tiny_tok.encode("12+34=")],
+                          SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=(s.tokens[0],)))
+    assert forced[0][0].tokens == [s.tokens[0]] and forced[0][0].finish_reason == "stop" and eos is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line naming the file and the key or tensor
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path, tiny_tok):
+    r1kit.save(make_model("llama3"), tiny_tok, tmp_path / "c")
+    return tmp_path / "c"
+
+
+def _edit_config(path, **changes):
+    d = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    (path / "config.json").write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"hidden_size": None}, "missing required field 'hidden_size'"),
+    ({"num_hidden_layers": "2"}, "field 'num_hidden_layers' must be an integer"),
+    ({"rms_norm_eps": True}, "field 'rms_norm_eps' must be a number"),
+    ({"architectures": ["GPT9ForCausalLM"]}, "unknown architecture 'GPT9ForCausalLM'"),
+])
+def test_bad_config(saved, change, needle):
+    _edit_config(saved, **change)
+    with pytest.raises(hf.CheckpointError) as e:
+        r1kit.load(saved)
+    assert needle in str(e.value) and "config.json" in str(e.value)
+
+
+def test_bad_tensors(saved):
+    from safetensors.torch import load_file, save_file
+    f = saved / "model.safetensors"
+    sd = load_file(f)
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(sd, f)
+    with pytest.raises(hf.CheckpointError, match=r"model.safetensors: missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        r1kit.load(saved)
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, f)
+    with pytest.raises(hf.CheckpointError, match=r"up_proj.weight' has shape \[3, 3\], config.json implies \[160, 64\]"):
+        r1kit.load(saved)
+
+
+def test_cli_reports_bad_checkpoint_in_one_line(saved, capsys):
+    from r1kit.cli import main
+    _edit_config(saved, vocab_size="big")
+    assert main(["generate", str(saved), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vocab_size" in err[0]
+
+
+def test_generate_api_and_cli(saved, capsys):
+    from r1kit.cli import main
+    model, tok = r1kit.load(saved)
+    texts = r1kit.generate(model, tok, ["12+34=", "hi"], n=2, max_new_tokens=5, seed=0)
+    assert len(texts) == 2 and len(texts[0]) == 2 and all(isinstance(t, str) for t in texts[0])
+    assert main(["generate", str(saved), "--prompt", "12+34=", "--max-new-tokens", "4"]) == 0
+    assert "> 12+34=" in capsys.readouterr().out
