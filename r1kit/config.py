@@ -110,16 +110,27 @@ def read_toml(path) -> dict:
 
 
 def load_config(cls, path=None, overrides=(), base: dict | None = None, section: str | None = None):
-    """Recipe file (optionally one [section] of it) + `key=value` overrides → `cls` instance."""
+    """Recipe file (optionally one [section] of it) + `key=value` overrides → `cls` instance.
+
+    With a section, overrides may name it ("grpo.lr=1e-4") or not ("lr=1e-4"); overrides for
+    the recipe's other sections are left to those stages.
+    """
     d = dict(base or {})
     where = str(path) if path else "defaults"
-    if path is not None:
-        raw = read_toml(path)
-        if section is not None:
-            raw = raw.get(section, {})
+    raw = read_toml(path) if path is not None else {}
+    if section is not None:
+        d = _merge(d, raw.get(section, {}))
+    else:
         d = _merge(d, raw)
     for text in overrides:
         keys, value = parse_override(text)
+        if section is not None:
+            if keys[0] == section:
+                keys = keys[1:]
+            elif keys[0] in raw and isinstance(raw[keys[0]], dict) and keys[0] not in _field_names(cls):
+                continue  # another stage's override
+        if not keys:
+            raise ConfigError(f"--set {text!r}: expected {section}.KEY=VALUE")
         node = d
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -127,7 +138,11 @@ def load_config(cls, path=None, overrides=(), base: dict | None = None, section:
                 raise ConfigError(f"--set {text!r}: '{k}' is not a table")
         node[keys[-1]] = value
         where = f"{where} + --set"
-    return from_dict(cls, d, where)
+    return from_dict(cls, d, where + (f" [{section}]" if section else ""))
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -14,6 +14,7 @@ Works with any model that keeps the r1kit contract and has `new_cache(batch, max
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -138,7 +139,12 @@ class Batch:
         if not slots:
             return []
         self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0  # idle slots stay empty
-        logits = self.model(self.last[:, None], kv_cache=self.cache)[:, -1]  # (capacity, V)
+        # slots fill lowest first, so a lightly loaded batch only runs the rows up to its last busy one
+        n = slots[-1] + 1
+        cache = self.cache if n == len(self.rows) else _leading_rows(self.cache, n)
+        if cache is None:
+            cache, n = self.cache, len(self.rows)
+        logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
         tokens, logp = self._sample(logits[slots], slots)
         self.last[slots] = tokens
         return self._record(slots, tokens.tolist(), logp.tolist())
@@ -199,6 +205,17 @@ class Batch:
                 self.rows[i] = None
                 return True
         return False
+
+
+def _leading_rows(cache, n: int):
+    """The first `n` rows of a KV cache as a view whose writes land in `cache`, or None when the
+    cache is not laid out as k, v (layers, batch, ...) and lens (batch,) (then step runs full width)."""
+    k, v, lens = (getattr(cache, a, None) for a in ("k", "v", "lens"))
+    if not all(isinstance(t, torch.Tensor) for t in (k, v, lens)):
+        return None
+    view = copy.copy(cache)
+    view.k, view.v, view.lens = k[:, :n], v[:, :n], lens[:n]  # basic slices share storage
+    return view
 
 
 def _truncate(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

@@ -243,11 +243,15 @@ class Tokenizer:
 
 
 def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1",
-                        extra_tokens: list[str] = THINK_TAGS, force_think: bool = False) -> Tokenizer:
+                        extra_tokens: list[str] = THINK_TAGS, force_think: bool = False,
+                        all_bytes: bool = True) -> Tokenizer:
     """Train a byte-level BPE on `corpus` (an iterable of strings) with the style's specials.
 
     Digits stay single tokens (the split pattern isolates them): arithmetic in a tiny model is
-    much easier to learn when every digit is its own token.
+    much easier to learn when every digit is its own token. With `all_bytes=False` the alphabet
+    is only the characters the corpus uses — for synthetic tasks, where 256 never-seen byte
+    tokens would each keep a sliver of probability at temperature 1 and, over a 50-token
+    completion, sink a large share of samples.
     """
     st = STYLES[style]
     tk = HFTokenizer(models.BPE())
@@ -256,8 +260,9 @@ def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     n_added = len(st.specials) + len(extra_tokens)
-    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - n_added, 257), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if all_bytes else []
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - n_added, 1), show_progress=False,
+                                  initial_alphabet=alphabet, special_tokens=[])
     tk.train_from_iterator(corpus, trainer=trainer)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in st.specials])
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["QK_K", "nearest_int", "quantize_k"]
+
 QK_K = 256
 _CHUNK_SUPERBLOCKS = 512  # 512*256 floats = 512 KiB per (32, n) temporary
 

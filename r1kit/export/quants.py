@@ -90,6 +90,8 @@ def quantize(data: np.ndarray, qtype: QT | str) -> np.ndarray:
         raise ValueError(f"{qtype.name} needs rows that are a multiple of {block}, got {data.shape[-1]}")
     out_shape = (*data.shape[:-1], data.shape[-1] // block * type_size)
     x = np.ascontiguousarray(data, dtype=np.float32)
+    if not np.isfinite(x).all():  # llama.cpp rejects the result of such rows; fail up front
+        raise ValueError("values contain NaN or Inf")
     if qtype == QT.F32:
         out = x.view(np.uint8)
     elif qtype == QT.F16:
@@ -134,11 +136,14 @@ class ArchInfo:
 
     @classmethod
     def from_reader(cls, reader: GGUFReader) -> "ArchInfo":
-        fields = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-        arch = _text(fields.get("general.architecture", b"llama"))
+        arch_field = reader.fields.get("general.architecture")
+        arch = _text(_field_value(arch_field)) if arch_field is not None else "llama"
 
         def num(key: str, default: int = 0) -> int:
-            v = fields.get(f"{arch}.{key}", default)
+            field = reader.fields.get(f"{arch}.{key}")
+            if field is None:
+                return default
+            v = _field_value(field)
             return int(v[0] if isinstance(v, list) else v)  # per-layer arrays: llama.cpp reads layer 0
 
         names = [t.name for t in reader.tensors]
@@ -392,7 +397,7 @@ def _source_f32(tensor) -> np.ndarray:
     if src == QT.BF16:
         bits = raw.view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32).reshape(shape)
-    raise ValueError(f"tensor {tensor.name!r}: cannot requantize from {src.name}; start from F32/F16/BF16")
+    raise ValueError(f"cannot requantize from {src.name}; start from an F32, F16 or BF16 file")
 
 
 def _row_bytes(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
@@ -403,11 +408,8 @@ def _row_bytes(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
 def _tensor_bytes(tensor, shape: tuple[int, ...], target: QT) -> np.ndarray:
     if QT(tensor.tensor_type) == target:  # unchanged tensors are copied byte for byte
         return np.asarray(tensor.data).view(np.uint8).reshape(_row_bytes(shape, target))
-    x = _source_f32(tensor).reshape(shape)
-    if not np.isfinite(x).all():
-        raise ValueError(f"tensor {tensor.name!r} contains NaN or Inf; refusing to quantize it")
     try:
-        return quantize(x, target)
+        return quantize(_source_f32(tensor).reshape(shape), target)
     except ValueError as e:
         raise ValueError(f"tensor {tensor.name!r}: {e}") from e
 

@@ -376,3 +376,4 @@ class AtomicDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+import r1kit.models.deepseek  # noqa: E402,F401  (registers DeepseekV3ForCausalLM)

@@ -1,0 +1,448 @@
+"""GGUF export: r1kit models → files that llama.cpp loads, in F32/F16 or a quantized mix.
+
+One function does the work, `export_gguf(model, tokenizer, out_path, quant)`:
+
+  1. the architecture spec (`ARCHS`) gives llama.cpp's architecture name, the explicit name-map
+     table (r1kit parameter → GGUF tensor) and the hyper-parameter keys llama.cpp reads;
+  2. the tokenizer becomes GGUF vocabulary metadata: byte-level BPE tokens, merges, token types,
+     special ids, the llama.cpp pre-tokenizer recognised from the split regex, the chat template;
+  3. each tensor's type comes from quants.plan_types — llama.cpp's own per-tensor rules for the
+     mix — and its bytes from quants.quantize, so a Q4_K_M export equals what
+     `llama-quantize` makes of our F32 export, tensor for tensor;
+  4. the file is written to a temporary sibling and renamed into place: an error never leaves
+     a partial file behind.
+
+Layout facts that are easy to get wrong (learned from llama.cpp's loader, not copied):
+  * Hugging Face stores each head's rotary pairs as (i, i + D/2). llama.cpp's `llama` arch
+    rotates adjacent pairs (2i, 2i+1) ("normal" RoPE), so q/k rows (and biases) are interleaved
+    per head on export. `qwen2`/`qwen3` use NEOX RoPE, which is the HF layout: no change.
+  * Llama 3.1's rope scaling is not a metadata key: llama.cpp divides each frequency by the
+    matching entry of a `rope_freqs.weight` tensor, which we compute from the config.
+  * Tied embeddings: no `output.weight`; llama.cpp then uses token_embd as the output matrix.
+  * A GGUF tensor's NumPy shape is (ne[n-1], ..., ne[0]), so a torch Linear weight (out, in)
+    is written as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as QT, GGUFWriter, RopeScalingType,
+                  TokenType)
+
+from r1kit.export import quants
+from r1kit.tokenizer import QWEN2_SPLIT, Tokenizer
+
+GGML_QUANT_VERSION = 2  # what llama.cpp's quantizer writes to general.quantization_version
+
+
+class GGUFExportError(ValueError):
+    """The model, tokenizer or output path cannot be exported; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Name maps: (r1kit parameter template, GGUF tensor template); "{i}" is the layer index
+# ---------------------------------------------------------------------------------------------
+DENSE_GGUF_MAP = [
+    ("embed.weight", "token_embd.weight"),
+    ("layers.{i}.attn_norm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.attn.wq.weight", "blk.{i}.attn_q.weight"),
+    ("layers.{i}.attn.wq.bias", "blk.{i}.attn_q.bias"),
+    ("layers.{i}.attn.wk.weight", "blk.{i}.attn_k.weight"),
+    ("layers.{i}.attn.wk.bias", "blk.{i}.attn_k.bias"),
+    ("layers.{i}.attn.wv.weight", "blk.{i}.attn_v.weight"),
+    ("layers.{i}.attn.wv.bias", "blk.{i}.attn_v.bias"),
+    ("layers.{i}.attn.wo.weight", "blk.{i}.attn_output.weight"),
+    ("layers.{i}.attn.wo.bias", "blk.{i}.attn_output.bias"),
+    ("layers.{i}.attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+    ("layers.{i}.attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+    ("layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.{i}.ffn.w1.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers.{i}.ffn.w2.weight", "blk.{i}.ffn_down.weight"),
+    ("layers.{i}.ffn.w3.weight", "blk.{i}.ffn_up.weight"),
+    ("norm.weight", "output_norm.weight"),
+    ("head.weight", "output.weight"),
+]
+
+
+@dataclass
+class TensorSrc:
+    """One tensor to write: GGUF name, NumPy shape, and how to get its float32 values."""
+    name: str
+    shape: tuple[int, ...]
+    values: Callable[[], np.ndarray]
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Per head, reorder rows (i, i + D/2) → (2i, 2i+1): HF's rotary layout → llama.cpp's `llama`."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architectures
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: str  # llama.cpp's LLM_ARCH name, written to general.architecture
+    name_map: list[tuple[str, str]]
+    check: Callable  # (config) → None, raises GGUFExportError for what llama.cpp cannot run
+    hparams: Callable  # (GGUFWriter, config) → None
+    tensors: Callable  # (model, spec) → list[TensorSrc]
+    info: Callable  # (config, tensor names) → quants.ArchInfo for the type rules
+    permute_qk: bool = False
+
+
+def _check_dense(arch: str) -> Callable:
+    def check(c) -> None:
+        if arch == "qwen2" and c.head_dim * c.num_attention_heads != c.hidden_size:
+            raise GGUFExportError(f"qwen2 in llama.cpp needs head_dim × heads = hidden_size, got "
+                                  f"{c.head_dim} × {c.num_attention_heads} ≠ {c.hidden_size}")
+        if c.o_bias and arch != "llama":
+            raise GGUFExportError(f"llama.cpp's {arch} has no attention output bias (attn_output.bias)")
+        if c.qk_norm and arch != "qwen3":
+            raise GGUFExportError(f"llama.cpp's {arch} has no QK-norm (attn_q_norm/attn_k_norm); use Qwen3")
+        kind = _rope_kind(c)
+        if kind not in ("default", "linear", "llama3") or (kind == "llama3" and arch != "llama"):
+            raise GGUFExportError(f"rope_scaling type {kind!r} cannot be exported for {arch} "
+                                  "(supported: default, linear; llama3 for Llama)")
+    return check
+
+
+def _rope_kind(c) -> str:
+    s = c.rope_scaling or {}
+    return s.get("rope_type", s.get("type", "default"))
+
+
+def _dense_hparams(w: GGUFWriter, c) -> None:
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_vocab_size(c.vocab_size)
+    if _rope_kind(c) == "linear":  # llama.cpp multiplies positions by 1/factor
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+
+
+def llama3_rope_factors(c) -> np.ndarray:
+    """Per frequency, how much Llama 3.1 scaling slows it down: default / scaled (≥ 1).
+
+    llama.cpp rotates by pos · base^(-2i/D) / factor[i], so this reproduces the scaled table.
+    """
+    from r1kit.models.llama import rope_inv_freq
+    d = c.head_dim
+    base = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    return (base / rope_inv_freq(c).double().numpy()).astype(np.float32)
+
+
+def _dense_tensors(model, spec: ArchSpec) -> list[TensorSrc]:
+    c = model.config
+    out = []
+    if _rope_kind(c) == "llama3":
+        out.append(TensorSrc("rope_freqs.weight", (c.head_dim // 2,), lambda: llama3_rope_factors(c)))
+    for pname, p in model.state_dict().items():
+        if pname == "head.weight" and c.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        gname = gguf_name(pname, spec)
+        heads = _rotary_heads(gname, c) if spec.permute_qk else None
+        out.append(TensorSrc(gname, tuple(p.shape), _values(p, heads)))
+    return out
+
+
+def _rotary_heads(gname: str, c) -> int | None:
+    """Head count of a q/k projection (weight or bias) whose rows RoPE rotates, else None."""
+    parts = gname.split(".")
+    if len(parts) == 4 and parts[2] == "attn_q":
+        return c.num_attention_heads
+    if len(parts) == 4 and parts[2] == "attn_k":
+        return c.num_key_value_heads
+    return None
+
+
+def _values(p: torch.Tensor, permute_heads: int | None) -> Callable[[], np.ndarray]:
+    def get() -> np.ndarray:
+        x = to_numpy(p)
+        return interleave_rope_rows(x, permute_heads) if permute_heads else x
+    return get
+
+
+def _dense_info(c, names: list[str], arch: str) -> quants.ArchInfo:
+    return quants.ArchInfo(arch=arch, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                           n_head_kv=c.num_key_value_heads, tied_embeddings="output.weight" not in names)
+
+
+def _dense_spec(arch: str, permute: bool) -> ArchSpec:
+    return ArchSpec(arch, DENSE_GGUF_MAP, _check_dense(arch), _dense_hparams, _dense_tensors,
+                    lambda c, names: _dense_info(c, names, arch), permute_qk=permute)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": _dense_spec("llama", permute=True),
+    "Qwen2ForCausalLM": _dense_spec("qwen2", permute=False),
+    "Qwen3ForCausalLM": _dense_spec("qwen3", permute=False),
+}
+
+
+def arch_spec(architecture: str) -> ArchSpec:
+    if architecture not in ARCHS:
+        known = ", ".join(f"{a} ({s.gguf_arch})" for a, s in ARCHS.items())
+        raise GGUFExportError(f"architecture {architecture!r} cannot be exported to GGUF; supported: {known}")
+    return ARCHS[architecture]
+
+
+def _template_regex(t: str) -> re.Pattern:
+    return re.compile("^" + re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
+
+
+def map_name(param: str, spec: ArchSpec) -> tuple[str, int | None]:
+    """r1kit parameter → (GGUF tensor name, expert index when experts are stacked into one tensor)."""
+    for ours, theirs in spec.name_map:
+        m = _template_regex(ours).match(param)
+        if m:
+            g = m.groupdict()
+            return theirs.replace("{i}", g.get("i") or ""), int(g["e"]) if "e" in g else None
+    raise GGUFExportError(f"parameter {param!r} has no GGUF name in the {spec.gguf_arch} name map "
+                          "(r1kit/export/gguf.py)")
+
+
+def gguf_name(param: str, spec: ArchSpec) -> str:
+    return map_name(param, spec)[0]
+
+
+def model_tensors(model) -> tuple[ArchSpec, list[TensorSrc]]:
+    """The spec and every tensor the GGUF will hold, in name-map terms (no data is read yet)."""
+    spec = arch_spec(model.config.architecture)
+    spec.check(model.config)
+    return spec, spec.tensors(model, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer → GGUF vocabulary
+# ---------------------------------------------------------------------------------------------
+# The Llama 3 split regex (digits in runs of up to three); llama.cpp's "llama-bpe".
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Pre-tokenizer signature → (llama.cpp pre-tokenizer name, the BPE `ignore_merges` llama.cpp
+# assumes for it). A signature is what decides how text is split before BPE: each step's kind
+# and its regex / flags. Only entries whose splitting is identical in both libraries are here.
+_BYTELEVEL = ("ByteLevel", False, False)  # add_prefix_space=False, use_regex=False
+PRE_TOKENIZERS: dict[tuple, tuple[str, bool]] = {
+    (("Split", QWEN2_SPLIT, "Isolated", False), _BYTELEVEL): ("qwen2", False),
+    (("Split", LLAMA3_SPLIT, "Isolated", False), _BYTELEVEL): ("llama-bpe", True),
+    (("ByteLevel", False, True),): ("gpt-2", False),
+}
+
+
+def _pre_signature(pt: dict | None) -> tuple:
+    if pt is None:
+        return ()
+    steps = pt.get("pretokenizers", []) if pt.get("type") == "Sequence" else [pt]
+    sig = []
+    for s in steps:
+        kind = s.get("type")
+        if kind == "Split":
+            pat = s.get("pattern", {})
+            sig.append(("Split", pat.get("Regex", pat.get("String")), s.get("behavior"), bool(s.get("invert"))))
+        elif kind == "ByteLevel":
+            sig.append(("ByteLevel", bool(s.get("add_prefix_space")), bool(s.get("use_regex", True))))
+        else:
+            sig.append((kind,))
+    return tuple(sig)
+
+
+def pre_tokenizer_name(tk_json: dict) -> str:
+    """llama.cpp's name for this tokenizer's pre-tokenizer, or a clear refusal."""
+    model = tk_json.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise GGUFExportError("only byte-level BPE tokenizers can be exported (llama.cpp 'gpt2' model); "
+                              f"got {model.get('type')} (byte_fallback={model.get('byte_fallback')})")
+    norm = tk_json.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":  # Qwen2 ships NFC; llama.cpp applies none
+        raise GGUFExportError(f"tokenizer normalizer {norm.get('type')!r} has no llama.cpp equivalent")
+    sig = _pre_signature(tk_json.get("pre_tokenizer"))
+    if sig not in PRE_TOKENIZERS:
+        raise GGUFExportError("unknown BPE pre-tokenizer: llama.cpp would split text differently. "
+                              f"Signature {sig!r:.300}; known: {', '.join(n for n, _ in PRE_TOKENIZERS.values())}"
+                              " (add an entry to PRE_TOKENIZERS in r1kit/export/gguf.py once verified)")
+    name, ignore_merges = PRE_TOKENIZERS[sig]
+    if bool(model.get("ignore_merges")) != ignore_merges:
+        raise GGUFExportError(f"pre-tokenizer {name!r}: llama.cpp assumes ignore_merges={ignore_merges}, "
+                              f"the tokenizer has {bool(model.get('ignore_merges'))}")
+    return name
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    bos: int | None
+    eos: int | None
+    pad: int | None
+    add_bos: bool
+    chat_template: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def vocab_from_tokenizer(tok: Tokenizer, n_vocab: int) -> Vocab:
+    """Tokens in id order, padded with unused `[PAD{id}]` tokens up to the embedding rows."""
+    d = json.loads(tok.tk.to_str())
+    pre = pre_tokenizer_name(d)
+    by_id = {i: t for t, i in tok.tk.get_vocab(with_added_tokens=True).items()}
+    if len(by_id) > n_vocab or max(by_id) >= n_vocab:
+        raise GGUFExportError(f"tokenizer has ids up to {max(by_id)} but the model has only {n_vocab} embedding rows")
+    added = {a["id"]: a for a in d.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:  # a hole or the padding rows some models round their vocabulary to
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif i in added:  # special → control (parsed only on request); others always matched
+            tokens.append(by_id[i])
+            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"].get("merges", [])]
+    template = tok.jinja_template() if (tok.style_name or tok.chat_template) else None
+    return Vocab(tokens, [int(t) for t in types], merges, pre, tok.bos_id, tok.eos_id, tok.pad_id,
+                 add_bos=tok.bos_id is not None, chat_template=template)
+
+
+def _write_vocab(w: GGUFWriter, v: Vocab) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(v.pre)
+    w.add_token_list(v.tokens)
+    w.add_token_types(v.types)
+    if v.merges:
+        w.add_token_merges(v.merges)
+    for setter, tid in ((w.add_bos_token_id, v.bos), (w.add_eos_token_id, v.eos), (w.add_pad_token_id, v.pad)):
+        if tid is not None:
+            setter(tid)
+    w.add_add_bos_token(v.add_bos)  # the chat templates write BOS themselves; plain prompts get it here
+    w.add_add_eos_token(False)
+    if v.chat_template:
+        w.add_chat_template(v.chat_template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    path: Path
+    n_tensors: int
+    n_bytes: int
+    seconds: float
+    types: dict[str, QT]  # tensor name → GGML type written
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.types.values():
+            out[t.name] = out.get(t.name, 0) + 1
+        return out
+
+
+def _byte_shape(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return (*shape[:-1], shape[-1] // block * size)
+
+
+def _encode(t: TensorSrc, qtype: QT) -> np.ndarray:
+    x = t.values()
+    if tuple(x.shape) != t.shape:
+        raise GGUFExportError(f"tensor {t.name!r}: got shape {list(x.shape)}, expected {list(t.shape)}")
+    if qtype not in (QT.F32, QT.F16) and not np.isfinite(x).all():
+        raise GGUFExportError(f"tensor {t.name!r} contains NaN or Inf; refusing to quantize it")
+    try:
+        return quants.quantize(x, qtype)
+    except ValueError as e:
+        raise GGUFExportError(f"tensor {t.name!r}: {e}") from None
+
+
+def _temp_path(out: Path) -> str:
+    if not out.parent.is_dir():
+        raise GGUFExportError(f"{out.parent}: output directory does not exist")
+    if out.is_dir():
+        raise GGUFExportError(f"{out}: is a directory; give a .gguf file path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    return tmp
+
+
+def write_gguf(out_path, spec: ArchSpec, config, vocab: Vocab, tensors: list[TensorSrc], mix: str,
+               name: str = "r1kit") -> ExportResult:
+    """Header, metadata and tensors of one model, atomically; types from llama.cpp's mix rules."""
+    t0 = time.perf_counter()
+    try:
+        m = quants.get_mix(mix)
+    except ValueError as e:
+        raise GGUFExportError(str(e)) from None
+    by_name = {t.name: t for t in tensors}
+    if len(by_name) != len(tensors):
+        raise GGUFExportError("two parameters map to the same GGUF tensor name")
+    info = spec.info(config, list(by_name))
+    plan = quants.plan_types(((t.name, t.shape, QT.F32) for t in tensors), m, info)
+    out = Path(out_path)
+    tmp = _temp_path(out)
+    try:
+        w = GGUFWriter(tmp, spec.gguf_arch)
+        w.add_name(name)
+        spec.hparams(w, config)
+        _write_vocab(w, vocab)
+        # last, in this order, as llama.cpp's quantizer rewrites them: then quantizing our F32
+        # file with llama.cpp gives the very bytes of our own quantized export
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        w.add_file_type(int(m.ftype))
+        for tname, qtype in plan.items():
+            bshape = _byte_shape(by_name[tname].shape, qtype)
+            w.add_tensor_info(tname, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for tname, qtype in plan.items():  # one tensor in memory at a time
+            w.write_tensor_data(_encode(by_name[tname], qtype))
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return ExportResult(out, len(plan), out.stat().st_size, time.perf_counter() - t0, plan)
+
+
+def export_gguf(model, tok: Tokenizer, out_path, quant: str = "F16", name: str = "r1kit") -> ExportResult:
+    """Write `model` + `tok` as a GGUF file llama.cpp runs. quant: F32, F16, Q8_0, Q4_K_M, Q5_K_M, Q6_K …"""
+    spec, tensors = model_tensors(model)
+    vocab = vocab_from_tokenizer(tok, model.config.vocab_size)
+    with torch.no_grad():
+        return write_gguf(out_path, spec, model.config, vocab, tensors, quant, name)
+
+
+def export_checkpoint(ckpt, out_path, quant: str = "F16", name: str | None = None) -> ExportResult:
+    """A checkpoint directory (ours or Hugging Face's) → GGUF."""
+    from r1kit import checkpoint
+    model, tok = checkpoint.load(ckpt, device="cpu", dtype=torch.float32)
+    return export_gguf(model, tok, out_path, quant, name or Path(ckpt).resolve().name)

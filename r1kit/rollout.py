@@ -1,0 +1,76 @@
+"""Rollouts: task problems → chat prompts → engine samples → scored records.
+
+Shared by GRPO (training rollouts), evaluation and rejection sampling, so all three render
+prompts and score completions the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1kit.engine import Engine, Sample, SamplingParams
+from r1kit.rewards import RewardError, extract_answer
+
+
+@dataclass
+class Rollout:
+    problem: object  # tasks.Problem
+    prompt_ids: list[int]
+    sample: Sample
+    completion: str  # text the reward saw (with a template-forced "<think>\n" put back)
+    reward: dict  # reward parts + "total"
+
+    @property
+    def correct(self) -> bool:
+        return self.reward.get("accuracy", 0.0) >= 1.0
+
+    def record(self, step: int | None = None) -> dict:
+        """The JSONL rollout record (DESIGN.md): prompt, completion, reward parts, tokens, step."""
+        return {"step": step, "prompt": self.problem.prompt, "answer": self.problem.answer,
+                "completion": self.completion, "reward": self.reward, "correct": self.correct,
+                "prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.sample.tokens),
+                "finish_reason": self.sample.finish_reason}
+
+
+def prompt_ids(tok, problem, system: str | None = None) -> list[int]:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem.prompt}]
+    return tok.chat_prompt(msgs)
+
+
+def score(task, tok, problem, text: str) -> tuple[str, dict]:
+    """Reward parts for a completion; a reward function that raises becomes a clear RewardError."""
+    if tok.force_think:  # the prompt ended with "<think>\n": the reward must see it
+        text = "<think>\n" + text
+    try:
+        return text, task.reward(text, problem)
+    except RewardError:
+        raise
+    except Exception as e:  # a bug in a user's task: say which task and which completion
+        raise RewardError(f"reward of task {task.name!r} raised {type(e).__name__}: {e} "
+                          f"(prompt {problem.prompt!r}, completion {text[:80]!r})") from e
+
+
+def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine | None = None,
+            system: str | None = None) -> list[list[Rollout]]:
+    """params.n samples per problem → scored rollouts, grouped per problem."""
+    engine = engine or Engine(model, tok)
+    ids = [prompt_ids(tok, p, system) for p in problems]
+    groups = engine.generate(ids, params)
+    out = []
+    for prob, pid, samples in zip(problems, ids, groups):
+        row = []
+        for s in samples:
+            text, parts = score(task, tok, prob, s.text)
+            row.append(Rollout(prob, pid, s, text, parts))
+        out.append(row)
+    return out
+
+
+def greedy_accuracy(model, tok, task, problems, max_new_tokens: int = 128) -> float:
+    if not problems:
+        return 0.0
+    groups = rollout(model, tok, task, problems, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+    return sum(g[0].correct for g in groups) / len(groups)
+
+
+def answers(groups: list[list[Rollout]]) -> list[list[str | None]]:
+    return [[extract_answer(r.completion) for r in g] for g in groups]

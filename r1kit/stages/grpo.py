@@ -1,0 +1,355 @@
+"""GRPO on verifiable rewards — R1-Zero.
+
+One step: draw prompts → G samples each from the engine → rule-based rewards → group-relative
+advantages → μ inner updates of a clipped policy loss against the rollout's own log-probs
+(+ optional KL to the frozen reference) → AdamW with gradient clipping and a schedule.
+
+    r1kit grpo --config recipes/r1_zero_tiny.toml [--set grpo.lr=1e-4 ...] [--out DIR]
+writes DIR/model (latest checkpoint + trainer_state), DIR/metrics.jsonl (one line per step),
+DIR/rollouts.jsonl (samples), DIR/summary.json. Killed at any point, the same command resumes
+from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the
+rollouts of step s are seeded by (seed, s) and the prompt order by the seed alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from r1kit import checkpoint, rl
+from r1kit.common import print0, seed_everything
+from r1kit.config import ConfigError, add_config_args, load_config, read_toml
+from r1kit.engine import Engine, SamplingParams
+from r1kit.rewards import overlong_penalty
+from r1kit.rollout import Rollout, greedy_accuracy, rollout
+from r1kit.tasks import get_task
+from r1kit.training import MetricsLog, Progress, adamw, lr_at, resolve_ckpt, set_lr
+
+
+@dataclass
+class GRPOConfig:
+    base: str = "runs/r1_zero_tiny/base"  # checkpoint (or stage dir) to start from
+    out_dir: str = "runs/r1_zero_tiny/grpo"
+    task: str = "arithmetic"
+    task_args: dict = field(default_factory=dict)
+    system: str | None = None  # optional system prompt
+    steps: int = 100
+    time_budget_s: float = 0.0  # > 0: stop after this much RL wall time
+    prompts_per_step: int = 16
+    group_size: int = 8  # G
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
+    advantage: str = "grpo"  # grpo | drgrpo
+    adv_eps: float = 1e-4
+    loss: str = "clipped"  # clipped | dual_clip | gspo
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO clip-higher: 0.28
+    dual_clip_c: float = 3.0
+    gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
+    gspo_eps_high: float = 4e-4
+    aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
+    kl_estimator: str = "k3"
+    dynamic_sampling: bool = False  # drop zero-variance groups from the batch (DAPO)
+    overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
+    eval_every: int = 10
+    eval_problems: int = 200
+    save_every: int = 10
+    seed: int = 0
+    alarm_equal_steps: int = 10  # warn when every reward was equal this many steps in a row
+    alarm_truncation: float = 0.5  # warn when more completions than this hit max_new_tokens
+
+    def __post_init__(self):
+        for key, table in (("advantage", rl.ADVANTAGES), ("loss", LOSSES), ("aggregation", rl.AGGREGATIONS),
+                           ("kl_estimator", rl.KL_ESTIMATORS)):
+            if getattr(self, key) not in table:
+                raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
+        if self.group_size < 2:
+            raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
+
+
+LOSSES = {"clipped": "clipped_token_loss", "dual_clip": "dual_clip_token_loss", "gspo": "gspo_sequence_loss"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch → tensors
+# ---------------------------------------------------------------------------------------------
+def to_tensors(rollouts: list[Rollout], pad_id: int):
+    """→ idx (N, P+T), completion mask (N, T), old log-probs (N, T), completion start P per row.
+
+    Rows are right-padded; completions start at different offsets when prompts are ragged, so
+    log-probs are gathered per row at its own completion positions.
+    """
+    N = len(rollouts)
+    L = max(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts)
+    T = max(len(r.sample.tokens) for r in rollouts)
+    idx = torch.full((N, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(N, T)
+    old = torch.zeros(N, T)
+    starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.sample.tokens
+        idx[i, : len(seq)] = torch.tensor(seq)
+        n = len(r.sample.tokens)
+        mask[i, :n] = 1
+        old[i, :n] = torch.tensor(r.sample.logprobs)
+    return idx, mask, old, starts
+
+
+def completion_logits(model, idx, starts, T: int, temperature: float):
+    """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler."""
+    logits = model(idx)  # (N, L, V)
+    pos = starts[:, None] - 1 + torch.arange(T)  # (N, T): position predicting completion token t
+    pos = pos.clamp(max=idx.shape[1] - 1)
+    logits = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))  # (N, T, V)
+    return logits / temperature if temperature > 0 else logits
+
+
+def completion_targets(idx, starts, T: int):
+    pos = (starts[:, None] + torch.arange(T)).clamp(max=idx.shape[1] - 1)  # (N, T)
+    return idx.gather(1, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+# ---------------------------------------------------------------------------------------------
+def rewards_of(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
+    r = torch.tensor([x.reward["total"] for x in rollouts])
+    if cfg.overlong_cache > 0:
+        pen = [overlong_penalty(len(x.sample.tokens), cfg.max_new_tokens, cfg.overlong_cache) for x in rollouts]
+        r = r + torch.tensor(pen)
+    return r
+
+
+def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> dict:
+    """μ inner updates on one batch. Returns averaged loss statistics."""
+    idx, mask, old, starts = to_tensors(rollouts, pad_id)
+    T = mask.shape[1]
+    targets = completion_targets(idx, starts, T)
+    ref_logp = None
+    if cfg.kl_coef > 0:
+        with torch.no_grad():
+            ref_logp = rl.token_logprobs(completion_logits(ref, idx, starts, T, cfg.temperature), targets)
+    loss_fn = getattr(rl, LOSSES[cfg.loss])
+    kw = {"eps_low": cfg.eps_low, "eps_high": cfg.eps_high}
+    if cfg.loss == "gspo":
+        kw = {"eps_low": cfg.gspo_eps_low, "eps_high": cfg.gspo_eps_high}
+    if cfg.loss == "dual_clip":
+        kw["clip_c"] = cfg.dual_clip_c
+    agg = rl.AGGREGATIONS[cfg.aggregation]
+    if cfg.aggregation == "seq_mean_token_sum_norm":
+        agg = _partial_norm(agg, cfg.max_new_tokens)
+    stats: dict[str, float] = {}
+    for _ in range(cfg.mu):
+        logits = completion_logits(model, idx, starts, T, cfg.temperature)
+        logp = rl.token_logprobs(logits, targets)
+        per_tok, s = loss_fn(logp, old, adv, mask, **kw)
+        loss = agg(per_tok, mask)
+        if ref_logp is not None:
+            kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, ref_logp), mask)
+            loss = loss + cfg.kl_coef * kl
+            s["kl"] = kl.detach()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(gn):
+            raise FloatingPointError(f"gradient norm is {gn.item()}")
+        opt.step()
+        with torch.no_grad():
+            s["entropy"] = rl.token_mean(rl.entropy_from_logits(logits.detach()), mask)
+        s.update(loss=loss.detach(), grad_norm=gn)
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0.0) + float(v) / cfg.mu
+    return stats
+
+
+def _partial_norm(fn, norm):
+    return lambda values, mask: fn(values, mask, norm=norm)
+
+
+def step_metrics(cfg, rollouts: list[Rollout], rewards, zero_var) -> dict:
+    n = len(rollouts)
+    parts = {}
+    for k in rollouts[0].reward:
+        parts[f"reward_{k}"] = sum(r.reward[k] for r in rollouts) / n
+    lengths = [len(r.sample.tokens) for r in rollouts]
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(), **parts,
+            "accuracy": sum(r.correct for r in rollouts) / n,
+            "think_rate": sum(r.reward.get("think", 0.0) for r in rollouts) / n,
+            "response_length": sum(lengths) / n,
+            "truncation_rate": sum(r.sample.finish_reason == "length" for r in rollouts) / n,
+            "zero_variance_frac": zero_var.float().mean().item()}
+
+
+class Alarms:
+    """Health checks that say what is wrong instead of letting a run silently go nowhere."""
+
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg, self.equal_run = cfg, 0
+
+    def check(self, step: int, m: dict) -> list[str]:
+        out = []
+        self.equal_run = self.equal_run + 1 if m["reward_std"] == 0 else 0
+        if self.equal_run == self.cfg.alarm_equal_steps:
+            out.append(f"step {step}: every reward was equal for {self.equal_run} steps — no learning signal "
+                       f"(reward {m['reward_mean']:.3f}); the task may be too hard or too easy for this model")
+        if m["truncation_rate"] > self.cfg.alarm_truncation:
+            out.append(f"step {step}: {m['truncation_rate']:.0%} of completions hit max_new_tokens="
+                       f"{self.cfg.max_new_tokens}; raise grpo.max_new_tokens or add overlong shaping")
+        return out
+
+
+def batch_problems(cfg: GRPOConfig, problems: list, step: int) -> list:
+    """Prompts of `step`: consecutive slices of one seeded permutation per epoch (the data cursor)."""
+    per = cfg.prompts_per_step
+    out = []
+    for j in range(step * per, (step + 1) * per):
+        epoch, pos = divmod(j, len(problems))
+        order = list(range(len(problems)))
+        random.Random(cfg.seed * 7919 + epoch).shuffle(order)
+        out.append(problems[order[pos]])
+    return out
+
+
+def train_step(cfg, step, model, ref, tok, task, problems, opt, engine) -> tuple[dict, list[Rollout]]:
+    t0 = time.perf_counter()
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            n=cfg.group_size, seed=cfg.seed * 100_003 + step)
+    groups = rollout(model, tok, task, batch_problems(cfg, problems, step), params, engine, cfg.system)
+    gen_s = time.perf_counter() - t0
+    rollouts = [r for g in groups for r in g]
+    rewards = rewards_of(cfg, rollouts)
+    adv = rl.ADVANTAGES[cfg.advantage](rewards, cfg.group_size, **({"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}))
+    zero_var = rl.zero_variance_groups(rewards, cfg.group_size)
+    # zero-advantage groups carry no gradient: skip them (always), or drop them (dynamic sampling)
+    keep = ~rl.expand_group_mask(zero_var, cfg.group_size)
+    m = step_metrics(cfg, rollouts, rewards, zero_var)
+    t1 = time.perf_counter()
+    set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
+    if keep.any():
+        kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+        m.update(policy_update(cfg, model, ref, opt, kept, adv[keep], tok.pad_id))
+        if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
+            model.after_optimizer_step()
+    train_s = time.perf_counter() - t1
+    ntok = sum(len(r.sample.tokens) for r in rollouts)
+    m.update(step=step + 1, lr=opt.param_groups[0]["lr"], gen_seconds=gen_s, train_seconds=train_s,
+             tokens_per_second=ntok / max(gen_s, 1e-9), trained_groups=int((~zero_var).sum()))
+    return m, rollouts
+
+
+def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
+    seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(cfg.task, **cfg.task_args)
+    problems, test = task.problems("train"), task.problems("test", cfg.eval_problems)
+    model, ref, tok, opt, start, summary = _setup(cfg, out, task, test, pretrain_cfg)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
+    rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
+    engine, alarms = Engine(model, tok), Alarms(cfg)
+    rl_seconds = summary.get("rl_seconds", 0.0)
+    with Progress(cfg.steps, "grpo", start) as bar:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            try:
+                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine)
+            except FloatingPointError as e:
+                print0(f"grpo: stopping at step {step + 1}: {e}; the last good checkpoint is {out / 'model'}")
+                return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step, failed=str(e))
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                m["eval_greedy_accuracy"] = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+            rl_seconds += time.perf_counter() - t0
+            m["rl_seconds"] = rl_seconds
+            log.write(m)
+            for r in rollouts[:: cfg.group_size]:  # one sample per group keeps the file small
+                rollout_log.write(r.record(step + 1))
+            for warning in alarms.check(step + 1, m):
+                print0(f"grpo: warning: {warning}")
+            bar.update(step + 1, _info(m))
+            done = step + 1 == cfg.steps or (cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s)
+            if (step + 1) % cfg.save_every == 0 or done:
+                summary["rl_seconds"] = rl_seconds
+                _save(cfg, out, model, tok, opt, step + 1, summary)
+            if done:
+                break
+    return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step + 1)
+
+
+def _info(m: dict) -> str:
+    s = f"reward {m['reward_mean']:.2f} acc {m['accuracy']:.2f} think {m['think_rate']:.2f} len {m['response_length']:.0f}"
+    return s + (f" eval {m['eval_greedy_accuracy']:.2f}" if "eval_greedy_accuracy" in m else "")
+
+
+def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict) -> None:
+    state = {"step": step, "summary": summary, "config": asdict(cfg)}
+    checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state})
+
+
+def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
+    """Resume from DIR/model, or start from the base (pretraining it first when the recipe says how)."""
+    ckpt = out / "model"
+    resuming = (ckpt / "trainer_state" / "state.json").exists()
+    base = resolve_ckpt(cfg.base)
+    if not resuming and not (base / "config.json").exists():
+        if pretrain_cfg is None:
+            raise ConfigError(f"grpo.base: {cfg.base} has no checkpoint, and the recipe has no [pretrain] section")
+        from r1kit.stages import pretrain
+        print0(f"grpo: base {cfg.base} is missing — pretraining it first (recipe's [pretrain] section)")
+        pretrain_cfg.out_dir = str(cfg.base)
+        pretrain.run(pretrain_cfg)
+        base = resolve_ckpt(cfg.base)
+    model, tok = checkpoint.load(ckpt if resuming else base, device="cpu", dtype="float32")
+    ref = None
+    if cfg.kl_coef > 0:
+        ref, _ = checkpoint.load(base, device="cpu", dtype="float32")
+        ref.eval().requires_grad_(False)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    if resuming:
+        state, _ = checkpoint.load_trainer_state(ckpt, opt)
+        print0(f"grpo: resuming {ckpt} at step {state['step']}")
+        return model, ref, tok, opt, state["step"], state["summary"]
+    base_acc = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+    print0(f"grpo: base {base} held-out greedy accuracy {base_acc:.3f}")
+    return model, ref, tok, opt, 0, {"base": str(base), "base_accuracy": base_acc}
+
+
+def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed=None) -> dict:
+    final = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+    summary.update(final_accuracy=final, rl_seconds=round(rl_seconds, 1), steps=steps, task=task.name,
+                   eval_problems=len(test))
+    if failed:
+        summary["stopped"] = failed
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print0(f"grpo: held-out greedy accuracy {summary['base_accuracy']:.3f} → {final:.3f} "
+           f"in {rl_seconds:.0f}s of RL ({steps} steps); summary in {out / 'summary.json'}")
+    return summary
+
+
+def add_args(p) -> None:
+    add_config_args(p)
+
+
+def main(args) -> int:
+    from r1kit.stages.pretrain import PretrainConfig
+    cfg = load_config(GRPOConfig, args.config, args.overrides, section="grpo")
+    if args.out:
+        cfg.out_dir = args.out
+    pre = None
+    if args.config and "pretrain" in read_toml(args.config):  # the recipe can make its own base
+        pre = load_config(PretrainConfig, args.config, args.overrides, section="pretrain")
+    return 1 if "stopped" in run(cfg, pre) else 0

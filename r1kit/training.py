@@ -1,0 +1,132 @@
+"""Pieces every training stage shares: model specs, batching, optimizer, schedule, metrics log."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from r1kit.config import ConfigError
+from r1kit.models.llama import IGNORE_INDEX
+
+
+@dataclass
+class ModelSpec:
+    """A from-scratch model: the family and its config fields (HF names), vocab from the tokenizer."""
+    arch: str = "llama"  # "llama" (dense) | "deepseek" (MLA + MoE + MTP)
+    config: dict = field(default_factory=lambda: dict(
+        hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=256))
+
+
+def build_model(spec: ModelSpec, vocab_size: int, seed: int):
+    """Instantiate and initialise a model with exactly the tokenizer's vocabulary."""
+    vocab = vocab_size
+    try:
+        if spec.arch == "llama":
+            from r1kit.models.llama import Llama, LlamaConfig
+            return Llama(LlamaConfig(vocab_size=vocab, **spec.config)).init_weights(seed)
+        if spec.arch == "deepseek":
+            from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
+            return DeepseekV3(DeepseekConfig(vocab_size=vocab, **spec.config)).init_weights(seed)
+    except TypeError as e:  # an unknown config field
+        raise ConfigError(f"model.config: {e}") from None
+    raise ConfigError(f"model.arch must be 'llama' or 'deepseek', got {spec.arch!r}")
+
+
+def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device=None):
+    """Right-pad token lists → (idx, targets) (B, T); targets are next tokens where mask=1, else -100."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        idx[i, : len(s)] = torch.tensor(s)
+        tgt = torch.tensor(s[1:], dtype=torch.long)
+        keep = torch.tensor(m[1:], dtype=torch.bool)  # predict token t+1 where it is trained on
+        targets[i, : len(s) - 1] = torch.where(keep, tgt, IGNORE_INDEX)
+    return idx.to(device), targets.to(device)
+
+
+def adamw(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with decay only on matrices (not norms, biases or expert-balance biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int = 0, schedule: str = "cosine",
+          min_ratio: float = 0.1) -> float:
+    """Linear warm-up, then constant or cosine decay to lr·min_ratio."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def resolve_ckpt(path) -> Path:
+    """A stage directory (holding model/) or a checkpoint directory itself → the checkpoint dir."""
+    p = Path(path)
+    return p / "model" if (p / "model" / "config.json").exists() else p
+
+
+class Progress:
+    """A live progress bar (rich) with a line of metrics; plain log lines when not on a terminal."""
+
+    def __init__(self, total: int, desc: str, start: int = 0, every: int = 10):
+        import sys
+
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+        self.tty, self.every, self.desc = sys.stdout.isatty(), every, desc
+        self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("{task.fields[info]}"), disable=not self.tty)
+        self.task = self.bar.add_task(desc, total=total, completed=start, info="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def update(self, step: int, info: str) -> None:
+        self.bar.update(self.task, completed=step, info=info)
+        if not self.tty and (step % self.every == 0 or step == self.bar.tasks[0].total):
+            print(f"{self.desc} {step}/{self.bar.tasks[0].total} {info}", flush=True)
