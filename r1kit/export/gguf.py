@@ -196,10 +196,145 @@ def _dense_spec(arch: str, permute: bool) -> ArchSpec:
                     lambda c, names: _dense_info(c, names, arch), permute_qk=permute)
 
 
+# ---------------------------------------------------------------------------------------------
+# deepseek2: DeepSeek-V3 (MLA + MoE) as llama.cpp runs it — absorbed MLA over a latent cache
+# ---------------------------------------------------------------------------------------------
+_SWIGLU = (("w1", "gate"), ("w2", "down"), ("w3", "up"))
+DEEPSEEK2_GGUF_MAP = [
+    ("embed.weight", "token_embd.weight"), ("norm.weight", "output_norm.weight"), ("head.weight", "output.weight"),
+    ("layers.{i}.attn_norm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.attn.wq.weight", "blk.{i}.attn_q.weight"),  # no query compression (V2-Lite style)
+    ("layers.{i}.attn.wq_a.weight", "blk.{i}.attn_q_a.weight"),
+    ("layers.{i}.attn.q_norm.weight", "blk.{i}.attn_q_a_norm.weight"),
+    ("layers.{i}.attn.wq_b.weight", "blk.{i}.attn_q_b.weight"),
+    ("layers.{i}.attn.wkv_a.weight", "blk.{i}.attn_kv_a_mqa.weight"),
+    ("layers.{i}.attn.kv_norm.weight", "blk.{i}.attn_kv_a_norm.weight"),
+    ("layers.{i}.attn.wkv_b.weight", "blk.{i}.attn_kv_b.weight"),  # written split: attn_k_b + attn_v_b
+    ("layers.{i}.attn.wo.weight", "blk.{i}.attn_output.weight"),
+    ("layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.{i}.ffn.gate.weight", "blk.{i}.ffn_gate_inp.weight"),
+    ("layers.{i}.ffn.gate.e_score_correction_bias", "blk.{i}.exp_probs_b.bias"),
+    *[(f"layers.{{i}}.ffn.{w}.weight", f"blk.{{i}}.ffn_{g}.weight") for w, g in _SWIGLU],  # dense layers
+    *[(f"layers.{{i}}.ffn.experts.{{e}}.{w}.weight", f"blk.{{i}}.ffn_{g}_exps.weight") for w, g in _SWIGLU],
+    *[(f"layers.{{i}}.ffn.shared_experts.{w}.weight", f"blk.{{i}}.ffn_{g}_shexp.weight") for w, g in _SWIGLU],
+]
+
+
+def _check_deepseek(c) -> None:
+    if not c.n_shared_experts:
+        raise GGUFExportError("llama.cpp's deepseek2 needs shared experts (n_shared_experts ≥ 1)")
+    s = c.rope_scaling or {}
+    if s.get("rope_type", "default") == "yarn":
+        # llama.cpp derives both YaRN scales from one number (mscale_all_dim); HF's formula agrees
+        # with it only when mscale == mscale_all_dim (DeepSeek-V3: both 1.0)
+        if not s.get("mscale_all_dim") or s.get("mscale") != s.get("mscale_all_dim") or s.get("attention_factor") \
+                or not s.get("truncate", True):
+            raise GGUFExportError("YaRN rope_scaling is exported only with mscale == mscale_all_dim, no "
+                                  "attention_factor and truncate=true (DeepSeek-V3's form); llama.cpp would "
+                                  f"scale attention differently for {s}")
+
+
+def _deepseek_hparams(w: GGUFWriter, c) -> None:
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)  # MTP blocks are not exported
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(1)  # absorbed MLA is multi-query attention over one latent "head"
+    w.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)  # cached key: [c_kv | k_pe]
+    w.add_value_length(c.kv_lora_rank)  # value: c_kv, read from the same cache
+    w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)  # per-head sizes once decompressed
+    w.add_value_length_mla(c.v_head_dim)
+    w.add_rope_dimension_count(c.qk_rope_head_dim)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_vocab_size(c.vocab_size)
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_q_lora_rank(c.q_lora_rank or 0)
+    w.add_kv_lora_rank(c.kv_lora_rank)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_weights_scale(float(c.routed_scaling_factor))
+    w.add_expert_weights_norm(bool(c.norm_topk_prob))
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+    if c.n_group > 1:
+        w.add_expert_group_count(c.n_group)
+        w.add_expert_group_used_count(c.topk_group)
+    s = c.rope_scaling or {}
+    if s.get("rope_type", "default") == "yarn":
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(s.get("factor") or c.max_position_embeddings / s["original_max_position_embeddings"]))
+        w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(s["mscale_all_dim"]))  # llama.cpp divides by 0.1 again
+        w.add_rope_scaling_yarn_beta_fast(float(s.get("beta_fast") or 32))
+        w.add_rope_scaling_yarn_beta_slow(float(s.get("beta_slow") or 1))
+
+
+def _deepseek_tensors(model, spec: ArchSpec) -> list[TensorSrc]:
+    c, out, experts = model.config, [], {}
+    for pname, p in model.state_dict().items():
+        layer = re.match(r"layers\.(\d+)\.", pname)
+        if layer and int(layer.group(1)) >= c.num_hidden_layers:
+            continue  # MTP depths: a training / speculation aid, not part of llama.cpp's deepseek2 graph
+        if pname == "head.weight" and c.tie_word_embeddings:
+            continue
+        gname, e = map_name(pname, spec)
+        if e is not None:
+            experts.setdefault(gname, {})[e] = p
+        elif gname.endswith(".attn_kv_b.weight"):
+            out += _split_kv_b(gname, p, c)
+        else:
+            out.append(TensorSrc(gname, tuple(p.shape), _deepseek_values(gname, p, c)))
+    for gname, by_e in experts.items():
+        if sorted(by_e) != list(range(c.n_routed_experts)):
+            raise GGUFExportError(f"{gname}: experts {sorted(by_e)} do not cover 0..{c.n_routed_experts - 1}")
+        ws = [by_e[e] for e in range(c.n_routed_experts)]
+        out.append(TensorSrc(gname, (len(ws), *ws[0].shape), lambda ws=ws: np.stack([to_numpy(w) for w in ws])))
+    return out
+
+
+def _split_kv_b(gname: str, p: torch.Tensor, c) -> list[TensorSrc]:
+    """wkv_b (H·(d_nope + d_v), r) → attn_k_b (H, r, d_nope) = W_UKᵀ per head, attn_v_b (H, d_v, r) = W_UV."""
+    H, nope, v, r = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+    per_head = lambda: to_numpy(p).reshape(H, nope + v, r)  # noqa: E731
+    base = gname.removesuffix("attn_kv_b.weight")
+    return [TensorSrc(base + "attn_k_b.weight", (H, r, nope), lambda: np.ascontiguousarray(per_head()[:, :nope].swapaxes(1, 2))),
+            TensorSrc(base + "attn_v_b.weight", (H, v, r), lambda: np.ascontiguousarray(per_head()[:, nope:]))]
+
+
+def _deepseek_values(gname: str, p: torch.Tensor, c) -> Callable[[], np.ndarray]:
+    """DeepSeek checkpoints keep RoPE dims as adjacent pairs, llama.cpp's layout; half-split ones
+    (rope_interleave=false) are reordered — the query's rope slice of each head, the key's tail."""
+    kind = gname.split(".")[-2]
+    if c.rope_interleave or kind not in ("attn_q", "attn_q_b", "attn_kv_a_mqa"):
+        return lambda: to_numpy(p)
+    rope = c.qk_rope_head_dim
+
+    def get() -> np.ndarray:
+        x = to_numpy(p).copy()  # to_numpy may share the parameter's memory: never edit it in place
+        if kind == "attn_kv_a_mqa":
+            x[c.kv_lora_rank:] = interleave_rope_rows(x[c.kv_lora_rank:], 1)
+            return x
+        heads = x.reshape(c.num_attention_heads, c.qk_head_dim, -1)  # a view into x
+        for h in heads:
+            h[c.qk_head_dim - rope:] = interleave_rope_rows(h[c.qk_head_dim - rope:], 1)
+        return x
+    return get
+
+
+def _deepseek_info(c, names: list[str]) -> quants.ArchInfo:
+    return quants.ArchInfo(arch="deepseek2", n_layer=c.num_hidden_layers, n_expert=c.n_routed_experts,
+                           n_head=c.num_attention_heads, n_head_kv=1, tied_embeddings="output.weight" not in names)
+
+
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _dense_spec("llama", permute=True),
     "Qwen2ForCausalLM": _dense_spec("qwen2", permute=False),
     "Qwen3ForCausalLM": _dense_spec("qwen3", permute=False),
+    "DeepseekV3ForCausalLM": ArchSpec("deepseek2", DEEPSEEK2_GGUF_MAP, _check_deepseek, _deepseek_hparams,
+                                      _deepseek_tensors, _deepseek_info),
 }
 
 

@@ -59,6 +59,7 @@ class Scheduler:
         self._cancels: list[tuple] = []
         self._ids = itertools.count()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="r1kit-decode")
+        self.finished = self.cancelled = 0  # requests, since start (shown by /health)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -78,8 +79,8 @@ class Scheduler:
 
     @property
     def stats(self) -> dict:
-        return {"running": self.backend.active, "waiting": len(self._pending),
-                "capacity": self.backend.capacity}
+        return {"running": self.backend.active, "waiting": len(self._pending), "capacity": self.backend.capacity,
+                "finished": self.finished, "cancelled": self.cancelled}
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: list[SamplingParams]) -> Handle:
@@ -98,6 +99,7 @@ class Scheduler:
         self._pending = deque(a for a in self._pending if a.tag[0] != rid)
         self._cancels.extend((rid, i) for i in range(handle.n))
         handle.cancelled = True
+        self.cancelled += 1
         handle.queue.put_nowait(_CANCELLED)
         self._wake.set()
 
@@ -128,6 +130,7 @@ class Scheduler:
                 handle.running -= 1
                 if handle.running == 0:
                     del self._handles[rid]
+                    self.finished += 1
 
     def _fail_all(self, error: Exception) -> None:
         """Requests with rows in the backend get the error and the backend restarts empty;

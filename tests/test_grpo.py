@@ -1,0 +1,139 @@
+"""GRPO stage: a tiny run end to end, exact resume after SIGKILL, and clear errors on bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r1kit.config import ConfigError, load_config
+from r1kit.stages.grpo import GRPOConfig
+
+RECIPE = """
+[pretrain]
+out_dir = "{root}/base"
+steps = 30
+batch_size = 16
+save_every = 30
+eval_problems = 8
+[pretrain.model]
+arch = "llama"
+config = {{ hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 2, max_position_embeddings = 128 }}
+
+[grpo]
+base = "{root}/base"
+out_dir = "{root}/grpo"
+task_args = {{ require_think = false }}
+steps = 6
+prompts_per_step = 4
+group_size = 4
+max_new_tokens = 24
+lr = 1e-3
+mu = 2
+kl_coef = 0.04
+save_every = 2
+eval_every = 3
+eval_problems = 8
+"""
+
+
+def run_cli(recipe, *extra, wait=True):
+    cmd = [sys.executable, "-m", "r1kit.cli", "grpo", "--config", str(recipe), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def metrics(path):
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+DETERMINISTIC = ("reward_mean", "accuracy", "loss", "kl", "clip_frac", "response_length", "eval_greedy_accuracy")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    recipe = root / "r.toml"
+    recipe.write_text(RECIPE.format(root=root))
+    r = run_cli(recipe)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pretraining it first" in r.stdout
+    return root
+
+
+def test_run_writes_metrics_and_summary(uninterrupted):
+    m = metrics(uninterrupted / "grpo" / "metrics.jsonl")
+    assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward_mean", "reward_std", "accuracy", "think_rate", "response_length", "kl", "clip_frac",
+                "entropy", "zero_variance_frac", "truncation_rate", "gen_seconds", "train_seconds",
+                "tokens_per_second"):
+        assert key in m[0] or key in ("kl", "clip_frac", "entropy"), key
+    s = json.loads((uninterrupted / "grpo" / "summary.json").read_text())
+    assert {"base_accuracy", "final_accuracy", "rl_seconds", "steps"} <= set(s)
+    assert s["steps"] == 6
+    assert (uninterrupted / "grpo" / "model" / "trainer_state" / "optimizer.pt").exists()
+
+
+def test_sigkill_then_resume_is_exact(uninterrupted, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path))
+    os.symlink(uninterrupted / "base", tmp_path / "base")  # same base, no second pretraining
+    proc = run_cli(recipe, wait=False)
+    log = tmp_path / "grpo" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill between checkpoints: after step 3 is logged, before 4 is saved
+        if log.exists() and len(metrics(log)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics(log)) < 6, "the run finished before it could be killed"
+    r = run_cli(recipe)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout
+    a, b = metrics(uninterrupted / "grpo" / "metrics.jsonl"), metrics(log)
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for k in DETERMINISTIC:
+            assert x.get(k) == y.get(k), (x["step"], k)
+    wa = load_file(uninterrupted / "grpo" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "grpo" / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_unknown_recipe_key_suggests_nearest(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[grpo]\ngroup_sise = 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'group_sise'; did you mean 'group_size'"):
+        load_config(GRPOConfig, recipe, section="grpo")
+    with pytest.raises(ConfigError, match=r"'lr' must be float"):
+        load_config(GRPOConfig, None, ["grpo.lr=fast"], section="grpo")
+    with pytest.raises(ConfigError, match=r"grpo.loss = 'ppo'"):
+        load_config(GRPOConfig, None, ["loss=ppo"], section="grpo")
+
+
+def test_reward_that_raises_is_reported(uninterrupted, tmp_path):
+    from r1kit import checkpoint
+    from r1kit.engine import SamplingParams
+    from r1kit.rewards import RewardError
+    from r1kit.rollout import rollout
+    from r1kit.tasks import get_task
+
+    class Broken(type(get_task("arithmetic"))):
+        name = "broken"
+
+        def verify(self, answer, problem):
+            raise KeyError("no such field")
+
+    model, tok = checkpoint.load(uninterrupted / "base" / "model")
+    task = Broken()
+    with pytest.raises(RewardError, match="Broken.verify raised KeyError"):
+        for _ in range(5):  # a completion with an <answer> reaches verify
+            rollout(model, tok, task, task.problems("train", 4), SamplingParams(max_new_tokens=24, n=4))
