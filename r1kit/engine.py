@@ -159,10 +159,11 @@ class Batch:
         top_p, top_k = self.top_p[slots], self.top_k[slots]
         if bool((top_p < 1).any()) or bool((top_k > 0).any()):
             probs = _truncate(probs, top_p, top_k)
-        noise = torch.empty_like(probs).exponential_(generator=self.shared_gen)
+        uniform = torch.rand(probs.shape, generator=self.shared_gen, device=probs.device)
         for j, s in enumerate(slots):  # rows with their own seed draw their own noise
             if self.rows[s].generator is not None:
-                noise[j].exponential_(generator=self.rows[s].generator)
+                uniform[j] = torch.rand(probs.shape[-1], generator=self.rows[s].generator, device=probs.device)
+        noise = -torch.log(uniform)  # Exp(1); several times cheaper than exponential_() on CPU
         # argmax(p / E), E ~ Exp(1), is an exact draw from p (the exponential race)
         sampled = torch.argmax(probs / noise, dim=-1)
         tokens = torch.where(greedy[:, 0], logits.argmax(-1), sampled)

@@ -36,8 +36,9 @@ def prompt_ids(tok, problem, system: str | None = None) -> list[int]:
     return tok.chat_prompt(msgs)
 
 
-def score(task, tok, problem, text: str) -> tuple[str, dict]:
+def score(task, tok, problem, text: str, prefix: str = "") -> tuple[str, dict]:
     """Reward parts for a completion; a reward function that raises becomes a clear RewardError."""
+    text = prefix + text  # text forced into the prompt is part of the answer the reward judges
     if tok.force_think:  # the prompt ended with "<think>\n": the reward must see it
         text = "<think>\n" + text
     try:
@@ -50,16 +51,21 @@ def score(task, tok, problem, text: str) -> tuple[str, dict]:
 
 
 def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine | None = None,
-            system: str | None = None) -> list[list[Rollout]]:
-    """params.n samples per problem → scored rollouts, grouped per problem."""
+            system: str | None = None, prefix: str = "") -> list[list[Rollout]]:
+    """params.n samples per problem → scored rollouts, grouped per problem.
+
+    `prefix`: text forced at the start of every completion (appended to the prompt), e.g.
+    "<think>" to make a model reason without training it to (the R1-Zero control).
+    """
     engine = engine or Engine(model, tok)
-    ids = [prompt_ids(tok, p, system) for p in problems]
+    extra = tok.encode(prefix) if prefix else []
+    ids = [prompt_ids(tok, p, system) + extra for p in problems]
     groups = engine.generate(ids, params)
     out = []
     for prob, pid, samples in zip(problems, ids, groups):
         row = []
         for s in samples:
-            text, parts = score(task, tok, prob, s.text)
+            text, parts = score(task, tok, prob, s.text, prefix)
             row.append(Rollout(prob, pid, s, text, parts))
         out.append(row)
     return out

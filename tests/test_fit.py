@@ -7,7 +7,8 @@ from gguf import GGUFReader
 
 from r1kit.cli import main as cli_main
 from r1kit.export.fit import GB, GiB, KNOWN, FitError, model_sizes, plan_fit, shape_from_config
-from r1kit.export.gguf import export_gguf
+from r1kit.export.gguf import export_gguf, model_tensors
+from r1kit.models.deepseek import DeepseekConfig, DeepseekV3, config_to_hf
 from r1kit.models.hf import CheckpointError, dense_config_to_hf
 from r1kit.models.llama import Llama, LlamaConfig
 
@@ -64,6 +65,18 @@ def test_planner_agrees_with_a_real_export(tiny_tok, tmp_path):
     data = sum(int(t.n_bytes) for t in GGUFReader(tmp_path / "m.gguf").tensors)
     assert sum(sizes.layer_bytes) + sizes.embd_bytes + sizes.output_bytes == data
     assert abs(sizes.file_bytes - result.n_bytes) < 20_000  # only the metadata is estimated
+
+
+@pytest.mark.parametrize("over", [dict(q_lora_rank=12, num_nextn_predict_layers=1),
+                                  dict(q_lora_rank=None, tie_word_embeddings=True, n_shared_experts=2)])
+def test_deepseek_tensor_list_is_the_exporters(over):
+    # the planner lists DeepSeek tensors by formula (building V3 on the meta device takes ~10 s);
+    # on a small config the formula must give exactly what the exporter writes
+    cfg = DeepseekConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                         num_hidden_layers=3, num_attention_heads=2, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=8, **over)
+    _, tensors = model_tensors(DeepseekV3(cfg))
+    assert sorted((t.name, t.shape) for t in tensors) == sorted(shape_from_config(config_to_hf(cfg)).tensors)
 
 
 def test_unknown_name_suggests_the_nearest():

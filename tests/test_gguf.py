@@ -21,8 +21,9 @@ from r1kit import checkpoint
 from r1kit.cli import main as cli_main
 from r1kit.export.gguf import GGUFExportError, export_gguf, interleave_rope_rows
 from r1kit.export.quants import MIXES
+from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
 from r1kit.models.llama import Llama, LlamaConfig
-from r1kit.tokenizer import Tokenizer
+from r1kit.tokenizer import Tokenizer, build_bpe_tokenizer
 
 # a low original context so that Llama 3.1 scaling changes most frequencies within the prompt
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -35,7 +36,19 @@ FAMILIES = {
                             rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "qwen2": dict(attention_bias=True, tie_word_embeddings=True, architecture="Qwen2ForCausalLM"),
     "qwen3": dict(head_dim=32, qk_norm=True, architecture="Qwen3ForCausalLM"),
+    # DeepSeek-V3 (deepseek2 in llama.cpp): query LoRA, YaRN, group-limited routing, an MTP depth
+    # that the export leaves out …
+    "deepseek-v3": dict(q_lora_rank=32, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        num_nextn_predict_layers=1, rope_scaling={
+                            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                            "mscale": 0.8, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}),
+    # … and plain queries, half-split RoPE (reordered on export), tied head, unnormalised gates
+    "deepseek-lite": dict(q_lora_rank=None, rope_interleave=False, tie_word_embeddings=True,
+                          norm_topk_prob=False, num_nextn_predict_layers=0),
 }
+DS_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+               num_attention_heads=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+               n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256)
 PROMPT = ("<｜User｜>What is 1234+5678? Think step by step.<｜Assistant｜><think>\n4+8+0=12, carry 1\n"
           "3+7+1=11\n</think><answer>6912</answer> The quick brown fox")
 TOKENIZE_CASES = ["0123456789 12+34=46", "two  spaces   and\ttabs", "line\n\nbreaks\r\n\n  indented\n",
@@ -43,12 +56,14 @@ TOKENIZE_CASES = ["0123456789 12+34=46", "two  spaces   and\ttabs", "line\n\nbre
                   "The quick brown fox jumps over the lazy dog.", "naïve café — ünïcödé ✓ 中文"]
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **over) -> Llama:
-    cfg = LlamaConfig(**{**BASE, **FAMILIES[family], **over})
-    model = Llama(cfg).init_weights(seed=seed, std=0.2)
+def tiny_model(family: str = "llama", seed: int = 0, std: float = 0.2, **over):
+    if family.startswith("deepseek"):
+        model = DeepseekV3(DeepseekConfig(**{**DS_BASE, **FAMILIES[family], **over})).init_weights(seed, std)
+    else:
+        model = Llama(LlamaConfig(**{**BASE, **FAMILIES[family], **over})).init_weights(seed=seed, std=std)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped one shows in the logits
-        for p in model.parameters():
+    with torch.no_grad():  # non-trivial norms, biases and expert biases: a mis-mapped one shows
+        for p in [*model.parameters(), *(gate.e_score_correction_bias for gate in getattr(model, "gates", list)())]:
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model.eval()
@@ -138,11 +153,24 @@ def test_tokenizer_ids_match_llama_cpp(llama_cpp, tiny_tok, tmp_path):
             assert llm.detokenize(ids, special=True) == text.encode(), text
 
 
+def test_partial_byte_alphabet_tokenizer(llama_cpp, tmp_path):
+    # pretrain builds its BPE with all_bytes=False: both libraries must drop unseen bytes alike
+    corpus = ["1234+5678=<think>4+8+0=12</think><answer>6912</answer>", "The quick brown fox\n\n  x"] * 20
+    tok = build_bpe_tokenizer(corpus, vocab_size=120, style="chatml", all_bytes=False)
+    path = tmp_path / "ab.gguf"
+    export_gguf(tiny_model("qwen2", vocab_size=128), tok, path, "F32")
+    with loaded(llama_cpp, path, vocab_only=True) as llm:
+        for text in ["12+34=<think>1+2</think>", "The fox\n\n  x", "unseen zebra ✓",
+                     "<|im_start|>user\nhi<|im_end|>"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+
+
 def test_gpt2_pre_tokenizer_is_recognised_and_tokenizes_alike(llama_cpp, tmp_path):
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(["The quick brown fox's 12345 jumps\n  over  the lazy dog."] * 20, trainer=trainer)
     tok = Tokenizer(tk)
     path = tmp_path / "gpt2.gguf"
@@ -183,6 +211,27 @@ def test_metadata_tokenizer_and_tensor_names(tiny_tok, tmp_path):
     assert r.n_tensors == len(names) == 3 + 2 * 11
 
 
+def test_deepseek2_metadata_split_kv_b_stacked_experts_and_no_mtp(tiny_tok, tmp_path):
+    model = tiny_model("deepseek-v3")
+    export_gguf(model, tiny_tok, tmp_path / "d.gguf", "F32")
+    rd = GGUFReader(tmp_path / "d.gguf")
+    assert _field(rd, "general.architecture") == "deepseek2" and _field(rd, "deepseek2.block_count") == 3
+    assert _field(rd, "deepseek2.attention.head_count_kv") == 1
+    assert _field(rd, "deepseek2.attention.key_length") == 32 + 16  # cached [c_kv | k_pe]
+    assert _field(rd, "deepseek2.attention.key_length_mla") == 32 and _field(rd, "deepseek2.expert_count") == 8
+    assert _field(rd, "deepseek2.rope.scaling.yarn_log_multiplier") == pytest.approx(0.08)
+    tensors = {t.name: t for t in rd.tensors}
+    assert not any(n.startswith("blk.3.") for n in tensors)  # the MTP depth stays behind
+    assert "blk.0.attn_kv_b.weight" not in tensors
+    k_b, v_b = tensors["blk.1.attn_k_b.weight"], tensors["blk.1.attn_v_b.weight"]
+    w = model.layers[1].attn.wkv_b.weight.detach().view(4, 16 + 16, 32).numpy()
+    assert np.array_equal(k_b.data, w[:, :16].swapaxes(1, 2)) and np.array_equal(v_b.data, w[:, 16:])
+    exps = tensors["blk.2.ffn_down_exps.weight"]
+    assert np.array_equal(exps.data[5], model.layers[2].ffn.experts[5].w2.weight.detach().numpy())
+    bias = tensors["blk.1.exp_probs_b.bias"]
+    assert np.array_equal(bias.data, model.layers[1].ffn.gate.e_score_correction_bias.numpy())
+
+
 def test_tied_and_rope_freqs_tensors(tiny_tok, tmp_path):
     export_gguf(tiny_model("qwen2"), tiny_tok, tmp_path / "q.gguf", "F32")
     names = {t.name for t in GGUFReader(tmp_path / "q.gguf").tensors}
@@ -205,6 +254,11 @@ QUANT_MODELS = {  # sizes that divide the 256-blocks and sizes that force llama.
     "llama-h256-ffn512": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3)),
     "qwen2-h96-ffn160-tied": ("qwen2", dict(hidden_size=96, intermediate_size=160)),
     "qwen3-h256-ffn320": ("qwen3", dict(hidden_size=256, intermediate_size=320, head_dim=64)),
+    "deepseek-h256-moe8": ("deepseek-v3", dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                                               q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=64,
+                                               qk_nope_head_dim=64, v_head_dim=64)),
+    "deepseek-lite-moe4-eff96": ("deepseek-lite", dict(hidden_size=256, n_routed_experts=4, moe_intermediate_size=96,
+                                                       kv_lora_rank=96, qk_nope_head_dim=32)),
 }
 QUANT_MIXES = ("F16", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 
@@ -272,6 +326,15 @@ def test_unsupported_architecture_and_features(tiny_tok, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_deepseek_features_llama_cpp_cannot_run_are_refused(tiny_tok, tmp_path):
+    with pytest.raises(GGUFExportError, match="needs shared experts"):
+        export_gguf(tiny_model("deepseek-lite", n_shared_experts=0), tiny_tok, tmp_path / "x.gguf")
+    yarn = {**FAMILIES["deepseek-v3"]["rope_scaling"], "mscale": 1.0, "mscale_all_dim": 0.8}
+    with pytest.raises(GGUFExportError, match="mscale == mscale_all_dim"):
+        export_gguf(tiny_model("deepseek-v3", rope_scaling=yarn), tiny_tok, tmp_path / "x.gguf")
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_output_directory(tiny_tok, tmp_path):
     with pytest.raises(GGUFExportError, match="output directory does not exist"):
         export_gguf(tiny_model("qwen2"), tiny_tok, tmp_path / "nope" / "x.gguf")
@@ -290,9 +353,11 @@ def test_failure_midway_leaves_no_partial_file(tiny_tok, tmp_path):
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
     tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(use_regex=False)])
-    tk.train_from_iterator(["a b c"], trainer=trainers.BpeTrainer(vocab_size=280, show_progress=False,
-                                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                pre_tokenizers.ByteLevel(use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=280, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["a b c"], trainer=trainer)
     with pytest.raises(GGUFExportError, match="unknown BPE pre-tokenizer"):
         export_gguf(tiny_model("llama"), Tokenizer(tk), tmp_path / "x.gguf")
     assert os.listdir(tmp_path) == []
@@ -314,3 +379,10 @@ def test_cli_exports_a_checkpoint(tiny_tok, tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "missing"), "--gguf", str(out)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_cli_exports_a_deepseek_checkpoint(tiny_tok, tmp_path, capsys):
+    ckpt = checkpoint.save(tiny_model("deepseek-v3"), tiny_tok, tmp_path / "ds")
+    assert cli_main(["export", str(ckpt), "--gguf", str(tmp_path / "ds.gguf"), "--quant", "Q4_K_M"]) == 0
+    assert "tensors" in capsys.readouterr().out
+    assert _field(GGUFReader(tmp_path / "ds.gguf"), "general.architecture") == "deepseek2"

@@ -1,7 +1,7 @@
 """`r1kit export CKPT --gguf OUT.gguf --quant Q4_K_M`: a checkpoint directory → a GGUF file.
 
-The checkpoint is ours or any Hugging Face Llama / Qwen2 / Qwen3 directory (config.json,
-safetensors, tokenizer.json). Quantized mixes are written directly, tensor by tensor, with the
+The checkpoint is ours or any Hugging Face Llama / Qwen2 / Qwen3 / DeepSeek-V3 directory
+(config.json, safetensors, tokenizer.json). Quantized mixes are written directly, tensor by tensor, with the
 bytes llama.cpp's own quantizer would produce from the F32 export.
 """
 from __future__ import annotations

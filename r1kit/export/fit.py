@@ -23,7 +23,6 @@ exporter cannot disagree), types each one with llama.cpp's own per-tensor mix ru
 from __future__ import annotations
 
 import difflib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,16 +100,18 @@ def _known_key(name: str) -> str:
     return key.replace("llama3", "llama-3").replace("qwen-2.5", "qwen2.5")
 
 
-def resolve_config(model: str) -> tuple[str, dict]:
-    """MODEL (a checkpoint dir, a config.json, or a known name) → (display name, HF config dict)."""
+def resolve_config(model: str) -> tuple[str, dict, str]:
+    """MODEL (a checkpoint dir, a config.json, or a known name) → (display name, HF config, where from)."""
     path = Path(model)
     if path.is_dir():
-        return path.resolve().name, hf.read_json(path / "config.json")
+        return path.resolve().name, hf.read_json(path / "config.json"), str(path / "config.json")
     if path.is_file():
-        return path.resolve().parent.name or path.name, hf.read_json(path)
+        return path.resolve().parent.name or path.name, hf.read_json(path), str(path)
+    if model.endswith(".json") or "/" in model and model.startswith((".", "/", "~")):
+        raise FitError(f"{model}: no such file or directory")
     key = _known_key(model)
     if key in KNOWN:
-        return key, KNOWN[key]
+        return key, KNOWN[key], f"built-in {key}"
     near = difflib.get_close_matches(key, list(KNOWN), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
     raise FitError(f"{model!r} is not a checkpoint directory, a config.json or a known model{hint} "
@@ -139,6 +140,7 @@ class Shape:
     n_expert_used: int = 0
     expert_ffn: int = 0
     mha_kv_dims: int = 0  # MLA: K + V dims per head once decompressed (for comparison only)
+    mtp_layers: int = 0  # DeepSeek MTP depths in the config: not exported, not counted
 
     @property
     def mla(self) -> bool:
@@ -205,11 +207,12 @@ def _deepseek_shape(d: dict, where: str) -> Shape:
                   (p + "ffn_gate_exps.weight", (n_exp, eff, h)), (p + "ffn_up_exps.weight", (n_exp, eff, h)),
                   (p + "ffn_down_exps.weight", (n_exp, h, eff))]
             if n_shared:
-                t += [(p + "ffn_gate_shexp.weight", (eff * n_shared, h)), (p + "ffn_up_shexp.weight", (eff * n_shared, h)),
-                      (p + "ffn_down_shexp.weight", (h, eff * n_shared))]
+                sh = eff * n_shared
+                t += [(p + "ffn_gate_shexp.weight", (sh, h)), (p + "ffn_up_shexp.weight", (sh, h)),
+                      (p + "ffn_down_shexp.weight", (h, sh))]
     return Shape("deepseek2", v, h, n_layer, heads, 1, kv_lora + rope, ffn, f("max_position_embeddings", 4096), t,
                  kv_lora_rank=kv_lora, rope_dim=rope, n_expert=n_exp, n_expert_used=used, expert_ffn=eff,
-                 mha_kv_dims=nope + rope + vdim)
+                 mha_kv_dims=nope + rope + vdim, mtp_layers=f("num_nextn_predict_layers", 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +369,8 @@ def plan_fit(model: str, quant: str = "Q4_K_M", vram_gib: float = 24.0, ctx: int
         quants.get_mix(quant)
     except ValueError as e:
         raise FitError(str(e)) from None
-    name, cfg = resolve_config(model)
-    shape = shape_from_config(cfg, f"{model}" if name != _known_key(model) else f"built-in {name}")
+    name, cfg, where = resolve_config(model)
+    shape = shape_from_config(cfg, where)
     sizes = model_sizes(shape, quant)
     kv_tok_layer = kv_bytes_per_token_layer(shape, kv_type)
     kv_layer = kv_tok_layer * ctx
@@ -398,6 +401,9 @@ def _notes(r: FitReport) -> list[str]:
         notes.append(f"ctx {r.ctx} exceeds the model's {s.max_ctx} positions")
     if r.kv_type.startswith("q") and not r.flash_attn:
         notes.append("a quantized V cache needs flash attention in llama.cpp (-fa on)")
+    if s.mtp_layers:
+        notes.append(f"{s.mtp_layers} MTP layer(s) not counted: r1kit's export (like most deepseek2 GGUFs) "
+                     "leaves them out")
     if s.n_expert and 0 < r.gpu_layers < s.layers:
         notes.append("MoE: keeping attention on the GPU and experts in RAM (-ngl 99 with --n-cpu-moe or "
                       "-ot exps=CPU) often beats whole-layer offload")
@@ -476,7 +482,8 @@ def add_args(p) -> None:
     p.add_argument("--vram", type=float, default=24.0, help="GPU memory in GiB (a '24 GB' card has 24 GiB); "
                    "0 = CPU only (default 24)")
     p.add_argument("--ctx", type=int, default=8192, help="context length to hold in the KV cache (default 8192)")
-    p.add_argument("--kv-type", default="f16", choices=KV_TYPES, help="KV-cache type (llama.cpp -ctk/-ctv; default f16)")
+    p.add_argument("--kv-type", default="f16", choices=KV_TYPES,
+                   help="KV-cache type (llama.cpp -ctk/-ctv; default f16)")
     p.add_argument("--gpu-bandwidth", type=float, default=1000.0, metavar="GB/s",
                    help="GPU memory bandwidth (default 1000, an RTX 3090/4090)")
     p.add_argument("--cpu-bandwidth", type=float, default=60.0, metavar="GB/s",

@@ -21,6 +21,11 @@ Layout facts that are easy to get wrong (learned from llama.cpp's loader, not co
   * Tied embeddings: no `output.weight`; llama.cpp then uses token_embd as the output matrix.
   * A GGUF tensor's NumPy shape is (ne[n-1], ..., ne[0]), so a torch Linear weight (out, in)
     is written as is.
+  * deepseek2 (DeepSeek-V3): llama.cpp runs absorbed MLA as multi-query attention over a latent
+    cache ([c_kv | k_pe] per token, head_count_kv = 1), so wkv_b is written split per head into
+    attn_k_b (W_UKᵀ) and attn_v_b (W_UV); routed experts are stacked into one 3-D tensor per
+    projection; MTP depths are left out (llama.cpp runs the main model). DeepSeek checkpoints
+    already store RoPE dims as adjacent pairs, llama.cpp's layout.
 """
 from __future__ import annotations
 
@@ -265,8 +270,9 @@ def _deepseek_hparams(w: GGUFWriter, c) -> None:
     s = c.rope_scaling or {}
     if s.get("rope_type", "default") == "yarn":
         w.add_rope_scaling_type(RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(s.get("factor") or c.max_position_embeddings / s["original_max_position_embeddings"]))
-        w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+        old_ctx = int(s["original_max_position_embeddings"])
+        w.add_rope_scaling_factor(float(s.get("factor") or c.max_position_embeddings / old_ctx))
+        w.add_rope_scaling_orig_ctx_len(old_ctx)
         w.add_rope_scaling_yarn_log_mul(0.1 * float(s["mscale_all_dim"]))  # llama.cpp divides by 0.1 again
         w.add_rope_scaling_yarn_beta_fast(float(s.get("beta_fast") or 32))
         w.add_rope_scaling_yarn_beta_slow(float(s.get("beta_slow") or 1))
@@ -300,8 +306,9 @@ def _split_kv_b(gname: str, p: torch.Tensor, c) -> list[TensorSrc]:
     H, nope, v, r = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
     per_head = lambda: to_numpy(p).reshape(H, nope + v, r)  # noqa: E731
     base = gname.removesuffix("attn_kv_b.weight")
-    return [TensorSrc(base + "attn_k_b.weight", (H, r, nope), lambda: np.ascontiguousarray(per_head()[:, :nope].swapaxes(1, 2))),
-            TensorSrc(base + "attn_v_b.weight", (H, v, r), lambda: np.ascontiguousarray(per_head()[:, nope:]))]
+    k_b = lambda: np.ascontiguousarray(per_head()[:, :nope].swapaxes(1, 2))  # noqa: E731
+    v_b = lambda: np.ascontiguousarray(per_head()[:, nope:])  # noqa: E731
+    return [TensorSrc(base + "attn_k_b.weight", (H, r, nope), k_b), TensorSrc(base + "attn_v_b.weight", (H, v, r), v_b)]
 
 
 def _deepseek_values(gname: str, p: torch.Tensor, c) -> Callable[[], np.ndarray]:

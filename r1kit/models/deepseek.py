@@ -174,7 +174,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 # ---------------------------------------------------------------------------------------------
 # KV caches — the llama.KVCache protocol (lens, positions, attn_mask, write, advance, select, insert)
 # ---------------------------------------------------------------------------------------------
-class NaiveMLACache(KVCache):
+class _Measured:
+    def bytes_per_token_per_layer(self) -> float:
+        """Measured from the cache's own tensors: total bytes / (layers × rows × token slots)."""
+        L, B = self.tensors()[0].shape[:2]
+        return sum(t.numel() * t.element_size() for t in self.tensors()) / (L * B * self.max_len)
+
+
+class NaiveMLACache(_Measured, KVCache):
     """Per-head keys (L, B, H, T, d_nope + d_rope) and values (L, B, H, T, d_v): what MHA would cache."""
 
     def __init__(self, n_layers, batch, n_heads, max_len, qk_head_dim, v_head_dim, dtype, device):
@@ -184,11 +191,8 @@ class NaiveMLACache(KVCache):
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]
 
-    def bytes_per_token_per_layer(self) -> float:
-        return _bytes_per_token_per_layer(self)
 
-
-class MLACache(KVCache):
+class MLACache(_Measured, KVCache):
     """The latent cache: per token and layer only [c_kv | k_pe], kv_lora_rank + qk_rope_head_dim numbers.
 
     One buffer kv (L, B, T, kv_lora_rank + rope_dim) with `c_kv` and `k_pe` as views of it, so the
@@ -225,15 +229,6 @@ class MLACache(KVCache):
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.kv]
-
-    def bytes_per_token_per_layer(self) -> float:
-        return _bytes_per_token_per_layer(self)
-
-
-def _bytes_per_token_per_layer(cache) -> float:
-    """Measured from the cache's own tensors: total bytes / (layers × rows × token slots)."""
-    L, B = cache.tensors()[0].shape[:2]
-    return sum(t.numel() * t.element_size() for t in cache.tensors()) / (L * B * cache.max_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,10 +490,6 @@ class DeepseekV3(nn.Module):
     def max_seq_len(self) -> int:
         return self.config.max_position_embeddings
 
-    @property
-    def mtp_layers(self) -> list[MTPLayer]:
-        return list(self.layers[self.config.num_hidden_layers:])
-
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
         dev = self.embed.weight.device
@@ -649,9 +640,10 @@ _HF_OPTIONAL = {  # field: (type, default when absent — transformers' defaults
     "rope_interleave": (bool, True), "rms_norm_eps": (float, 1e-6), "tie_word_embeddings": (bool, False),
     "max_position_embeddings": (int, 4096)}
 _R1KIT_KNOBS = {"bias_update_speed": float, "seq_aux_alpha": float, "mtp_lambda": float, "balance": str}
-_KNOWN = {*_HF_INTS, *_HF_OPTIONAL, "q_lora_rank", "architectures", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
-          "attention_bias", "moe_layer_freq", "num_nextn_predict_layers", "num_mtp_layers", "num_key_value_heads",
-          "head_dim", "qk_head_dim", "r1kit", "model_type", "torch_dtype", "dtype", "transformers_version"}
+_KNOWN = {*_HF_INTS, *_HF_OPTIONAL, "q_lora_rank", "architectures", "rope_theta", "rope_scaling", "rope_parameters",
+          "hidden_act", "attention_bias", "moe_layer_freq", "num_nextn_predict_layers", "num_mtp_layers",
+          "num_key_value_heads", "head_dim", "qk_head_dim", "r1kit", "model_type", "torch_dtype", "dtype",
+          "transformers_version"}
 
 
 def config_from_hf(d: dict, where: str) -> DeepseekConfig:
@@ -694,9 +686,10 @@ def config_to_hf(c: DeepseekConfig) -> dict:
     return {**{k: v for k, v in c.extra.items() if k not in d}, **d}
 
 
-_ATTN = [("attn.wq", "self_attn.q_proj"), ("attn.wq_a", "self_attn.q_a_proj"), ("attn.q_norm", "self_attn.q_a_layernorm"),
-         ("attn.wq_b", "self_attn.q_b_proj"), ("attn.wkv_a", "self_attn.kv_a_proj_with_mqa"),
-         ("attn.kv_norm", "self_attn.kv_a_layernorm"), ("attn.wkv_b", "self_attn.kv_b_proj"), ("attn.wo", "self_attn.o_proj"),
+_ATTN = [("attn.wq", "self_attn.q_proj"), ("attn.wq_a", "self_attn.q_a_proj"),
+         ("attn.q_norm", "self_attn.q_a_layernorm"), ("attn.wq_b", "self_attn.q_b_proj"),
+         ("attn.wkv_a", "self_attn.kv_a_proj_with_mqa"), ("attn.kv_norm", "self_attn.kv_a_layernorm"),
+         ("attn.wkv_b", "self_attn.kv_b_proj"), ("attn.wo", "self_attn.o_proj"),
          ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]
 _SWIGLU = [("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")]
 _MTP = [("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("head_norm", "shared_head.norm"),

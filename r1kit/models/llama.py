@@ -204,10 +204,27 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, Hkv, Tk, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            if T <= 4:  # decoding: plain matmuls beat the fused CPU kernel at one query per row
+                y = decode_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) → (B, T, d)
+
+
+def decode_attention(q, k, v, mask):
+    """Attention for a few new queries per row. q (B, H, T, D); k, v (B, Hkv, Tk, D); mask (B, 1, T, Tk).
+
+    Query heads sharing a KV head are stacked into one matrix, so GQA needs no copy of K/V.
+    """
+    B, H, T, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, (H // Hkv) * T, D)  # (B, Hkv, G*T, D), rows ordered (head, t)
+    s = torch.matmul(qg, k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, G*T, Tk)
+    s = s.view(B, Hkv, H // Hkv, T, Tk).masked_fill(~mask[:, :, None], float("-inf"))
+    y = torch.matmul(s.softmax(-1).view(B, Hkv, -1, Tk), v)  # (B, Hkv, G*T, D)
+    return y.view(B, H, T, D)
 
 
 class MLP(nn.Module):

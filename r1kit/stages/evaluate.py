@@ -1,8 +1,11 @@
 """Evaluation stage.
 
 The top half is pure metric functions (stdlib + numpy only, no other r1kit import), so they can
-be tested on hand-made sample sets and reused by the report. Metrics follow DeepSeek-R1 §3:
-sample k completions per problem (temperature 0.6, top-p 0.95) and report
+be tested on hand-made sample sets and reused by the report. The bottom half samples a
+checkpoint with the engine and writes `eval.json`:
+    r1kit eval CKPT --task arithmetic [--k 4 --problems 200 --out eval.json]
+
+Metrics follow DeepSeek-R1 §3: sample k completions per problem (temperature 0.6, top-p 0.95) and report
     * pass@1   = mean over problems of the fraction of the k samples that are correct,
     * cons@k   = accuracy of the majority-voted answer over the k samples,
     * pass@k   = Chen et al. (2021)'s unbiased estimator from n >= k samples.
@@ -10,8 +13,12 @@ sample k completions per problem (temperature 0.6, top-p 0.95) and report
 
 from __future__ import annotations
 
+import json
 import math
+import platform
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -212,3 +219,153 @@ def pass_at_1_ci(correct: Sequence[Sequence[bool]], z: float = 1.96) -> tuple[fl
     """
     mean, low, high = mean_confidence_interval(per_problem_accuracy(correct), z)
     return mean, max(0.0, low), min(1.0, high)
+
+
+# ============================================================================================
+# Engine-driven evaluation: sample a checkpoint, grade it, write eval.json
+# ============================================================================================
+# r1kit is imported inside these functions, so the pure half above stays importable alone.
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # checkpoint directory (or a stage directory holding model/)
+    task: str = "arithmetic"
+    task_args: dict = field(default_factory=dict)
+    problems: int = 200  # held-out (test split) problems
+    k: int = 4  # samples per problem
+    temperature: float = 0.6  # R1's evaluation settings
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    seed: int = 0
+    system: str | None = None
+    prefix: str = ""  # text forced at the start of each answer; "<think>" = the no-RL control
+    greedy: bool = True  # also grade one greedy completion per problem
+    out: str = "eval.json"
+
+
+def evaluate_model(model, tok, task, problems, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """k samples (and one greedy answer) per problem → (metrics, per-sample records)."""
+    from r1kit.engine import SamplingParams
+    from r1kit.rollout import answers, rollout
+
+    if not problems:
+        raise ValueError(f"eval: task {task.name!r} has no test problems to evaluate on")
+    model.eval()
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            n=cfg.k, seed=cfg.seed)
+    groups = rollout(model, tok, task, problems, params, system=cfg.system, prefix=cfg.prefix)
+    correct = [[r.correct for r in g] for g in groups]
+    flat = [r for g in groups for r in g]
+    mean, low, high = pass_at_1_ci(correct) if len(problems) > 1 else (pass_at_1_mean(correct), 0.0, 1.0)
+    votes = cons_correct(answers(groups), problems, lambda a, p: task.verify(a, p))
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= cfg.k} | {cfg.k})
+    m = {"pass_at_1": mean, "pass_at_1_ci": [low, high],
+         f"cons_at_{cfg.k}": sum(votes) / len(votes), f"cons_at_{cfg.k}_ci": list(wilson_interval(sum(votes), len(votes))),
+         "pass_at_k": {str(k): mean_pass_at_k(correct, k) for k in ks},
+         "think_rate": sum(r.reward.get("think", 0.0) for r in flat) / len(flat),
+         "format_rate": sum(r.reward.get("format", 0.0) for r in flat) / len(flat),
+         "response_length": sum(len(r.sample.tokens) for r in flat) / len(flat),
+         "truncation_rate": sum(r.sample.finish_reason == "length" for r in flat) / len(flat)}
+    records = [dict(r.record(), sample=j) for g in groups for j, r in enumerate(g)]
+    if cfg.greedy:
+        greedy = rollout(model, tok, task, problems, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0),
+                         system=cfg.system, prefix=cfg.prefix)
+        hits = sum(g[0].correct for g in greedy)
+        m.update(greedy_accuracy=hits / len(problems), greedy_accuracy_ci=list(wilson_interval(hits, len(problems))))
+        records += [dict(g[0].record(), sample="greedy") for g in greedy]
+    m["example"] = _solved_example(records)
+    return m, records
+
+
+def _solved_example(records: list[dict]) -> dict | None:
+    """A correct answer that shows its reasoning (else any correct one) for the report."""
+    good = [r for r in records if r["correct"]]
+    best = next((r for r in good if "</think>" in r["completion"]), good[0] if good else None)
+    return None if best is None else {k: best[k] for k in ("prompt", "answer", "completion")}
+
+
+def versions() -> dict:
+    import torch
+
+    import r1kit
+    return {"torch": torch.__version__, "r1kit": r1kit.__version__, "python": platform.python_version()}
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate cfg.checkpoint; write cfg.out (eval.json) and the samples beside it."""
+    from r1kit import checkpoint
+    from r1kit.common import print0
+    from r1kit.config import ConfigError
+    from r1kit.tasks import get_task
+    from r1kit.training import resolve_ckpt
+
+    ckpt = resolve_ckpt(cfg.checkpoint)
+    if not (ckpt / "config.json").exists():
+        raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json)")
+    if cfg.k < 1 or cfg.problems < 1:
+        raise ConfigError(f"eval: k and problems must be ≥ 1, got k={cfg.k}, problems={cfg.problems}")
+    model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
+    task = get_task(cfg.task, **cfg.task_args)
+    problems = task.problems("test", cfg.problems)
+    metrics, records = evaluate_model(model, tok, task, problems, cfg)
+    result = {"checkpoint": str(ckpt), "task": task.name, "task_args": cfg.task_args, "n_problems": len(problems),
+              "k": cfg.k, "seed": cfg.seed, "split": "test",
+              "engine": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                         "samples_per_problem": cfg.k, "greedy": cfg.greedy, "prefix": cfg.prefix,
+                         "system": cfg.system, "device": "cpu", "dtype": "float32"},
+             "versions": versions(), "metrics": metrics, "config": asdict(cfg)}
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    samples = out.with_name(out.stem + "_samples.jsonl")
+    _atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))
+    _atomic_write(out, json.dumps(result, indent=2) + "\n")  # last: its presence means "done"
+    ci = metrics["pass_at_1_ci"]
+    print0(f"eval: {ckpt}: pass@1 {metrics['pass_at_1']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (k={cfg.k}, "
+           f"T={cfg.temperature}, top-p {cfg.top_p}), cons@{cfg.k} {metrics[f'cons_at_{cfg.k}']:.3f}"
+           + (f", greedy {metrics['greedy_accuracy']:.3f}" if cfg.greedy else "") + f" on {len(problems)} problems → {out}")
+    return result
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def add_args(p) -> None:
+    from r1kit.config import add_config_args
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (or a stage directory holding model/)")
+    p.add_argument("--task", help="task name (default arithmetic)")
+    p.add_argument("--task-args", help='task options as JSON, e.g. \'{"digits": 3}\'')
+    p.add_argument("--k", type=int, help="samples per problem (default 4)")
+    p.add_argument("--problems", type=int, help="held-out problems (default 200)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.6, R1's)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default 0.95, R1's)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 96)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--prefix", help='force the answer to start with this text, e.g. "<think>"')
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    add_config_args(p)  # --config (an [eval] section), --set, --out (default eval.json)
+
+
+def main(args) -> int:
+    from r1kit.config import ConfigError, load_config
+    cfg = load_config(EvalConfig, args.config, args.overrides, section="eval")
+    flags = {"checkpoint": args.checkpoint, "task": args.task, "k": args.k, "problems": args.problems,
+             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+             "seed": args.seed, "prefix": args.prefix, "out": args.out}
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.task_args:
+        try:
+            cfg.task_args = json.loads(args.task_args)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--task-args: invalid JSON ({e.msg})") from None
+    if args.no_greedy:
+        cfg.greedy = False
+    if not cfg.checkpoint:
+        raise ConfigError("eval: name a checkpoint: r1kit eval CKPT --task arithmetic")
+    run(cfg)
+    return 0
