@@ -37,28 +37,37 @@ MLA_CFG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_inter
 
 
 @torch.no_grad()
-def decode_rate(model, ctx: int, new: int, seed: int = 0) -> float:
-    """Prefill `ctx` random tokens (in chunks), then time `new` greedy decode steps → tokens/s."""
-    cache = model.new_cache(1, ctx + new + 1)
-    ids = torch.randint(model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(seed))
-    for chunk in ids.split(256, dim=1):
-        logits = model(chunk, kv_cache=cache)
-    tok = logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
-    for _ in range(new):
-        tok = model(tok, kv_cache=cache)[:, -1:].argmax(-1)
-    return new / (time.perf_counter() - t0)
+def bench_decode(model, ctx: int, rounds: int, burst: int) -> dict[str, float]:
+    """Prefill `ctx` random tokens into one cache per MLA path, then time greedy decode bursts,
+    alternating the paths; → best tokens/s per path (the machine is shared: the best burst is the
+    least disturbed one)."""
+    ids = torch.randint(model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+    state = {}
+    for impl in ("naive", "absorb"):
+        model.attn_impl = impl  # new_cache's type follows attn_impl; a cached forward follows the cache
+        cache = model.new_cache(1, ctx + rounds * burst + 1)
+        for chunk in ids.split(256, dim=1):
+            logits = model(chunk, kv_cache=cache)
+        state[impl] = [cache, logits[:, -1:].argmax(-1)]
+    best = dict.fromkeys(state, float("inf"))
+    for _ in range(rounds):
+        for impl, (cache, tok) in state.items():
+            t0 = time.perf_counter()
+            for _ in range(burst):
+                tok = model(tok, kv_cache=cache)[:, -1:].argmax(-1)
+            best[impl] = min(best[impl], time.perf_counter() - t0)
+            state[impl][1] = tok
+    return {impl: burst / t for impl, t in best.items()}
 
 
-def bench_mla(ctx: int, new: int, repeats: int) -> float:
+def bench_mla(ctx: int, rounds: int, burst: int) -> float:
     cfg = DeepseekConfig(**MLA_CFG)
     model = DeepseekV3(cfg).init_weights(0).eval()
-    rates = {}
-    for impl in ("naive", "absorb"):
+    rates = bench_decode(model, ctx, rounds, burst)
+    for impl, rate in rates.items():
         model.attn_impl = impl
-        rates[impl] = max(decode_rate(model, ctx, new, seed=r) for r in range(repeats))
         b = model.new_cache(1, 8).bytes_per_token_per_layer()
-        print(f"  {impl:6s} decode at context {ctx}: {rates[impl]:7.1f} tok/s   cache {b:6.0f} B/token/layer (fp32)")
+        print(f"  {impl:6s} decode at context {ctx}: {rate:7.1f} tok/s   cache {b:6.0f} B/token/layer (fp32)")
     H, dh = cfg.num_attention_heads, cfg.v_head_dim
     print("  cache elements per token per layer:")
     print(f"    this config  MLA latent {cfg.kv_lora_rank + cfg.qk_rope_head_dim} | naive MLA (per-head K/V) "
@@ -245,7 +254,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     print("1. MLA decode, absorbed vs naive")
-    absorb = bench_mla(ctx=2048, new=16 if args.quick else 48, repeats=1 if args.quick else 3)
+    absorb = bench_mla(ctx=2048, rounds=3 if args.quick else 8, burst=8 if args.quick else 16)
     examples, tests = arithmetic_examples(4000, "train"), arithmetic_examples(40, "test")
     print("2. MoE balancing (2 MoE layers, 16 routed experts, top-2, + 1 shared)")
     balance = bench_balance(60 if args.quick else 400, examples)

@@ -137,3 +137,53 @@ def test_reward_that_raises_is_reported(uninterrupted, tmp_path):
     with pytest.raises(RewardError, match="Broken.verify raised KeyError"):
         for _ in range(5):  # a completion with an <answer> reaches verify
             rollout(model, tok, task, task.problems("train", 4), SamplingParams(max_new_tokens=24, n=4))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batches_accumulate_to_the_full_batch(aggregation, uninterrupted):
+    import copy
+
+    from r1kit import checkpoint, rl
+    from r1kit.engine import Engine, SamplingParams
+    from r1kit.rollout import Rollout
+    from r1kit.stages.grpo import policy_update
+
+    model, tok = checkpoint.load(uninterrupted / "base" / "model")
+    groups = Engine(model, tok).generate([[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                                         SamplingParams(max_new_tokens=12, n=4, seed=0))
+    rollouts = [Rollout(None, p, s, "", {}) for p, g in zip([[1, 2, 3], [4, 5], [6, 7, 8, 9]], groups) for s in g]
+    adv = rl.grpo_advantages(torch.randn(12, generator=torch.Generator().manual_seed(0)), 4)
+    results = []
+    for micro in (0, 5):
+        m = copy.deepcopy(model)
+        cfg = GRPOConfig(aggregation=aggregation, micro_batch=micro, grad_clip=1e9, max_new_tokens=12)
+        policy_update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=1.0), rollouts, adv, tok.pad_id)
+        results.append(m.state_dict())
+    for k in results[0]:
+        assert torch.allclose(results[0][k], results[1][k], atol=1e-6), k
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path, monkeypatch, capsys):
+    from r1kit.stages import grpo
+
+    calls = {"n": 0}
+    real_update = grpo.policy_update
+
+    def poisoned(cfg, model, *a, **k):  # step 3's update meets a weight that has gone NaN
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                model.norm.weight.fill_(float("nan"))
+        return real_update(cfg, model, *a, **k)
+
+    monkeypatch.setattr(grpo, "policy_update", poisoned)
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.rand(len(rollouts)))
+    cfg = grpo.GRPOConfig(base=str(uninterrupted / "base"), out_dir=str(tmp_path / "grpo"), steps=6,
+                          prompts_per_step=2, group_size=2, max_new_tokens=8, save_every=2, eval_problems=4)
+    summary = grpo.run(cfg)
+    assert "loss is nan" in summary["stopped"]
+    assert "last good checkpoint" in capsys.readouterr().out
+    state = json.loads((tmp_path / "grpo" / "model" / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 2
+    w = load_file(tmp_path / "grpo" / "model" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in w.values())

@@ -322,7 +322,7 @@ def test_web_chat_in_headless_chromium(server):
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     try:
         driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 30)
+        wait = WebDriverWait(driver, 20)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")
         # record (reasoning, answer) lengths at every change of the page, to see the streaming
         driver.execute_script("""
@@ -332,7 +332,13 @@ def test_web_chat_in_headless_chromium(server):
                 if (last) window.seen.push([last.querySelector('.reasoning .text').textContent.length,
                                             last.querySelector('.answer').textContent.length]);
             }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});""")
-        for q, r, a in PAIRS[7:9]:  # two turns: the history goes along with the second
+        # the second turn goes with the first as history; the model never saw two turns in
+        # training, so the API tells what greedy decoding answers to that history
+        (q0, r0, a0), (q1, _, _) = PAIRS[7:9]
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        m = api.chat.completions.create(model="tiny", temperature=0, messages=[
+            *ask(q0), {"role": "assistant", "content": a0}, *ask(q1)]).choices[0].message
+        for q, r, a in [(q0, r0, a0), (q1, m.reasoning_content, m.content)]:
             box = driver.find_element(By.ID, "input")
             box.send_keys(q)
             box.send_keys("\n")
@@ -342,10 +348,98 @@ def test_web_chat_in_headless_chromium(server):
             thought = last.find_element(By.CSS_SELECTOR, "details.reasoning .text").get_attribute("textContent")
             assert thought == r
             assert last.find_element(By.CSS_SELECTOR, ".answer").text == a
-        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == [p[0] for p in PAIRS[7:9]]
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user")] == [q0, q1]
         seen = driver.execute_script("return window.seen")
         assert len({r for r, _ in seen}) > 2  # the reasoning grew piece by piece
         assert any(r > 0 and a == 0 for r, a in seen)  # and showed before the answer began
         driver.save_screenshot("/tmp/r1kit_web_chat.png")
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------------------------
+# a .gguf file through llama.cpp
+# ---------------------------------------------------------------------------------------------
+def write_gguf(ckpt, path) -> None:
+    """The tiny checkpoint as a qwen2-architecture GGUF (F32): llama.cpp's qwen2 rotates
+    half-vectors as r1kit does, so the weights go in unpermuted (with zero q/k/v biases)."""
+    import json
+
+    import gguf
+    import numpy as np
+    import r1kit
+    model, tok = r1kit.load(ckpt, device="cpu")
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    vocab = sorted(tok.tk.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    added = {a["content"]: a["special"] for a in spec["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if added.get(t) else gguf.TokenType.USER_DEFINED if t in added
+                       else gguf.TokenType.NORMAL for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.jinja_template())
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    names = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight",
+             "attn.wk.weight": "attn_k.weight", "attn.wv.weight": "attn_v.weight",
+             "attn.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
+             "ffn.w1.weight": "ffn_gate.weight", "ffn.w3.weight": "ffn_up.weight", "ffn.w2.weight": "ffn_down.weight"}
+    w.add_tensor("token_embd.weight", sd["embed.weight"])
+    w.add_tensor("output_norm.weight", sd["norm.weight"])
+    w.add_tensor("output.weight", sd["head.weight"])
+    for i in range(c.num_hidden_layers):
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{theirs}", sd[f"layers.{i}.{ours}"])
+        for x in "qkv":
+            rows = sd[f"layers.{i}.attn.w{x}.weight"].shape[0]
+            w.add_tensor(f"blk.{i}.attn_{x}.bias", np.zeros(rows, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_through_llama_cpp(ckpt, tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(ckpt, path)
+    backend = load_backend(str(path), max_len=256)
+    assert backend.name == "tiny" and backend.capacity == 1
+    with ServerThread(create_app(backend)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        q, r, a = PAIRS[10]
+        m = client.chat.completions.create(model="tiny", messages=ask(q), temperature=0).choices[0].message
+        assert (m.reasoning_content, m.content) == (r, a)
+
+        def streamed(i):  # concurrent requests queue up and are served one after another
+            q = PAIRS[i][0]
+            parts = [c.delta for ch in client.chat.completions.create(
+                model="tiny", messages=ask(q), temperature=0, stream=True) for c in ch.choices]
+            return ("".join(getattr(d, "reasoning_content", None) or "" for d in parts),
+                    "".join(d.content or "" for d in parts))
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(streamed, [11, 12, 13])) == [PAIRS[i][1:] for i in (11, 12, 13)]
+        two = client.chat.completions.create(model="tiny", messages=ask(q), temperature=0, n=2, max_tokens=4)
+        assert [c.finish_reason for c in two.choices] == ["length", "length"] and two.usage.completion_tokens == 8
+
+
+def test_gguf_without_llama_cpp_says_what_to_install(monkeypatch, tmp_path):
+    from r1kit.serve.backends import BackendError
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
+    with pytest.raises(BackendError, match="pip install llama-cpp-python"):
+        load_backend(str(tmp_path / "model.gguf"))

@@ -234,6 +234,16 @@ class MLACache(_Measured, KVCache):
 # ---------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
 # ---------------------------------------------------------------------------------------------
+def attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale where mask) · v in plain matmuls: (…, Tq, D) × (…, Tk, D) → (…, Tq, Dv).
+
+    On CPU, SDPA given an explicit mask falls back to a math path about half as fast as this.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (…, Tq, Tk)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: DeepseekConfig, softmax_scale: float):
         super().__init__()
@@ -275,7 +285,7 @@ class MLA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, ·)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, H, Tk, ·)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+            y = attention(q, k, v, mask, self.softmax_scale)  # mask (B, 1, T, Tk) broadcasts over heads
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
         return y.transpose(1, 2)  # (B, T, H, d_v)
@@ -285,19 +295,19 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)  # (H, d_nope + d_v, r)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # (B, T, H, r): W_UK folded in
-        # every head attends to the same latent key, so heads become extra query rows of one big
-        # single-head attention: (B, 1, T·H, r + rope) against (B, 1, Tk, r + rope), no K/V copies
-        query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, T * H, self.rank + self.rope)
+        # every head attends to the same latent key, so heads become extra query rows of one
+        # single-head attention: (B, T·H, r + rope) against (B, Tk, r + rope), with no K/V copies
+        query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, self.rank + self.rope)
         latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, T, r + rope)
         if cache is not None:
             latent = cache.write(layer, latent, pos, mask.shape[-1])  # (B, Tk, r + rope)
+            mask = mask[:, 0]  # (B, T, Tk)
         else:
-            mask = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None, None]  # (1, 1, T, T)
+            mask = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None]  # (1, T, T)
         Tk = latent.shape[1]
-        mask = mask[:, :, :, None].expand(mask.shape[0], 1, T, H, Tk).reshape(-1, 1, T * H, Tk)  # row per (t, h)
-        key, value = latent[:, None], latent[:, None, :, : self.rank]  # (B, 1, Tk, r + rope), value = c_kv
-        o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.softmax_scale)
-        o = o.view(B, T, H, self.rank)  # (B, 1, T·H, r) → (B, T, H, r)
+        mask = mask[:, :, None].expand(mask.shape[0], T, H, Tk).reshape(-1, T * H, Tk)  # a row per (t, h)
+        o = attention(query, latent, latent[..., : self.rank], mask, self.softmax_scale)  # value = c_kv
+        o = o.view(B, T, H, self.rank)  # (B, T·H, r) → (B, T, H, r)
         return torch.einsum("bthc,hdc->bthd", o, w[:, self.nope:])  # W_UV: (B, T, H, d_v)
 
 

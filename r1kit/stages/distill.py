@@ -173,9 +173,9 @@ def check_traces(path: Path, task=None) -> int:
         if task is None or "answer" not in row:
             right += 1
             continue
-        reply = next((m.get("content", "") for m in reversed(msgs) if m.get("role") == "assistant"), "")
-        got = extract_answer(reply)
-        right += got is not None and task.verify(got, Problem(msgs[-2].get("content", ""), str(row["answer"])))
+        last = lambda role: next((m.get("content", "") for m in reversed(msgs) if m.get("role") == role), "")  # noqa: E731
+        got = extract_answer(last("assistant"))
+        right += got is not None and task.verify(got, Problem(last("user"), str(row["answer"])))
     if right == 0:
         raise NoTracesError(f"{path}: none of the {len(rows)} traces is correct — refusing to train the student "
                             "on wrong answers")

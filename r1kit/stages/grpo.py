@@ -50,6 +50,9 @@ class GRPOConfig:
     schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
+    device: str = "auto"  # auto = cuda → mps → cpu
+    dtype: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
     advantage: str = "grpo"  # grpo | drgrpo
     adv_eps: float = 1e-4
@@ -133,16 +136,35 @@ def rewards_of(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
     return r
 
 
-def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> dict:
-    """μ inner updates on one batch. Returns averaged loss statistics."""
-    idx, mask, old, starts = to_tensors(rollouts, pad_id)
-    T = mask.shape[1]
-    targets = completion_targets(idx, starts, T)
-    ref_logp = None
-    if cfg.kl_coef > 0:
-        with torch.no_grad():
-            ref_logp = rl.token_logprobs(completion_logits(ref, idx, starts, T, cfg.temperature), targets)
-    loss_fn = getattr(rl, LOSSES[cfg.loss])
+@dataclass
+class MicroBatch:
+    idx: torch.Tensor  # (n, L)
+    mask: torch.Tensor  # (n, T)
+    old: torch.Tensor  # (n, T)
+    starts: torch.Tensor  # (n,)
+    targets: torch.Tensor  # (n, T)
+    adv: torch.Tensor  # (n,)
+    ref_logp: torch.Tensor | None
+
+
+def micro_batches(cfg: GRPOConfig, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
+    """Split the batch into micro-batches of at most cfg.micro_batch rows (0 = one batch)."""
+    size = cfg.micro_batch or len(rollouts)
+    out = []
+    for a in range(0, len(rollouts), size):
+        idx, mask, old, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+        T = mask.shape[1]
+        targets = completion_targets(idx, starts, T)
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = rl.token_logprobs(completion_logits(ref, idx, starts, T, cfg.temperature), targets)
+        out.append(MicroBatch(idx, mask, old, starts, targets, adv[a:a + size].to(device), ref_logp))
+    return out
+
+
+def _loss_setup(cfg: GRPOConfig):
+    """The configured policy loss (with its keyword arguments) and aggregation."""
     kw = {"eps_low": cfg.eps_low, "eps_high": cfg.eps_high}
     if cfg.loss == "gspo":
         kw = {"eps_low": cfg.gspo_eps_low, "eps_high": cfg.gspo_eps_high}
@@ -151,29 +173,54 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
     agg = rl.AGGREGATIONS[cfg.aggregation]
     if cfg.aggregation == "seq_mean_token_sum_norm":
         agg = _partial_norm(agg, cfg.max_new_tokens)
+    return getattr(rl, LOSSES[cfg.loss]), kw, agg
+
+
+def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int) -> float:
+    """Share of the whole batch's loss a micro-batch carries, so accumulation equals one big batch."""
+    if aggregation == "token_mean":
+        return float(mb.mask.sum()) / n_tokens
+    return mb.mask.shape[0] / n_seqs  # per-sequence means: weight by sequences
+
+
+def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
+    """Forward + backward of one micro-batch, its loss scaled by `weight`."""
+    T = mb.mask.shape[1]
+    logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
+    logp = rl.token_logprobs(logits, mb.targets)
+    per_tok, s = loss_fn(logp, mb.old, mb.adv, mb.mask, **kw)
+    loss = agg(per_tok, mb.mask)
+    if mb.ref_logp is not None:
+        kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp), mb.mask)
+        loss = loss + cfg.kl_coef * kl
+        s["kl"] = kl.detach()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    (loss * weight).backward()
+    with torch.no_grad():
+        s["entropy"] = rl.token_mean(rl.entropy_from_logits(logits.detach()), mb.mask)
+    s["loss"] = loss.detach()
+    return {k: float(v) * weight for k, v in s.items()}
+
+
+def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> dict:
+    """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics."""
+    device = model.embed.weight.device
+    mbs = micro_batches(cfg, rollouts, adv, ref, pad_id, device)
+    n_tokens = float(sum(mb.mask.sum() for mb in mbs))
+    loss_fn, kw, agg = _loss_setup(cfg)
     stats: dict[str, float] = {}
     for _ in range(cfg.mu):
-        logits = completion_logits(model, idx, starts, T, cfg.temperature)
-        logp = rl.token_logprobs(logits, targets)
-        per_tok, s = loss_fn(logp, old, adv, mask, **kw)
-        loss = agg(per_tok, mask)
-        if ref_logp is not None:
-            kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, ref_logp), mask)
-            loss = loss + cfg.kl_coef * kl
-            s["kl"] = kl.detach()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for mb in mbs:
+            w = chunk_weight(cfg.aggregation, mb, n_tokens, len(rollouts))
+            for k, v in micro_step(cfg, model, mb, loss_fn, kw, agg, w).items():
+                stats[k] = stats.get(k, 0.0) + v / cfg.mu
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not torch.isfinite(gn):
             raise FloatingPointError(f"gradient norm is {gn.item()}")
         opt.step()
-        with torch.no_grad():
-            s["entropy"] = rl.token_mean(rl.entropy_from_logits(logits.detach()), mask)
-        s.update(loss=loss.detach(), grad_norm=gn)
-        for k, v in s.items():
-            stats[k] = stats.get(k, 0.0) + float(v) / cfg.mu
+        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) / cfg.mu
     return stats
 
 
@@ -215,13 +262,15 @@ class Alarms:
 
 def batch_problems(cfg: GRPOConfig, problems: list, step: int) -> list:
     """Prompts of `step`: consecutive slices of one seeded permutation per epoch (the data cursor)."""
-    per = cfg.prompts_per_step
+    per, n = cfg.prompts_per_step, len(problems)
+    orders: dict[int, list[int]] = {}
     out = []
     for j in range(step * per, (step + 1) * per):
-        epoch, pos = divmod(j, len(problems))
-        order = list(range(len(problems)))
-        random.Random(cfg.seed * 7919 + epoch).shuffle(order)
-        out.append(problems[order[pos]])
+        epoch, pos = divmod(j, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(cfg.seed * 7919 + epoch).shuffle(orders[epoch])
+        out.append(problems[orders[epoch][pos]])
     return out
 
 
@@ -313,10 +362,10 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         pretrain_cfg.out_dir = str(cfg.base)
         pretrain.run(pretrain_cfg)
         base = resolve_ckpt(cfg.base)
-    model, tok = checkpoint.load(ckpt if resuming else base, device="cpu", dtype="float32")
+    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device, dtype=cfg.dtype)
     ref = None
     if cfg.kl_coef > 0:
-        ref, _ = checkpoint.load(base, device="cpu", dtype="float32")
+        ref, _ = checkpoint.load(base, device=cfg.device, dtype=cfg.dtype)
         ref.eval().requires_grad_(False)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     if resuming:
@@ -329,14 +378,16 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
 
 
 def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed=None) -> dict:
-    final = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+    # a run stopped by NaN/inf holds broken weights: its final accuracy is the checkpoint's to tell
+    final = None if failed else greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
     summary.update(final_accuracy=final, rl_seconds=round(rl_seconds, 1), steps=steps, task=task.name,
                    eval_problems=len(test))
     if failed:
         summary["stopped"] = failed
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print0(f"grpo: held-out greedy accuracy {summary['base_accuracy']:.3f} → {final:.3f} "
-           f"in {rl_seconds:.0f}s of RL ({steps} steps); summary in {out / 'summary.json'}")
+    if final is not None:
+        print0(f"grpo: held-out greedy accuracy {summary['base_accuracy']:.3f} → {final:.3f} "
+               f"in {rl_seconds:.0f}s of RL ({steps} steps); summary in {out / 'summary.json'}")
     return summary
 
 

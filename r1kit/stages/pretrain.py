@@ -24,8 +24,8 @@ from r1kit.config import ConfigError, add_config_args, load_config
 from r1kit.engine import SamplingParams
 from r1kit.rollout import greedy_accuracy, rollout
 from r1kit.tasks import get_task
-from r1kit.tokenizer import build_bpe_tokenizer
-from r1kit.training import MetricsLog, ModelSpec, Progress, adamw, build_model, lr_at, pad_batch, set_lr
+from r1kit.tokenizer import Tokenizer, build_bpe_tokenizer
+from r1kit.training import MetricsLog, ModelSpec, Progress, adamw, build_model, lr_at, pad_batch, resolve_ckpt, set_lr
 
 
 @dataclass
@@ -35,6 +35,7 @@ class PretrainConfig:
     task_args: dict = field(default_factory=dict)
     model: ModelSpec = field(default_factory=ModelSpec)
     vocab_size: int = 64  # BPE over the corpus's own characters (+ specials): a tiny vocabulary
+    tokenizer: str = ""  # a checkpoint whose tokenizer to use instead (a student that shares its teacher's)
     steps: int = 400
     batch_size: int = 64
     lr: float = 2e-3
@@ -110,7 +111,7 @@ def _resume_or_init(cfg, ckpt: Path, task, problems):
         state, _ = checkpoint.load_trainer_state(ckpt, opt)
         print0(f"pretrain: resuming {ckpt} at step {state['step']}")
         return state["step"], model, tok, opt
-    tok = build_tokenizer(cfg, task, problems)
+    tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer)) if cfg.tokenizer else build_tokenizer(cfg, task, problems)
     model = build_model(cfg.model, tok.vocab_size, cfg.seed)
     n = sum(p.numel() for p in model.parameters())
     print0(f"pretrain: {cfg.model.arch} model, {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, task {task.name}")
