@@ -210,13 +210,17 @@ def bare_greedy(model, prompt: list[int], max_new: int, stop: int) -> list[int]:
         logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)[:, -1]
 
 
-def bench_mtp(steps: int, examples, tests) -> tuple[float, float]:
-    model = DeepseekV3(DeepseekConfig(**MTP_CFG), attn_impl="naive").init_weights(0)
+def bench_mtp(steps: int, examples, tests, rounds: int) -> tuple[float, float]:
+    model = DeepseekV3(DeepseekConfig(**MTP_CFG), attn_impl="naive").init_weights(0)  # naive: fewer FLOPs to train
     t0 = time.perf_counter()
     train(model, examples, steps, lr=3e-3)
-    model.attn_impl = "absorb"
+    model.attn_impl = "absorb"  # decode with the latent cache
     print(f"  trained {steps} steps in {time.perf_counter() - t0:.0f} s "
           f"(main loss {float(model.last_losses['main']):.3f}, MTP loss {float(model.last_losses['mtp'][0]):.3f})")
+    return measure_mtp(model, tests, rounds)
+
+
+def measure_mtp(model, tests, rounds: int) -> tuple[float, float]:
     prompts = [p for p, _ in tests]
     max_new = max(len(c) for _, c in tests) + 4
     engine = Engine(model)
@@ -224,12 +228,15 @@ def bench_mtp(steps: int, examples, tests) -> tuple[float, float]:
                                                        stop_token_ids=(EOS,))[0][0].tokens,
             "bare greedy loop": lambda p: bare_greedy(model, p, max_new, EOS),
             "MTP speculative": lambda p: mtp_generate(model, p, max_new, stop_ids=(EOS,)).tokens}
-    outputs, rate = {}, {}
+    outputs, best = {}, dict.fromkeys(runs, float("inf"))
     for name, fn in runs.items():
         fn(prompts[0])  # warm-up
-        t0 = time.perf_counter()
-        outputs[name] = [fn(p) for p in prompts]
-        rate[name] = sum(map(len, outputs[name])) / (time.perf_counter() - t0)
+    for _ in range(rounds):  # alternate the methods; keep each one's least disturbed round
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            outputs[name] = [fn(p) for p in prompts]
+            best[name] = min(best[name], time.perf_counter() - t0)
+    rate = {name: sum(map(len, outputs[name])) / t for name, t in best.items()}
     results = [mtp_generate(model, p, max_new, stop_ids=(EOS,)) for p in prompts]
     acceptance = sum(r.accepted for r in results) / sum(r.drafted for r in results)
     correct = sum(o == c for o, (_, c) in zip(outputs["engine greedy"], tests))
@@ -239,11 +246,12 @@ def bench_mtp(steps: int, examples, tests) -> tuple[float, float]:
     print(f"  outputs identical: {same}   test traces exactly right: {correct}/{len(tests)}   "
           f"acceptance {acceptance:.3f}   main forwards per token "
           f"{sum(r.main_forwards for r in results) / sum(len(r.tokens) for r in results):.2f}")
-    print(f"  speedup vs engine {rate['MTP speculative'] / rate['engine greedy']:.2f}x, "
-          f"vs bare loop {rate['MTP speculative'] / rate['bare greedy loop']:.2f}x")
+    vs_bare, vs_engine = (rate["MTP speculative"] / rate[k] for k in ("bare greedy loop", "engine greedy"))
+    print(f"  speedup vs bare greedy loop {vs_bare:.2f}x (headline: same forward code, argmax only), "
+          f"vs engine greedy {vs_engine:.2f}x")
     if not same:
         raise SystemExit("speculative output differs from greedy")
-    return acceptance, rate["MTP speculative"] / rate["engine greedy"]
+    return acceptance, vs_bare
 
 
 def main() -> None:
@@ -259,7 +267,8 @@ def main() -> None:
     print("2. MoE balancing (2 MoE layers, 16 routed experts, top-2, + 1 shared)")
     balance = bench_balance(60 if args.quick else 400, examples)
     print("3. MTP self-speculative greedy decoding")
-    acceptance, mtp_speedup = bench_mtp(60 if args.quick else 600, examples, tests[:10] if args.quick else tests)
+    acceptance, mtp_speedup = bench_mtp(60 if args.quick else 600, examples, tests[:10] if args.quick else tests,
+                                        rounds=1 if args.quick else 3)
     print(f"total {time.perf_counter() - t0:.0f} s")
     print(f"absorb_speedup={absorb:.2f} balance_max_over_mean={balance:.2f} "
           f"mtp_acceptance={acceptance:.2f} mtp_speedup={mtp_speedup:.2f}")

@@ -187,3 +187,33 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
     assert state["step"] == 2
     w = load_file(tmp_path / "grpo" / "model" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_gpu_recipe_loads_and_steps_with_a_tiny_stand_in(tmp_path, monkeypatch):
+    """The real-model recipe, unchanged but for paths and sizes: a tiny Qwen2 and a 12-row GSM8K file."""
+    import r1kit
+    from r1kit.models.llama import Llama, LlamaConfig
+    from r1kit.stages import grpo
+    from r1kit.tokenizer import build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer(["Natalia sold 48 clips. How many? #### 72 <think> </think>"] * 20,
+                              vocab_size=320, style="chatml")
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, architecture="Qwen2ForCausalLM", attention_bias=True,
+                      tie_word_embeddings=True)
+    r1kit.save(Llama(cfg).init_weights(0), tok, tmp_path / "qwen")
+    rows = [{"question": f"Tom has {i} apples and buys {i + 2}. How many now?",
+             "answer": f"He has {i} + {i + 2} = {2 * i + 2}.\n#### {2 * i + 2}"} for i in range(12)]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = Path(grpo.__file__).parent.parent / "recipes" / "qwen_gsm8k_gpu.toml"
+    cfg = load_config(GRPOConfig, recipe, [
+        f"grpo.base={json.dumps(str(tmp_path / 'qwen'))}", f"out_dir={json.dumps(str(tmp_path / 'run'))}",
+        f"task_args.path={json.dumps(str(tmp_path / 'gsm8k.jsonl'))}", "steps=1", "max_new_tokens=8",
+        "prompts_per_step=2", "group_size=4", "micro_batch=3", "eval_problems=2", "overlong_cache=4",
+        "device=\"cpu\""], section="grpo")
+    # a random tiny model never answers right: vary the rewards so the step really updates
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.rand(len(rollouts)))
+    summary = grpo.run(cfg)
+    assert summary["steps"] == 1 and "stopped" not in summary
+    m = metrics(tmp_path / "run" / "metrics.jsonl")
+    assert m[0]["trained_groups"] == 2 and "kl" in m[0] and m[0]["grad_norm"] > 0

@@ -55,24 +55,7 @@ def create_app(backend):
     app.state.scheduler = sched
     page = (STATIC / "index.html").read_text()
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):  # unknown routes, wrong methods: same error shape
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_, e: RequestValidationError):
-        return JSONResponse(error_body(f"Invalid request: {e.errors()[0].get('msg', e)}", "invalid_request_error"),
-                            status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(_, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+    _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -119,6 +102,28 @@ def create_app(backend):
         return completion_body(rid, backend.name, choices, _usage(texts, len(prompt)))
 
     return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error leaves as OpenAI's error object, whatever raised it."""
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):  # unknown routes, wrong methods: same error shape
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        return JSONResponse(error_body(f"Invalid request: {e.errors()[0].get('msg', e)}", "invalid_request_error"),
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
 
 def _unknown_model(name: str) -> APIError:
