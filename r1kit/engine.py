@@ -105,14 +105,20 @@ class Batch:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} "
                                  f"exceed the context of {self.max_len}")
         slots = free[: len(prompts)]
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = torch.full((len(prompts), int(lens.max())), self.tok.pad_id if self.tok else 0,
+        # GRPO asks for G samples of each prompt: prefill each distinct prompt once, copy its cache
+        first: dict[tuple, int] = {}
+        which = torch.tensor([first.setdefault(tuple(p), len(first)) for p in prompts], device=self.device)
+        unique = list(first)
+        lens = torch.tensor([len(p) for p in unique], device=self.device)
+        ids = torch.full((len(unique), int(lens.max())), self.tok.pad_id if self.tok else 0,
                          dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(unique):
             ids[i, : len(p)] = torch.tensor(p, device=self.device)
-        tmp = self.model.new_cache(len(prompts), ids.shape[1])
-        logits = self.model(ids, kv_cache=tmp, logit_pos=lens - 1)[:, -1]  # (n, V)
+        tmp = self.model.new_cache(len(unique), ids.shape[1])
+        logits = self.model(ids, kv_cache=tmp, logit_pos=lens - 1)[:, -1][which]  # (n, V)
         tmp.lens = lens  # padding past each row's end is garbage; decoding overwrites it
+        if len(unique) < len(prompts):
+            tmp.select(which)
         slot_t = torch.tensor(slots, device=self.device)
         self.cache.insert(slot_t, tmp)
         for s, p, sp, tag in zip(slots, prompts, params, tags):

@@ -324,6 +324,7 @@ def test_web_chat_in_headless_chromium(server):
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 20)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        driver.find_element(By.ID, "temperature").send_keys("0")  # greedy: answers known in advance
         # record (reasoning, answer) lengths at every change of the page, to see the streaming
         driver.execute_script("""
             window.seen = [];

@@ -19,7 +19,8 @@ Hugging Face's, so config.json translates one to one; a few r1kit training knobs
        The MTP blocks live at layers[N:], so their names match DeepSeek's checkpoint (model.layers.61
        for V3). r1kit/speculative.py uses depth 1 as a draft model.
 
-The model keeps the r1kit contract (see llama.py):
+Uncached forwards (training) run the `attn_impl` path; a cached forward runs the path of its cache,
+and new_cache builds the cache `attn_impl` names. The model keeps the r1kit contract (see llama.py):
     forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None)
 With targets, in training mode and reduction "mean"/"sum": main loss + mtp_lambda · mean MTP loss +
 sequence-wise balance loss; the parts are kept in `model.last_losses`. In eval mode, or with
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 

@@ -152,7 +152,10 @@ class LlamaCppBackend:
         self.seq: _Seq | None = None
 
     def prompt(self, messages: list[dict]) -> tuple[list[int], bool]:
-        rendered = self._format(messages=messages).prompt
+        try:
+            rendered = self._format(messages=messages).prompt
+        except Exception as e:  # the GGUF's Jinja template may refuse a conversation (e.g. two user turns)
+            raise ValueError(f"the chat template rejected the messages: {e}") from None
         ids = self.llm.tokenize(rendered.encode(), add_bos=False, special=True)
         return ids, _starts_in_reasoning(rendered)
 

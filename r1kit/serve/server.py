@@ -54,7 +54,6 @@ def create_app(backend):
     app = FastAPI(title="r1kit", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = sched
     page = (STATIC / "index.html").read_text()
-
     _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
