@@ -1,0 +1,263 @@
+"""The R1 recipe end to end — `r1kit demo`.
+
+Stages, in order, each in its own directory under --out DIR:
+    base           pretrain the teacher's base from scratch
+    control        no training: the base *forced* to open <think> (how much RL elicits vs teaches)
+    r1_zero        GRPO straight from the base (R1-Zero)
+    cold_start     rejection-sample R1-Zero (correct, well-formed, with <think>) → SFT the base on it
+    reasoning_rl   GRPO again from the cold-start model (R1's reasoning-oriented RL)
+    student_base   pretrain a smaller dense student from scratch, with the teacher's tokenizer
+    distill        rejection-sample the final teacher → SFT the student base on the traces
+    student_grpo   the same student base trained by GRPO alone for the distillation's wall time
+Every trained stage is then evaluated (eval.json: pass@1 over k samples at T=0.6, top-p 0.95,
+cons@k, pass@k, greedy), and DIR/summary.json and DIR/report.md are written.
+
+A stage is finished when DIR/STAGE/summary.json exists: re-running skips it. An interrupted stage
+resumes from its own checkpoint (pretrain, GRPO and SFT save trainer state), so killing the demo
+anywhere and running it again ends with the same result. The one exception is student_grpo,
+which stops on a wall-clock budget: its step count depends on the machine's speed.
+
+    r1kit demo [--out DIR] [--config r1kit/recipes/r1_tiny.toml] [--set r1_zero.steps=30 ...]
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r1kit.common import print0
+from r1kit.config import ConfigError, add_config_args, load_config, read_toml
+from r1kit.stages.distill import DistillConfig, NoTracesError
+from r1kit.stages.evaluate import EvalConfig
+from r1kit.stages.grpo import GRPOConfig
+from r1kit.stages.pretrain import PretrainConfig
+
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "r1_tiny.toml"
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/r1_tiny"
+    task: str = "arithmetic"  # one task for every stage
+    task_args: dict = field(default_factory=dict)
+    threads: int = 0  # > 0: torch.set_num_threads(threads) for the whole run
+    control_prefix: str = "<think>"  # what the control forces at the start of the answer
+
+
+@dataclass
+class Recipe:
+    demo: DemoConfig
+    eval: EvalConfig
+    pretrain: PretrainConfig
+    r1_zero: GRPOConfig
+    cold_start: DistillConfig
+    reasoning_rl: GRPOConfig
+    student_base: PretrainConfig
+    distill: DistillConfig
+    student_grpo: GRPOConfig
+
+
+SECTIONS = {"demo": DemoConfig, "eval": EvalConfig, "pretrain": PretrainConfig, "r1_zero": GRPOConfig,
+            "cold_start": DistillConfig, "reasoning_rl": GRPOConfig, "student_base": PretrainConfig,
+            "distill": DistillConfig, "student_grpo": GRPOConfig}
+
+
+def load_recipe(path=None, overrides=(), out: str | None = None) -> Recipe:
+    """Every section of the recipe TOML (+ --set SECTION.KEY=VALUE) → configs; one task for all."""
+    path = Path(path) if path else DEFAULT_RECIPE
+    raw = read_toml(path)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; a demo recipe has {list(SECTIONS)}")
+    for text in overrides:
+        head = text.split("=", 1)[0].split(".")[0].strip()
+        if head not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: name the section, one of {list(SECTIONS)} (e.g. r1_zero.steps=30)")
+    r = Recipe(**{name: load_config(cls, path, [o for o in overrides if o.startswith(name + ".")], section=name)
+                  for name, cls in SECTIONS.items()})
+    if out:
+        r.demo.out_dir = out
+    for name in ("eval", "pretrain", "r1_zero", "cold_start", "reasoning_rl", "student_base", "distill",
+                 "student_grpo"):
+        cfg = getattr(r, name)
+        cfg.task, cfg.task_args = r.demo.task, dict(r.demo.task_args)
+    for d in (r.cold_start, r.distill):
+        d.student.task, d.student.task_args = r.demo.task, dict(r.demo.task_args)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: each takes (recipe, DIR) and returns its summary; paths between stages are fixed here
+# ---------------------------------------------------------------------------------------------
+def _base(r: Recipe, d: Path) -> dict:
+    from r1kit.stages import pretrain
+    r.pretrain.out_dir = str(d / "base")
+    return pretrain.run(r.pretrain)
+
+
+def _control(r: Recipe, d: Path) -> dict:
+    return {"model": str(d / "base" / "model"), "prefix": r.demo.control_prefix,
+            "note": "no training: the base model with its answer forced to begin with the prefix"}
+
+
+def _grpo(cfg: GRPOConfig, base: Path, out: Path) -> dict:
+    from r1kit.stages import grpo
+    cfg.base, cfg.out_dir = str(base), str(out)
+    s = grpo.run(cfg)
+    if "stopped" in s:
+        raise RuntimeError(f"{out.name}: GRPO stopped early: {s['stopped']}")
+    return s
+
+
+def _r1_zero(r: Recipe, d: Path) -> dict:
+    return _grpo(r.r1_zero, d / "base" / "model", d / "r1_zero")
+
+
+def _distill(cfg: DistillConfig, teacher: Path, student_base: Path, out: Path) -> dict:
+    from r1kit.stages import distill
+    cfg.teacher, cfg.out_dir, cfg.student.base = str(teacher), str(out), str(student_base)
+    return distill.run(cfg)
+
+
+def _cold_start(r: Recipe, d: Path) -> dict:
+    return _distill(r.cold_start, d / "r1_zero" / "model", d / "base" / "model", d / "cold_start")
+
+
+def _reasoning_rl(r: Recipe, d: Path) -> dict:
+    return _grpo(r.reasoning_rl, d / "cold_start" / "student" / "model", d / "reasoning_rl")
+
+
+def _student_base(r: Recipe, d: Path) -> dict:
+    from r1kit.stages import pretrain
+    r.student_base.out_dir, r.student_base.tokenizer = str(d / "student_base"), str(d / "base" / "model")
+    return pretrain.run(r.student_base)
+
+
+def _distill_student(r: Recipe, d: Path) -> dict:
+    return _distill(r.distill, d / "reasoning_rl" / "model", d / "student_base" / "model", d / "distill")
+
+
+def distill_wall_seconds(s: dict) -> float:
+    """The distilled student's cost: sampling the teacher plus training the student (no evals)."""
+    return float(s.get("rejection", {}).get("seconds", 0.0)) + float(s.get("student", {}).get("train_seconds", 0.0))
+
+
+def _student_grpo(r: Recipe, d: Path) -> dict:
+    dist = read_summary(d / "distill")
+    if dist is None or "refused" in dist:
+        return {"skipped": "there is no distilled student to compare with"}
+    r.student_grpo.time_budget_s = round(distill_wall_seconds(dist), 1)
+    s = _grpo(r.student_grpo, d / "student_base" / "model", d / "student_grpo")
+    s["matched_seconds"] = r.student_grpo.time_budget_s
+    return s
+
+
+# name → (what it does, function, the checkpoint its eval grades)
+STAGES = {
+    "base": ("pretrain the teacher's base from scratch", _base, "base/model"),
+    "control": ("base forced to open <think>, no RL", _control, "base/model"),
+    "r1_zero": ("GRPO from the base (R1-Zero)", _r1_zero, "r1_zero/model"),
+    "cold_start": ("rejection-sample R1-Zero, SFT the base", _cold_start, "cold_start/student/model"),
+    "reasoning_rl": ("GRPO from the cold-start model", _reasoning_rl, "reasoning_rl/model"),
+    "student_base": ("pretrain a small dense student", _student_base, "student_base/model"),
+    "distill": ("rejection-sample the teacher, SFT the student", _distill_student, "distill/student/model"),
+    "student_grpo": ("the student by GRPO alone, same wall time", _student_grpo, "student_grpo/model"),
+}
+
+
+def read_summary(stage_dir: Path) -> dict | None:
+    """A finished stage's summary, or None (missing, or cut short by a kill while being written)."""
+    try:
+        return json.loads((stage_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+class Clock:
+    """Wall seconds per stage in DIR/stage_seconds.json, added up over interrupted runs.
+
+    A SIGINT adds the time spent so far; a SIGKILL loses only the killed run's part of one stage.
+    """
+
+    def __init__(self, d: Path):
+        self.path = d / "stage_seconds.json"
+        self.seconds = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
+        _write_json(self.path, self.seconds)
+
+
+def run_stage(r: Recipe, d: Path, name: str, clock: Clock) -> tuple[dict, dict | None]:
+    """Train (unless finished) and evaluate (unless done) one stage → (summary, eval result)."""
+    what, fn, ckpt = STAGES[name]
+    sdir = d / name
+    summary = read_summary(sdir)
+    ev = _read_eval(sdir)
+    if summary is not None and (ev is not None or "refused" in summary or "skipped" in summary):
+        print0(f"demo: {name}: finished earlier, skipping")
+        return summary, ev
+    t0 = time.perf_counter()
+    try:
+        if summary is None:
+            sdir.mkdir(parents=True, exist_ok=True)
+            try:
+                summary = fn(r, d)
+            except NoTracesError as e:  # nothing to distill: say so in the report, don't crash
+                print0(f"demo: {name}: refused: {e}")
+                summary = {"refused": str(e), "rejection": _read_json(sdir / "rejection.json")}
+            _write_json(sdir / "summary.json", summary)
+        if "refused" not in summary and "skipped" not in summary:
+            ev = _evaluate(r, d, name, ckpt)
+    finally:
+        clock.add(name, time.perf_counter() - t0)
+    return summary, ev
+
+
+def _evaluate(r: Recipe, d: Path, name: str, ckpt: str) -> dict:
+    from dataclasses import replace
+
+    from r1kit.stages import evaluate
+    prefix = r.demo.control_prefix if name == "control" else r.eval.prefix
+    cfg = replace(r.eval, checkpoint=str(d / ckpt), out=str(d / name / "eval.json"), prefix=prefix)
+    return evaluate.run(cfg)
+
+
+def _read_eval(sdir: Path) -> dict | None:
+    return _read_json(sdir / "eval.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run(r: Recipe) -> dict:
+    """All stages in order (skipping finished ones) → DIR/summary.json and DIR/report.md."""
+    from r1kit import report
+    if r.demo.threads > 0:
+        import torch
+        torch.set_num_threads(r.demo.threads)
+    d = Path(r.demo.out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    clock, t0 = Clock(d), time.perf_counter()
+    results = {}
+    for i, name in enumerate(STAGES, 1):
+        print0(f"\n━━ demo [{i}/{len(STAGES)}] {name}: {STAGES[name][0]}")
+        results[name] = run_stage(r, d, name, clock)
+    summary = build_summary(r, d, results, clock.seconds, time.perf_counter() - t0)
+    _write_json(d / "summary.json", summary)
+    report.write_report(d, summary)
+    return summary
