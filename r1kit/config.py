@@ -109,11 +109,12 @@ def read_toml(path) -> dict:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def load_config(cls, path=None, overrides=(), base: dict | None = None, section: str | None = None):
+def load_config(cls, path=None, overrides=(), base: dict | None = None, section: str | None = None,
+                bare_keys: bool = True):
     """Recipe file (optionally one [section] of it) + `key=value` overrides → `cls` instance.
 
-    With a section, overrides may name it ("grpo.lr=1e-4") or not ("lr=1e-4"); overrides for
-    the recipe's other sections are left to those stages.
+    With a section, overrides may name it ("grpo.lr=1e-4") or, for the stage the command runs
+    (`bare_keys`), not ("lr=1e-4"); overrides for the recipe's other sections are left to them.
     """
     d = dict(base or {})
     where = str(path) if path else "defaults"
@@ -127,7 +128,8 @@ def load_config(cls, path=None, overrides=(), base: dict | None = None, section:
         if section is not None:
             if keys[0] == section:
                 keys = keys[1:]
-            elif keys[0] in raw and isinstance(raw[keys[0]], dict) and keys[0] not in _field_names(cls):
+            elif not bare_keys or (keys[0] in raw and isinstance(raw[keys[0]], dict)
+                                   and keys[0] not in _field_names(cls)):
                 continue  # another stage's override
         if not keys:
             raise ConfigError(f"--set {text!r}: expected {section}.KEY=VALUE")

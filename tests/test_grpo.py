@@ -217,3 +217,14 @@ def test_gpu_recipe_loads_and_steps_with_a_tiny_stand_in(tmp_path, monkeypatch):
     assert summary["steps"] == 1 and "stopped" not in summary
     m = metrics(tmp_path / "run" / "metrics.jsonl")
     assert m[0]["trained_groups"] == 2 and "kl" in m[0] and m[0]["grad_norm"] > 0
+
+
+def test_bare_overrides_go_to_the_stage_being_run(tmp_path):
+    from r1kit.stages.pretrain import PretrainConfig
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(root=tmp_path))
+    over = ["steps=9", "time_budget_s=5", "pretrain.lr=0.01"]
+    g = load_config(GRPOConfig, recipe, over, section="grpo")
+    p = load_config(PretrainConfig, recipe, over, section="pretrain", bare_keys=False)
+    assert (g.steps, g.time_budget_s) == (9, 5.0)
+    assert (p.steps, p.lr) == (30, 0.01)

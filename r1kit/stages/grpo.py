@@ -312,8 +312,11 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
     engine, alarms = Engine(model, tok), Alarms(cfg)
     rl_seconds = summary.get("rl_seconds", 0.0)
+    # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
+    spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
+    step = start - 1
     with Progress(cfg.steps, "grpo", start) as bar:
-        for step in range(start, cfg.steps):
+        for step in range(start, start if spent else cfg.steps):
             t0 = time.perf_counter()
             try:
                 m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine)
@@ -402,5 +405,5 @@ def main(args) -> int:
         cfg.out_dir = args.out
     pre = None
     if args.config and "pretrain" in read_toml(args.config):  # the recipe can make its own base
-        pre = load_config(PretrainConfig, args.config, args.overrides, section="pretrain")
+        pre = load_config(PretrainConfig, args.config, args.overrides, section="pretrain", bare_keys=False)
     return 1 if "stopped" in run(cfg, pre) else 0
