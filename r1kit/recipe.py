@@ -22,6 +22,7 @@ which stops on a wall-clock budget: its step count depends on the machine's spee
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +81,10 @@ def load_recipe(path=None, overrides=(), out: str | None = None) -> Recipe:
         r.demo.out_dir = out
     for name in ("eval", "pretrain", "r1_zero", "cold_start", "reasoning_rl", "student_base", "distill",
                  "student_grpo"):
-        cfg = getattr(r, name)
-        cfg.task, cfg.task_args = r.demo.task, dict(r.demo.task_args)
+        cfg = getattr(r, name)  # a stage's own task_args (e.g. reward weights) add to the demo's
+        cfg.task, cfg.task_args = r.demo.task, {**r.demo.task_args, **cfg.task_args}
     for d in (r.cold_start, r.distill):
-        d.student.task, d.student.task_args = r.demo.task, dict(r.demo.task_args)
+        d.student.task, d.student.task_args = r.demo.task, dict(d.task_args)
     return r
 
 
@@ -125,6 +126,10 @@ def _cold_start(r: Recipe, d: Path) -> dict:
 
 
 def _reasoning_rl(r: Recipe, d: Path) -> dict:
+    cold = read_summary(d / "cold_start") or {}
+    if "refused" in cold:  # no cold-start data: RL continues from R1-Zero, as the report says
+        s = _grpo(r.reasoning_rl, d / "r1_zero" / "model", d / "reasoning_rl")
+        return dict(s, started_from="r1_zero (the cold start was refused)")
     return _grpo(r.reasoning_rl, d / "cold_start" / "student" / "model", d / "reasoning_rl")
 
 
@@ -261,3 +266,119 @@ def run(r: Recipe) -> dict:
     _write_json(d / "summary.json", summary)
     report.write_report(d, summary)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and the final screen
+# ---------------------------------------------------------------------------------------------
+def _stage_entry(name: str, d: Path, summary: dict, ev: dict | None, seconds: float) -> dict:
+    m = ev["metrics"] if ev else {}
+    k = ev["k"] if ev else None
+    e = {"what": STAGES[name][0], "seconds": seconds, "model": str(d / STAGES[name][2]) if ev else None,
+         "greedy_accuracy": m.get("greedy_accuracy"), "pass_at_1": m.get("pass_at_1"),
+         "pass_at_1_ci": m.get("pass_at_1_ci"), "cons_at_k": m.get(f"cons_at_{k}"),
+         "pass_at_k": m.get("pass_at_k", {}).get(str(k)), "think_rate": m.get("think_rate"),
+         "response_length": m.get("response_length")}
+    for key in ("refused", "skipped", "started_from", "steps", "rl_seconds", "matched_seconds", "train_seconds"):
+        if key in summary:
+            e[key] = summary[key]
+    if isinstance(summary.get("rejection"), dict):
+        e["rejection"] = {k: v for k, v in summary["rejection"].items() if k != "unsolved_examples"}
+        e["rejection"]["unsolved_examples"] = summary["rejection"].get("unsolved_examples", [])[:3]
+    if isinstance(summary.get("student"), dict):
+        e["train_seconds"] = summary["student"].get("train_seconds")
+    return e
+
+
+def build_summary(r: Recipe, d: Path, results: dict, seconds: dict, this_run: float) -> dict:
+    from r1kit.stages.evaluate import versions
+    stages = {n: _stage_entry(n, d, s, ev, seconds.get(n, 0.0)) for n, (s, ev) in results.items()}
+    dist, solo = stages["distill"], stages["student_grpo"]
+    comparison = None
+    if dist.get("pass_at_1") is not None and solo.get("pass_at_1") is not None:
+        gap = dist["pass_at_1"] - solo["pass_at_1"]
+        overlap = dist["pass_at_1_ci"][0] <= solo["pass_at_1_ci"][1] and solo["pass_at_1_ci"][0] <= dist["pass_at_1_ci"][1]
+        comparison = {"distilled": {"pass_at_1": dist["pass_at_1"], "seconds": distill_wall_seconds(results["distill"][0])},
+                      "grpo_only": {"pass_at_1": solo["pass_at_1"], "seconds": solo.get("rl_seconds"),
+                                    "steps": solo.get("steps")},
+                      "winner": "tie" if gap == 0 else ("distillation" if gap > 0 else "grpo"),
+                      "pass_at_1_gap": gap, "intervals_overlap": overlap}
+    example = next((dict(ev["metrics"]["example"], stage=n) for n in ("distill", "reasoning_rl", "r1_zero")
+                    if (ev := results[n][1]) and ev["metrics"].get("example")), None)
+    return {"out_dir": str(d), "task": r.demo.task, "task_args": r.demo.task_args,
+            "eval": {"k": r.eval.k, "temperature": r.eval.temperature, "top_p": r.eval.top_p,
+                     "problems": r.eval.problems, "max_new_tokens": r.eval.max_new_tokens, "seed": r.eval.seed},
+            "versions": versions(), "stages": stages,
+            "student_pass_at_1": dist.get("pass_at_1"), "student_greedy_accuracy": dist.get("greedy_accuracy"),
+            "teacher_pass_at_1": stages["reasoning_rl"].get("pass_at_1"),
+            "r1_zero_pass_at_1": stages["r1_zero"].get("pass_at_1"),
+            "control_pass_at_1": stages["control"].get("pass_at_1"), "base_pass_at_1": stages["base"].get("pass_at_1"),
+            "comparison": comparison, "example": example,
+            "total_seconds": round(sum(seconds.values()), 1), "this_run_seconds": round(this_run, 1)}
+
+
+def _fmt(x, pct: bool = True) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:.1f}" if pct else f"{x:.0f}"
+
+
+def print_final(summary: dict, report_path: Path) -> None:
+    """The stage table, the headline numbers, the report's path, and one solved problem."""
+    from rich.console import Console
+    from rich.table import Table
+    con = Console()
+    k = summary["eval"]["k"]
+    t = Table(title=f"r1kit demo — {summary['task']}: {summary['eval']['problems']} held-out problems, "
+                    f"pass@1 over k={k} samples at T={summary['eval']['temperature']}")
+    for col in ("stage", "wall s", "greedy %", "pass@1 % [95% CI]", f"cons@{k} %", "think %"):
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    for name, e in summary["stages"].items():
+        ci = e.get("pass_at_1_ci")
+        p1 = "—" if e.get("pass_at_1") is None else f"{_fmt(e['pass_at_1'])} [{_fmt(ci[0])}–{_fmt(ci[1])}]"
+        if "refused" in e or "skipped" in e:
+            p1 = "refused" if "refused" in e else "skipped"
+        t.add_row(name, _fmt(e["seconds"], False), _fmt(e.get("greedy_accuracy")), p1,
+                  _fmt(e.get("cons_at_k")), _fmt(e.get("think_rate")))
+    con.print(t)
+    con.print(f"student pass@1 {_fmt(summary['student_pass_at_1'])}% · teacher {_fmt(summary['teacher_pass_at_1'])}% · "
+              f"base forced to <think>, no RL {_fmt(summary['control_pass_at_1'])}% · "
+              f"total {summary['total_seconds']:.0f} s", highlight=False)
+    c = summary.get("comparison")
+    if c:
+        con.print(f"distilled student {_fmt(c['distilled']['pass_at_1'])}% vs GRPO-only student "
+                  f"{_fmt(c['grpo_only']['pass_at_1'])}% at ~{c['distilled']['seconds']:.0f} s each → {c['winner']}",
+                  highlight=False)
+    for name in ("cold_start", "distill"):
+        if "refused" in summary["stages"][name]:
+            con.print(f"{name} refused: {summary['stages'][name]['refused']}", highlight=False)
+    con.print(f"report: {report_path}", highlight=False)
+    _print_example(con, summary)
+
+
+def _print_example(con, summary: dict) -> None:
+    ex = summary.get("example")
+    if not ex:
+        return
+    who = {"distill": "the distilled student"}.get(ex["stage"], f"the {ex['stage']} model")
+    con.print(f"\n[bold]One solved problem[/bold] ({who}, held-out, sampled at T={summary['eval']['temperature']}):",
+              highlight=False)
+    m = re.search(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", ex["completion"], re.DOTALL)
+    lines = [ex["prompt"]] + ([f"<think> {m.group(1).strip()} </think>", f"<answer> {m.group(2).strip()} </answer>"]
+                              if m else [ex["completion"]])
+    for ln in lines:
+        con.print("  " + ln, markup=False, highlight=False, soft_wrap=True)
+    con.print(f"  ✓ correct (reference {ex['answer']})", markup=False, highlight=False)
+
+
+def add_args(p) -> None:
+    add_config_args(p)
+    p.description = (p.description or "") + f". Recipe: {DEFAULT_RECIPE} unless --config is given; " \
+        "--set SECTION.KEY=VALUE overrides one key (sections: " + ", ".join(SECTIONS) + ")."
+
+
+def main(args) -> int:
+    r = load_recipe(args.config, args.overrides, args.out)
+    summary = run(r)
+    print_final(summary, Path(r.demo.out_dir) / "report.md")
+    return 0

@@ -108,6 +108,15 @@ def test_mtp_matches_transformers_mtp_model(tmp_path):
     assert (mine - want).abs().max() <= 1e-4
 
 
+def test_translate_handles_expert_index_and_dense_tables_unchanged():
+    assert hf.translate("layers.3.attn.wq.weight", hf.DENSE_NAME_MAP, True) == "model.layers.3.self_attn.q_proj.weight"
+    assert hf.translate("model.layers.3.mlp.up_proj.weight", hf.DENSE_NAME_MAP, False) == "layers.3.ffn.w3.weight"
+    fam = hf.FAMILIES["DeepseekV3ForCausalLM"]
+    hf_name = "model.layers.12.mlp.experts.255.down_proj.weight"
+    assert hf.translate("layers.12.ffn.experts.255.w2.weight", fam.name_map, True) == hf_name
+    assert hf.translate(hf_name, fam.name_map, False) == "layers.12.ffn.experts.255.w2.weight"
+
+
 def test_config_round_trip_and_checks():
     cfg = tiny(q_lora_rank=12, rope_scaling=YARN, balance="aux_loss", seq_aux_alpha=0.01, mtp_lambda=0.5)
     d = json.loads(json.dumps(config_to_hf(cfg)))

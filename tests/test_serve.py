@@ -192,14 +192,14 @@ def _wait_idle(server, timeout: float = 10.0) -> dict:
 
 def test_disconnects_free_slots_and_server_stays_healthy(server, client):
     before = _wait_idle(server)["cancelled"]
-    body = {"model": "tiny", "messages": ask(PAIRS[5][0]), "max_tokens": 230, "ignore_eos": True,
+    # 1000 tokens a row: far more than the few steps a disconnect takes to be noticed
+    body = {"model": "tiny", "messages": ask(PAIRS[5][0]), "max_tokens": 1000, "ignore_eos": True,
             "temperature": 0, "stream": True}
 
     def hang_up_mid_stream(_):
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as res:
             assert res.status_code == 200
-            lines = res.iter_lines()
-            next(lines), next(lines)  # the role event and some text, then leave
+            next(res.iter_lines())  # the first event, then leave
 
     def give_up_waiting(_):  # a non-streaming client that times out
         try:
@@ -210,9 +210,9 @@ def test_disconnects_free_slots_and_server_stays_healthy(server, client):
 
     with ThreadPoolExecutor(12) as pool:  # more clients than slots: some leave while still waiting
         list(pool.map(hang_up_mid_stream, range(12)))
-        # 4 × 8 rows for 8 slots: at least the later three are still waiting after 0.2 s
+        # 4 × 8 rows for 8 slots: each gives up running or waiting
         timeouts = sum(pool.map(give_up_waiting, range(4)))
-    assert timeouts >= 3
+    assert timeouts == 4
     after = _wait_idle(server)
     assert after["cancelled"] - before >= 12 + timeouts
     q, r, a = PAIRS[5]
@@ -237,11 +237,11 @@ BAD = [
     ({**GOOD, "top_p": 0}, 400, "top_p", "invalid_value"),
     ({**GOOD, "messages": "hi"}, 400, "messages", "invalid_type"),
     ({**GOOD, "messages": []}, 400, "messages", "invalid_value"),
-    ({**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "invalid_type"),
+    ({**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
     ({**GOOD, "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content", "invalid_type"),
     ({"messages": GOOD["messages"]}, 400, "model", "missing_required_parameter"),
     ({**GOOD, "model": "gpt-9"}, 404, "model", "model_not_found"),
-    ({**GOOD, "messages": [{"role": "user", "content": "apple " * 400}]}, 400, "messages", "context_length_exceeded"),
+    ({**GOOD, "messages": [{"role": "user", "content": "apple " * 1200}]}, 400, "messages", "context_length_exceeded"),
     ({**GOOD, "max_tokens": 100000}, 400, "messages", "context_length_exceeded"),
     ({**GOOD, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
 ]
@@ -260,7 +260,7 @@ def test_bad_requests_get_openai_errors(server, body, status, param, code):
 
 def test_errors_through_the_openai_client(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=ask("apple " * 400))
+        client.chat.completions.create(model="tiny", messages=ask("apple " * 1200))
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=ask("hi"))
@@ -361,63 +361,12 @@ def test_web_chat_in_headless_chromium(server):
 # ---------------------------------------------------------------------------------------------
 # a .gguf file through llama.cpp
 # ---------------------------------------------------------------------------------------------
-def write_gguf(ckpt, path) -> None:
-    """The tiny checkpoint as a qwen2-architecture GGUF (F32): llama.cpp's qwen2 rotates
-    half-vectors as r1kit does, so the weights go in unpermuted (with zero q/k/v biases)."""
-    import json
-
-    import gguf
-    import numpy as np
-    import r1kit
-    model, tok = r1kit.load(ckpt, device="cpu")
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    spec = json.loads((ckpt / "tokenizer.json").read_text())
-    vocab = sorted(tok.tk.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    added = {a["content"]: a["special"] for a in spec["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([gguf.TokenType.CONTROL if added.get(t) else gguf.TokenType.USER_DEFINED if t in added
-                       else gguf.TokenType.NORMAL for t, _ in vocab])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.eos_id)
-    w.add_add_bos_token(False)
-    w.add_chat_template(tok.jinja_template())
-    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
-    names = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight",
-             "attn.wk.weight": "attn_k.weight", "attn.wv.weight": "attn_v.weight",
-             "attn.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
-             "ffn.w1.weight": "ffn_gate.weight", "ffn.w3.weight": "ffn_up.weight", "ffn.w2.weight": "ffn_down.weight"}
-    w.add_tensor("token_embd.weight", sd["embed.weight"])
-    w.add_tensor("output_norm.weight", sd["norm.weight"])
-    w.add_tensor("output.weight", sd["head.weight"])
-    for i in range(c.num_hidden_layers):
-        for ours, theirs in names.items():
-            w.add_tensor(f"blk.{i}.{theirs}", sd[f"layers.{i}.{ours}"])
-        for x in "qkv":
-            rows = sd[f"layers.{i}.attn.w{x}.weight"].shape[0]
-            w.add_tensor(f"blk.{i}.attn_{x}.bias", np.zeros(rows, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_through_llama_cpp(ckpt, tmp_path):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
+    from r1kit.export.gguf import export_checkpoint
     path = tmp_path / "tiny.gguf"
-    write_gguf(ckpt, path)
+    export_checkpoint(ckpt, path, quant="F32")  # what `r1kit export` writes
     backend = load_backend(str(path), max_len=256)
     assert backend.name == "tiny" and backend.capacity == 1
     with ServerThread(create_app(backend)) as url:

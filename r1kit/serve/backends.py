@@ -66,6 +66,8 @@ class TorchBackend:
         if gen.exists():  # sampling defaults the model was published with, as vLLM uses them
             cfg = json.loads(gen.read_text())
             defaults = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if isinstance(cfg.get(k), (int, float))}
+            if cfg.get("do_sample") is False:  # published as greedy
+                defaults["temperature"] = 0.0
         return cls(model, tok, name, capacity, max_len or min(limit, 4096), defaults)
 
     def kv_cache_bytes(self) -> int:

@@ -103,7 +103,7 @@ def parse_request(raw: bytes) -> ChatRequest:
         param = _param_path(data, err["loc"], missing=err["type"] == "missing")
         kind = err["type"]
         code = "missing_required_parameter" if kind == "missing" else \
-            "invalid_type" if kind.endswith("_type") or kind in ("literal_error", "model_type") else "invalid_value"
+            "invalid_type" if kind.endswith("_type") else "invalid_value"
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code=code) from None
     if any(not s for s in req.stops):
         raise APIError(400, "Invalid value for 'stop': stop strings must not be empty", param="stop",

@@ -37,16 +37,28 @@ class Handle:
 
     async def events(self):
         """Yield (index, token, finish_reason) until every choice has finished."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self):
+        """Like events(), but everything that has arrived comes at once: a consumer that fell
+        behind (a busy server) catches up in one go, e.g. with one network write."""
         left = self.n
         try:
             while left:
-                item = await self.queue.get()
-                if item is _CANCELLED:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                left -= item[2] is not None
-                yield item
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                for i, item in enumerate(items):
+                    if item is _CANCELLED:
+                        return
+                    if isinstance(item, BaseException):
+                        if i:
+                            yield items[:i]
+                        raise item
+                    left -= item[2] is not None
+                yield items
         finally:
             self.done = True
 

@@ -34,7 +34,7 @@ from r1kit.serve.backends import BackendError, load_backend
 from r1kit.serve.protocol import (APIError, ChatRequest, chunk, completion_body, delta_choice, error_body,
                                   parse_request, usage)
 from r1kit.serve.scheduler import RequestFailed, Scheduler
-from r1kit.serve.text import ChoiceText
+from r1kit.serve.text import ChoiceText, Delta
 
 log = logging.getLogger("r1kit.serve")
 STATIC = Path(__file__).parent / "static"
@@ -189,16 +189,16 @@ async def _stream(sched, handle, watcher, req: ChatRequest, rid: str, model: str
     try:
         yield chunk(rid, model, created, [delta_choice(i, {"role": "assistant", "content": ""})
                                           for i in range(len(texts))], with_usage=with_usage)
-        async for index, token, reason in handle.events():
-            d = texts[index].push(token)
-            if reason is not None:
-                tail = texts[index].finish()
-                d.reasoning, d.content = d.reasoning + tail.reasoning, d.content + tail.content
-            delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", d.content)) if v}
-            if delta:
-                yield chunk(rid, model, created, [delta_choice(index, delta)], with_usage=with_usage)
-            if reason is not None:
-                yield chunk(rid, model, created, [delta_choice(index, {}, reason)], with_usage=with_usage)
+        async for batch in handle.batches():
+            out = ""
+            for index, (d, reason) in _merge(batch, texts).items():
+                delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", d.content)) if v}
+                if delta:
+                    out += chunk(rid, model, created, [delta_choice(index, delta)], with_usage=with_usage)
+                if reason is not None:
+                    out += chunk(rid, model, created, [delta_choice(index, {}, reason)], with_usage=with_usage)
+            if out:
+                yield out
         if handle.cancelled:
             return  # the client is gone
         if with_usage:
@@ -211,6 +211,18 @@ async def _stream(sched, handle, watcher, req: ChatRequest, rid: str, model: str
         sched.cancel(handle.id)
 
 
+def _merge(batch, texts: list[ChoiceText]) -> dict[int, tuple[Delta, str | None]]:
+    """Tokens that arrived together → per choice: the text they add and the finish reason."""
+    out: dict[int, tuple[Delta, str | None]] = {}
+    for index, token, reason in batch:
+        d, _ = out.setdefault(index, (Delta(), None))
+        parts = [texts[index].push(token)] + ([texts[index].finish()] if reason is not None else [])
+        for p in parts:
+            d.reasoning, d.content = d.reasoning + p.reasoning, d.content + p.content
+        out[index] = (d, reason)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +230,7 @@ def add_args(p) -> None:
     p.add_argument("ckpt", help="checkpoint directory (r1kit or Hugging Face format), or a .gguf file "
                                 "(served by llama.cpp, one request at a time; needs llama-cpp-python)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-batch", type=int, default=16,
                    help="sequences decoded together; more requests wait for a free slot")
     p.add_argument("--max-len", type=int, default=None,

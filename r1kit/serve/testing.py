@@ -39,7 +39,7 @@ def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accurac
     replies = [f"<think>\n{r}\n</think>\n\n{a}" for _, r, a in pairs]
     tok = build_bpe_tokenizer([q for q, _, _ in pairs] + replies, vocab_size=320, force_think=True)
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     model = Llama(cfg).init_weights(seed=seed)
     ids, targets = _training_batch(tok, pairs, replies)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
