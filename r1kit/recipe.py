@@ -205,7 +205,7 @@ class Clock:
 
 def run_stage(r: Recipe, d: Path, name: str, clock: Clock) -> tuple[dict, dict | None]:
     """Train (unless finished) and evaluate (unless done) one stage → (summary, eval result)."""
-    what, fn, ckpt = STAGES[name]
+    _, fn, ckpt = STAGES[name]
     sdir = d / name
     summary = read_summary(sdir)
     ev = _read_eval(sdir)

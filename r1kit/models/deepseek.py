@@ -29,9 +29,7 @@ reduction "none" (per-token NLL for SFT/GRPO), only the main next-token loss.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -201,7 +199,7 @@ class MLACache(_Measured, KVCache):
     Positions/attn_mask/advance are llama.KVCache's; storage is our own.
     """
 
-    def __init__(self, n_layers, batch, max_len, kv_lora_rank, rope_dim, dtype, device):  # noqa: super not called
+    def __init__(self, n_layers, batch, max_len, kv_lora_rank, rope_dim, dtype, device):  # own storage: no super()
         self.kv = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.kv_lora_rank = kv_lora_rank
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -402,7 +400,7 @@ class MoE(nn.Module):
         counts = torch.bincount(expert_of, minlength=len(self.experts)).tolist()
         token = order // k  # (N·k,) token of each sorted pair
         batches = x[token].split(counts)  # per expert: (n_e, d)
-        out = torch.cat([self.experts[e](b) if len(b) else b for e, b in enumerate(batches)])  # (N·k, d)
+        out = torch.cat([self.experts[e](b) for e, b in enumerate(batches) if len(b)])  # (N·k, d), in order
         out = (out * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, out)  # sum each token's k expert outputs
 
@@ -718,22 +716,4 @@ NAME_MAP = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "mode
             *[(f"layers.{{i}}.{a}.weight", f"model.layers.{{i}}.{b}.weight") for a, b in _MTP]]
 
 
-@lru_cache(maxsize=None)
-def _template_regex(t: str) -> re.Pattern:
-    return re.compile("^" + re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
-
-
-def translate(name: str, name_map: list[tuple[str, str]], to_hf: bool) -> str | None:
-    """hf.translate with a second placeholder, "{e}" (expert index); "{i}"-only tables map as before."""
-    for ours, theirs in name_map:
-        src, dst = (ours, theirs) if to_hf else (theirs, ours)
-        m = _template_regex(src).match(name)
-        if m:
-            for key, value in m.groupdict().items():
-                dst = dst.replace("{" + key + "}", value)
-            return dst
-    return None
-
-
-hf.translate = translate  # hf_state_names looks translate up at call time; a drop-in superset
 hf.register(hf.Family("DeepseekV3ForCausalLM", "deepseek_v3", config_from_hf, config_to_hf, NAME_MAP, DeepseekV3))

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,10 +107,17 @@ def register(family: Family) -> None:
     FAMILIES[family.arch] = family
 
 
+# families that live in their own module register themselves when it is imported
+FAMILY_MODULES = {"DeepseekV3ForCausalLM": "r1kit.models.deepseek"}
+
+
 def family_for(arch: str, where: str) -> Family:
+    if arch not in FAMILIES and arch in FAMILY_MODULES:
+        import importlib
+        importlib.import_module(FAMILY_MODULES[arch])
     if arch not in FAMILIES:
         raise CheckpointError(f"{where}: unknown architecture {arch!r}; "
-                              f"supported: {', '.join(sorted(FAMILIES))}")
+                              f"supported: {', '.join(sorted({*FAMILIES, *FAMILY_MODULES}))}")
     return FAMILIES[arch]
 
 
@@ -197,8 +205,10 @@ for _arch, (_mt, _, _) in _DENSE.items():
 # ---------------------------------------------------------------------------------------------
 # Name maps
 # ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
 def _template_regex(t: str) -> re.Pattern:
-    return re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$")
+    """A name template → regex; "{i}" is a layer index, "{e}" an expert index."""
+    return re.compile("^" + re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
 
 
 def translate(name: str, name_map: list[tuple[str, str]], to_hf: bool) -> str | None:
@@ -207,7 +217,9 @@ def translate(name: str, name_map: list[tuple[str, str]], to_hf: bool) -> str | 
         src, dst = (ours, hf) if to_hf else (hf, ours)
         m = _template_regex(src).match(name)
         if m:
-            return dst.replace("{i}", m.group(1)) if m.groups() else dst
+            for key, value in m.groupdict().items():
+                dst = dst.replace("{" + key + "}", value)
+            return dst
     return None
 
 
@@ -290,7 +302,7 @@ def _load_file(file: Path, names: list[str], wanted: dict, sd: dict, dtype) -> N
                 if tuple(t.shape) != tuple(dst.shape):
                     raise CheckpointError(f"{file}: tensor {hf!r} has shape {list(t.shape)}, "
                                           f"config.json implies {list(dst.shape)}")
-                dst.copy_(t.to(dtype))
+                dst.copy_(t.to(dst.dtype))  # buffers kept in fp32 (router bias) stay fp32
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
@@ -376,4 +388,3 @@ class AtomicDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
-import r1kit.models.deepseek  # noqa: E402,F401  (registers DeepseekV3ForCausalLM)

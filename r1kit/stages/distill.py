@@ -207,6 +207,8 @@ def run(cfg: DistillConfig) -> dict:
     check_traces(traces, task)
     student = cfg.student
     student.data, student.out_dir = [str(traces)], str(out / "student")
+    if not student.base and not student.tokenizer and cfg.teacher:  # a fresh student speaks the teacher's tokens
+        student.tokenizer = str(resolve_ckpt(cfg.teacher))
     if not student.task and cfg.task:
         student.task, student.task_args = cfg.task, dict(cfg.task_args)
     s = sft.run(student)

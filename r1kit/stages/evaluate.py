@@ -247,14 +247,33 @@ class EvalConfig:
 def evaluate_model(model, tok, task, problems, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """k samples (and one greedy answer) per problem → (metrics, per-sample records)."""
     from r1kit.engine import SamplingParams
-    from r1kit.rollout import answers, rollout
+    from r1kit.rollout import rollout
+    from r1kit.training import Progress
 
     if not problems:
         raise ValueError(f"eval: task {task.name!r} has no test problems to evaluate on")
     model.eval()
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             n=cfg.k, seed=cfg.seed)
-    groups = rollout(model, tok, task, problems, params, system=cfg.system, prefix=cfg.prefix)
+    bar = Progress(2 if cfg.greedy else 1, "eval")
+    with bar:
+        groups = rollout(model, tok, task, problems, params, system=cfg.system, prefix=cfg.prefix)
+        bar.update(1, f"{len(problems)} × {cfg.k} samples")
+        m, records = _grade(task, problems, groups, cfg)
+        if cfg.greedy:
+            greedy = rollout(model, tok, task, problems, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0),
+                             system=cfg.system, prefix=cfg.prefix)
+            hits = sum(g[0].correct for g in greedy)
+            m.update(greedy_accuracy=hits / len(problems), greedy_accuracy_ci=list(wilson_interval(hits, len(problems))))
+            records += [dict(g[0].record(), sample="greedy") for g in greedy]
+            bar.update(2, "greedy")
+    m["example"] = _solved_example(records)
+    return m, records
+
+
+def _grade(task, problems, groups, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """k graded samples per problem → R1's metrics (pass@1 with its interval, cons@k, pass@k, rates)."""
+    from r1kit.rollout import answers
     correct = [[r.correct for r in g] for g in groups]
     flat = [r for g in groups for r in g]
     mean, low, high = pass_at_1_ci(correct) if len(problems) > 1 else (pass_at_1_mean(correct), 0.0, 1.0)
@@ -267,15 +286,7 @@ def evaluate_model(model, tok, task, problems, cfg: EvalConfig) -> tuple[dict, l
          "format_rate": sum(r.reward.get("format", 0.0) for r in flat) / len(flat),
          "response_length": sum(len(r.sample.tokens) for r in flat) / len(flat),
          "truncation_rate": sum(r.sample.finish_reason == "length" for r in flat) / len(flat)}
-    records = [dict(r.record(), sample=j) for g in groups for j, r in enumerate(g)]
-    if cfg.greedy:
-        greedy = rollout(model, tok, task, problems, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0),
-                         system=cfg.system, prefix=cfg.prefix)
-        hits = sum(g[0].correct for g in greedy)
-        m.update(greedy_accuracy=hits / len(problems), greedy_accuracy_ci=list(wilson_interval(hits, len(problems))))
-        records += [dict(g[0].record(), sample="greedy") for g in greedy]
-    m["example"] = _solved_example(records)
-    return m, records
+    return m, [dict(r.record(), sample=j) for g in groups for j, r in enumerate(g)]
 
 
 def _solved_example(records: list[dict]) -> dict | None:
