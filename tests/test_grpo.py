@@ -228,3 +228,26 @@ def test_bare_overrides_go_to_the_stage_being_run(tmp_path):
     p = load_config(PretrainConfig, recipe, over, section="pretrain", bare_keys=False)
     assert (g.steps, g.time_budget_s) == (9, 5.0)
     assert (p.steps, p.lr) == (30, 0.01)
+
+
+def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
+    """MLA + MoE + MTP base from scratch, then GRPO steps that move the router biases."""
+    from r1kit import checkpoint
+    from r1kit.stages import grpo, pretrain
+    from r1kit.training import ModelSpec
+
+    spec = ModelSpec(arch="deepseek", config=dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128))
+    pretrain.run(pretrain.PretrainConfig(out_dir=str(tmp_path / "base"), model=spec, steps=4, batch_size=8,
+                                         save_every=4, eval_problems=4, max_new_tokens=16))
+    before, _ = checkpoint.load(tmp_path / "base" / "model")
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.rand(len(rollouts)))
+    cfg = grpo.GRPOConfig(base=str(tmp_path / "base"), out_dir=str(tmp_path / "grpo"), steps=2, prompts_per_step=2,
+                          group_size=4, max_new_tokens=12, eval_problems=4, kl_coef=0.01)
+    summary = grpo.run(cfg)
+    assert summary["steps"] == 2 and "stopped" not in summary
+    after, _ = checkpoint.load(tmp_path / "grpo" / "model")
+    bias = "layers.1.ffn.gate.e_score_correction_bias"
+    assert not torch.equal(before.state_dict()[bias], after.state_dict()[bias])  # aux-loss-free update ran
