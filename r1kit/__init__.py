@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from r1kit.checkpoint import load, save  # noqa: E402
 
+__all__ = ["load", "save", "generate"]
+
 
 def generate(model, tok, prompts, n: int = 1, max_new_tokens: int = 256, temperature: float = 0.6,
              top_p: float = 0.95, top_k: int = 0, stop=(), seed: int | None = None, chat: bool = True):

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r1kit.models import hf
-from r1kit.models.llama import MLP, KVCache, RMSNorm, token_loss
+from r1kit.models.llama import MLP, KVCache, RMSNorm, init_weights_, token_loss
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")
 LATENT_NORM_EPS = 1e-6  # q_norm / kv_norm: DeepSeek's and HF's code use the RMSNorm default, not rms_norm_eps
@@ -507,16 +507,8 @@ class DeepseekV3(nn.Module):
             gate.load = torch.zeros_like(gate.load, device=dev)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "DeepseekV3":
-        """Fresh weights for training from scratch; residual outputs scaled by depth (GPT-2)."""
-        g = torch.Generator().manual_seed(seed)
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            else:
-                s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * s)
+        """Fresh weights as for the dense family (llama.init_weights_), router biases and loads at 0."""
+        init_weights_(self, self.config.num_hidden_layers, seed, std)
         for gate in self.gates():
             gate.e_score_correction_bias.zero_()
             gate.load.zero_()

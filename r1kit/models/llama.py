@@ -273,16 +273,7 @@ class Llama(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(self.embed.weight.device)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "Llama":
-        """Fresh weights for training from scratch; residual outputs scaled by depth (GPT-2)."""
-        g = torch.Generator().manual_seed(seed)
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            else:
-                s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * s)
+        init_weights_(self, self.config.num_hidden_layers, seed, std)
         return self
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
@@ -320,6 +311,21 @@ class Llama(nn.Module):
         if targets is None:
             return logits
         return token_loss(logits, targets, loss_reduction)
+
+
+def init_weights_(model: nn.Module, n_layers: int, seed: int, std: float) -> None:
+    """Fresh weights for training from scratch: N(0, std), norms 1, biases 0, and the projections
+    that write into the residual stream (wo, w2) scaled by 1/sqrt(2·layers) as in GPT-2, so the
+    residual's variance does not grow with depth. Seeded: the same seed gives the same model."""
+    g = torch.Generator().manual_seed(seed)
+    out_std = std / math.sqrt(2 * n_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            else:
+                s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -13,7 +13,6 @@ rollouts of step s are seeded by (seed, s) and the prompt order by the seed alon
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
