@@ -14,7 +14,9 @@ single tokens (as in Qwen's pre-tokenizer), the reasoning tags are whole tokens.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex
@@ -130,12 +132,28 @@ class TokenizerError(ValueError):
     pass
 
 
+@lru_cache(maxsize=16)
+def _compiled(template: str):
+    """A checkpoint's chat template, compiled the way transformers does (sandboxed, trimmed blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: __import__("datetime").datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
 class Tokenizer:
     """`tokenizers.Tokenizer` + a chat style. ids are plain Python lists of ints."""
 
     def __init__(self, tk: HFTokenizer, style: str | None = None, force_think: bool = False,
                  chat_template: str | None = None, eos: str | None = None, bos: str | None = None):
         self.tk, self.style_name, self.force_think = tk, style, force_think
+        # a checkpoint's own Jinja template (None: render with r1kit's style, whose Jinja is equivalent)
         self.chat_template = chat_template
         st = STYLES.get(style) if style else None
         self.eos_token = eos or (st.eos if st else None)
@@ -187,19 +205,51 @@ class Tokenizer:
                     or not isinstance(m.get("content"), str):
                 raise TokenizerError(f"message {i}: expected {{'role': system|user|assistant, "
                                      f"'content': str}}, got {m!r:.120}")
-        text, spans = self.style.render(messages, add_generation_prompt, self.force_think)
+        if self.chat_template is not None:
+            text, spans = self._render_jinja(messages, add_generation_prompt)
+        else:
+            text, spans = self.style.render(messages, add_generation_prompt, self.force_think)
         enc = self.tk.encode(text, add_special_tokens=False)
         mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc.offsets]
         return enc.ids, mask
+
+    def _render_jinja(self, messages: list[dict], gen: bool) -> tuple[str, list[tuple[int, int]]]:
+        """Render with the checkpoint's own template; assistant spans from rendering each prefix.
+
+        A turn's span runs from where "history + assistant header" and "history + this turn" part
+        to the end of the latter (its end token included, trailing newlines not). That needs a template that
+        renders earlier turns the same whatever follows them; one that does not is refused.
+        """
+        tpl, kw = _compiled(self.chat_template), {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        text = tpl.render(messages=messages, add_generation_prompt=gen, **kw)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = tpl.render(messages=messages[:i], add_generation_prompt=True, **kw)
+            upto = tpl.render(messages=messages[: i + 1], add_generation_prompt=False, **kw).rstrip("\n")
+            # the turn starts where the two renders part (a forced "<think>\n" header may differ)
+            start = len(os.path.commonprefix([head, upto]))
+            if not text.startswith(upto):
+                raise TokenizerError("the checkpoint's chat template renders earlier turns differently once "
+                                     "later ones follow, so assistant tokens cannot be located for the loss mask; "
+                                     "train on single-turn data or set r1kit.chat_style in tokenizer_config.json")
+            spans.append((start, len(upto)))
+        return text, spans
 
     def chat_prompt(self, messages: list[dict] | str) -> list[int]:
         """ids ready for generation: the conversation + the assistant header."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if self.chat_template is not None:  # no loss mask needed: skip the per-turn renders
+            tpl = _compiled(self.chat_template)
+            text = tpl.render(messages=messages, add_generation_prompt=True,
+                              bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self.tk.encode(text, add_special_tokens=False).ids
         return self.render_chat(messages, add_generation_prompt=True)[0]
 
     def jinja_template(self) -> str:
-        if self.chat_template and self.style_name is None:
+        if self.chat_template is not None:
             return self.chat_template
         return self.style.jinja.replace("{THINK}", "<think>\n" if self.force_think else "")
 
@@ -210,7 +260,8 @@ class Tokenizer:
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token or None,
                "eos_token": self.eos_token, "pad_token": self.tk.id_to_token(self.pad_id),
                "clean_up_tokenization_spaces": False, "model_max_length": 131072,
-               "r1kit": {"chat_style": self.style_name, "force_think": self.force_think}}
+               "r1kit": {"chat_style": self.style_name, "force_think": self.force_think,
+                         "template": "checkpoint" if self.chat_template is not None else "r1kit"}}
         if self.style_name or self.chat_template:
             cfg["chat_template"] = self.jinja_template()
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
@@ -235,11 +286,17 @@ class Tokenizer:
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         style = ours.get("chat_style") or detect_style(template)
         force = bool(ours.get("force_think", False))
-        if "r1kit" not in cfg and template and style:  # e.g. R1-Distill's template opens <think>
-            tail = template.split("add_generation_prompt")[-1]
-            force = "<think>" in tail
+        external = bool(template) and ours.get("template", "checkpoint" if "r1kit" not in cfg else "r1kit") == "checkpoint"
+        if external and "r1kit" not in cfg and style:  # e.g. R1-Distill's template opens <think>
+            force = "<think>" in template.split("add_generation_prompt")[-1]
+        if external:
+            try:
+                _compiled(template)
+            except Exception as e:  # jinja2.TemplateSyntaxError and friends
+                raise TokenizerError(f"{tc}: chat_template does not compile ({e})") from None
         tok_text = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-        return cls(tk, style, force, template, eos=tok_text(cfg.get("eos_token")), bos=tok_text(cfg.get("bos_token")))
+        return cls(tk, style, force, template if external else None, eos=tok_text(cfg.get("eos_token")),
+                   bos=tok_text(cfg.get("bos_token")))
 
 
 def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1",

@@ -54,3 +54,52 @@ def test_bad_messages_and_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="tokenizer.json: cannot read tokenizer"):
         Tokenizer.load(tmp_path)
+
+
+# A checkpoint's own template, Qwen2.5-like: a default system prompt when none is given.
+QWEN_LIKE = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+             "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+             "{%- endif %}{%- for message in messages %}{%- if message.role != 'system' %}"
+             "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}"
+             "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_checkpoints_own_template_is_rendered_and_kept(tmp_path):
+    tok = build_bpe_tokenizer(CORPUS, vocab_size=360, style="chatml")
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["r1kit"]
+    cfg["chat_template"] = QWEN_LIKE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = Tokenizer.load(tmp_path)
+    msgs = MESSAGES[1:]  # no system message: the template adds its default one
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+    ids, mask = loaded.render_chat(msgs, add_generation_prompt=True)
+    assert ids == list(theirs) == loaded.chat_prompt(msgs)
+    assert "You are a helpful assistant." in loaded.decode(ids)
+    trained = loaded.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == msgs[1]["content"] + "<|im_end|>"
+    loaded.save(tmp_path / "again") if (tmp_path / "again").mkdir() is None else None
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["chat_template"] == QWEN_LIKE
+    assert Tokenizer.load(tmp_path / "again").render_chat(msgs, add_generation_prompt=True) == (ids, mask)
+
+
+def test_a_template_that_rewrites_history_is_refused_for_masks(tmp_path):
+    tok = build_bpe_tokenizer(CORPUS, vocab_size=360, style="deepseek-r1")
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["r1kit"]
+    # like R1's own template: earlier answers lose their reasoning once another turn follows
+    cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                            "{% else %}{% set c = m['content'] %}{% if not loop.last %}{% set c = c.split('</think>')[-1] %}"
+                            "{% endif %}<｜Assistant｜>{{ c }}{{ eos_token }}{% endif %}{% endfor %}"
+                            "{% if add_generation_prompt %}<｜Assistant｜><think>\\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.force_think
+    two_turns = [MESSAGES[1], MESSAGES[2], MESSAGES[1], MESSAGES[2]]
+    with pytest.raises(TokenizerError, match="renders earlier turns differently"):
+        loaded.render_chat(two_turns)
+    assert loaded.render_chat(two_turns[:2])[1].count(1) > 0  # one turn is fine
