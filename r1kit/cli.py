@@ -43,7 +43,14 @@ def main(argv=None) -> int:
         print(top_help(), file=sys.stderr)
         return 2
     module_name, help_ = VERBS[verb]
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # an optional extra is not installed: say which, in one line
+        extra = "serve" if verb in ("serve", "chat") else "dev"
+        msg = (f"needs the Python package '{e.name}' — pip install 'r1kit[{extra}]'"
+               if isinstance(e, ModuleNotFoundError) else str(e))
+        print(f"r1kit {verb}: {msg}", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(prog=f"r1kit {verb}", description=help_)
     module.add_args(p)
     args = p.parse_args(argv[1:])
