@@ -214,7 +214,9 @@ def run_stage(r: Recipe, d: Path, name: str, clock: Clock) -> tuple[dict, dict |
         return summary, ev
     t0 = time.perf_counter()
     try:
-        if summary is None:
+        if summary is not None:
+            print0(f"demo: {name}: trained earlier, evaluating")
+        else:
             sdir.mkdir(parents=True, exist_ok=True)
             try:
                 summary = fn(r, d)

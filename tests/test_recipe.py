@@ -196,7 +196,8 @@ def test_killed_demo_resumes_to_the_same_result(tmp_path):
     b = subprocess.run(demo_cmd(cfg, tmp_path / "b"), capture_output=True, text=True, env=ENV, timeout=300)
     assert b.returncode == 0, b.stderr[-2000:]
     assert "base: finished earlier, skipping" in b.stdout and "r1_zero: finished earlier" in b.stdout
-    assert "resuming" in b.stdout or "cold_start: finished earlier" in b.stdout
+    # killed mid-SFT → it resumes; killed in the stage's evaluation → only that reruns
+    assert any(m in b.stdout for m in ("resuming", "cold_start: trained earlier", "cold_start: finished earlier"))
     sa, sb = (json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
     for name, e in sa["stages"].items():
         if name == "student_grpo":  # stops on a wall-clock budget: its length depends on the machine
