@@ -37,8 +37,15 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
     return path
 
 
+def has_trainer_state(path) -> bool:
+    """Whether `path` is a checkpoint a stage can resume from (finishing an interrupted swap first)."""
+    hf.recover_swap(path)
+    return (Path(path) / "trainer_state" / "state.json").exists()
+
+
 def load(path, device=None, dtype=None):
     """→ (model, tokenizer) from a checkpoint directory (ours or a Hugging Face one)."""
+    hf.recover_swap(path)
     from r1kit.common import resolve_device, resolve_dtype
     device = resolve_device(device)
     model = hf.load_model(path, device=device, dtype=resolve_dtype(dtype, device))
@@ -80,7 +87,7 @@ def load_trainer_state(path, optimizer=None) -> tuple[dict, dict]:
     if not (path / "state.json").exists():
         raise hf.CheckpointError(f"{path}: no trainer state to resume from")
     if optimizer is not None and (path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    blob = torch.load(path / "rng.pt", weights_only=False)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    blob = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     set_rng_state(blob.pop("rng"))
     return json.loads((path / "state.json").read_text()), blob

@@ -56,15 +56,29 @@ def main(argv=None) -> int:
     args = p.parse_args(argv[1:])
     from r1kit.config import ConfigError
     from r1kit.models.hf import CheckpointError
+    from r1kit.rewards import RewardError
     from r1kit.tokenizer import TokenizerError
     try:
         return module.main(args) or 0
-    except (ConfigError, CheckpointError, TokenizerError) as e:  # user errors: one line, no traceback
+    except (ConfigError, CheckpointError, TokenizerError, RewardError) as e:  # user errors: one line
+        print(f"r1kit {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad values met deeper (task files, sampling settings): still one line
+        if not _raised_by_r1kit_check(e):
+            raise
         print(f"r1kit {verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nr1kit {verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def _raised_by_r1kit_check(e: ValueError) -> bool:
+    """A ValueError raised by r1kit's own input checks (not a bug deep in a library) → report it."""
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "/r1kit/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Device, dtype, distributed init, printing and seeding — the few things every stage needs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -78,3 +79,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for bf16/fp16 (weights and optimizer stay fp32); a no-op for fp32."""
+    if dtype in (torch.bfloat16, torch.float16) and device.type != "cpu":
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()

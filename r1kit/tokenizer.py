@@ -287,16 +287,16 @@ class Tokenizer:
         style = ours.get("chat_style") or detect_style(template)
         force = bool(ours.get("force_think", False))
         external = bool(template) and ours.get("template", "checkpoint" if "r1kit" not in cfg else "r1kit") == "checkpoint"
-        if external and "r1kit" not in cfg and style:  # e.g. R1-Distill's template opens <think>
-            force = "<think>" in template.split("add_generation_prompt")[-1]
-        if external:
-            try:
-                _compiled(template)
-            except Exception as e:  # jinja2.TemplateSyntaxError and friends
-                raise TokenizerError(f"{tc}: chat_template does not compile ({e})") from None
         tok_text = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-        return cls(tk, style, force, template if external else None, eos=tok_text(cfg.get("eos_token")),
-                   bos=tok_text(cfg.get("bos_token")))
+        eos, bos = tok_text(cfg.get("eos_token")), tok_text(cfg.get("bos_token"))
+        if external:
+            try:  # does the generation prompt itself open the reasoning (R1-Distill does, Qwen3 doesn't)?
+                opened = _compiled(template).render(messages=[{"role": "user", "content": "1+1"}],
+                                                    add_generation_prompt=True, bos_token=bos or "", eos_token=eos or "")
+            except Exception as e:  # jinja2.TemplateSyntaxError, a template's raise_exception, …
+                raise TokenizerError(f"{tc}: chat_template does not render ({e})") from None
+            force = opened.rstrip().endswith("<think>")
+        return cls(tk, style, force, template if external else None, eos=eos, bos=bos)
 
 
 def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1",

@@ -85,7 +85,7 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                    if (rec := _parse(ln)) is not None and rec.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
@@ -97,7 +97,15 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return [rec for ln in self.path.read_text().splitlines() if (rec := _parse(ln)) is not None]
+
+
+def _parse(line: str) -> dict | None:
+    """One metrics line; None for a blank one or the half-written last line a kill can leave."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def resolve_ckpt(path) -> Path:

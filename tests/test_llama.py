@@ -197,3 +197,27 @@ def test_generate_api_and_cli(saved, capsys):
     assert len(texts) == 2 and len(texts[0]) == 2 and all(isinstance(t, str) for t in texts[0])
     assert main(["generate", str(saved), "--prompt", "12+34=", "--max-new-tokens", "4"]) == 0
     assert "> 12+34=" in capsys.readouterr().out
+
+
+def test_tied_checkpoint_that_stores_its_head_loads(tmp_path, tiny_tok):
+    from safetensors.torch import load_file, save_file
+    m = make_model("qwen2")  # tied
+    r1kit.save(m, tiny_tok, tmp_path / "c")
+    f = tmp_path / "c" / "model.safetensors"
+    sd = load_file(f)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, f)
+    m2, _ = r1kit.load(tmp_path / "c")
+    idx = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(m2(idx), m(idx))
+
+
+def test_a_crash_between_the_two_renames_of_a_save_loses_nothing(tmp_path, tiny_tok):
+    from r1kit import checkpoint
+    m = make_model("llama3")
+    r1kit.save(m, tiny_tok, tmp_path / "c", trainer_state={"state": {"step": 3}})
+    (tmp_path / "c").rename(tmp_path / ".c.old-4242")  # the old one moved aside, the new one never arrived
+    assert checkpoint.has_trainer_state(tmp_path / "c")
+    m2, _ = r1kit.load(tmp_path / "c")
+    assert (tmp_path / "c" / "config.json").exists() and oct((tmp_path / "c").stat().st_mode)[-3:] != "700"

@@ -95,7 +95,7 @@ def test_a_template_that_rewrites_history_is_refused_for_masks(tmp_path):
     cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
                             "{% else %}{% set c = m['content'] %}{% if not loop.last %}{% set c = c.split('</think>')[-1] %}"
                             "{% endif %}<｜Assistant｜>{{ c }}{{ eos_token }}{% endif %}{% endfor %}"
-                            "{% if add_generation_prompt %}<｜Assistant｜><think>\\n{% endif %}")
+                            "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     loaded = Tokenizer.load(tmp_path)
     assert loaded.force_think
@@ -103,3 +103,17 @@ def test_a_template_that_rewrites_history_is_refused_for_masks(tmp_path):
     with pytest.raises(TokenizerError, match="renders earlier turns differently"):
         loaded.render_chat(two_turns)
     assert loaded.render_chat(two_turns[:2])[1].count(1) > 0  # one turn is fine
+
+
+def test_force_think_is_read_from_what_the_template_renders(tmp_path):
+    tok = build_bpe_tokenizer(CORPUS, vocab_size=360, style="chatml")
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["r1kit"]
+    # Qwen3-like: "<think>" appears after add_generation_prompt, but only when thinking is switched off
+    cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                            "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+                            "{% endif %}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert not Tokenizer.load(tmp_path).force_think

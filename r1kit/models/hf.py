@@ -275,8 +275,11 @@ def load_state(model, path: Path, dtype: torch.dtype) -> None:
     """Fill `model` from the directory's safetensors, checking presence, shapes and extras."""
     files, wanted = tensor_files(path), hf_state_names(model)
     sd = model.state_dict()
+    # a tied checkpoint may still store its (identical) head: it is the embedding, nothing to load
+    tied_head = translate("head.weight", family_of(model).name_map, True) \
+        if getattr(model.config, "tie_word_embeddings", False) else None
     for hf in files:
-        if hf not in wanted and not IGNORED_TENSORS.match(hf):
+        if hf not in wanted and not IGNORED_TENSORS.match(hf) and hf != tied_head:
             raise CheckpointError(f"{files[hf]}: unexpected tensor {hf!r} (not used by {model.config.architecture} "
                                   "with this config.json)")
     by_file: dict[Path, list[str]] = {}
@@ -373,7 +376,11 @@ class AtomicDir:
         parent = self.path.parent
         if not parent.is_dir():
             raise CheckpointError(f"{parent}: output directory does not exist")
+        recover_swap(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -388,3 +395,14 @@ class AtomicDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def recover_swap(path) -> None:
+    """Finish a swap a crash interrupted: between moving the old checkpoint aside and moving the
+    new one in, `path` is missing while `.NAME.old-PID` still holds the last good checkpoint."""
+    path = Path(path)
+    if path.exists():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], path)

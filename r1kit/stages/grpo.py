@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r1kit import checkpoint, rl
-from r1kit.common import print0, seed_everything
+from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config, read_toml
 from r1kit.engine import Engine, SamplingParams
 from r1kit.rewards import overlong_penalty
@@ -51,7 +51,7 @@ class GRPOConfig:
     grad_clip: float = 1.0
     micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
     device: str = "auto"  # auto = cuda → mps → cpu
-    dtype: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
     advantage: str = "grpo"  # grpo | drgrpo
     adv_eps: float = 1e-4
@@ -80,6 +80,10 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
+        try:
+            resolve_dtype(self.dtype, resolve_device(self.device))
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"grpo.dtype / grpo.device: {e}") from None
 
 
 LOSSES = {"clipped": "clipped_token_loss", "dual_clip": "dual_clip_token_loss", "gspo": "gspo_sequence_loss"}
@@ -89,7 +93,7 @@ LOSSES = {"clipped": "clipped_token_loss", "dual_clip": "dual_clip_token_loss", 
 # Batch → tensors
 # ---------------------------------------------------------------------------------------------
 def to_tensors(rollouts: list[Rollout], pad_id: int):
-    """→ idx (N, P+T), completion mask (N, T), old log-probs (N, T), completion start P per row.
+    """→ idx (N, P+T), completion mask (N, T), completion start P per row.
 
     Rows are right-padded; completions start at different offsets when prompts are ragged, so
     log-probs are gathered per row at its own completion positions.
@@ -99,15 +103,12 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
     T = max(len(r.sample.tokens) for r in rollouts)
     idx = torch.full((N, L), pad_id, dtype=torch.long)
     mask = torch.zeros(N, T)
-    old = torch.zeros(N, T)
     starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
     for i, r in enumerate(rollouts):
         seq = r.prompt_ids + r.sample.tokens
         idx[i, : len(seq)] = torch.tensor(seq)
-        n = len(r.sample.tokens)
-        mask[i, :n] = 1
-        old[i, :n] = torch.tensor(r.sample.logprobs)
-    return idx, mask, old, starts
+        mask[i, : len(r.sample.tokens)] = 1
+    return idx, mask, starts
 
 
 def completion_logits(model, idx, starts, T: int, temperature: float):
@@ -139,26 +140,33 @@ def rewards_of(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
 class MicroBatch:
     idx: torch.Tensor  # (n, L)
     mask: torch.Tensor  # (n, T)
-    old: torch.Tensor  # (n, T)
+    old: torch.Tensor | None  # (n, T) log-probs before the update; None: μ = 1, the current ones
     starts: torch.Tensor  # (n,)
     targets: torch.Tensor  # (n, T)
     adv: torch.Tensor  # (n,)
     ref_logp: torch.Tensor | None
 
 
-def micro_batches(cfg: GRPOConfig, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
-    """Split the batch into micro-batches of at most cfg.micro_batch rows (0 = one batch)."""
+def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
+    """Split the batch into micro-batches of at most cfg.micro_batch rows (0 = one batch).
+
+    Old log-probs come from a training-style forward, not from the sampler: in bf16 the two
+    differ by a few hundredths per token, and that noise alone would trip the clip. With μ = 1
+    the policy has not moved yet, so the current log-probs (detached) are the old ones.
+    """
     size = cfg.micro_batch or len(rollouts)
     out = []
     for a in range(0, len(rollouts), size):
-        idx, mask, old, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
         T = mask.shape[1]
         targets = completion_targets(idx, starts, T)
-        ref_logp = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = rl.token_logprobs(completion_logits(ref, idx, starts, T, cfg.temperature), targets)
-        out.append(MicroBatch(idx, mask, old, starts, targets, adv[a:a + size].to(device), ref_logp))
+        logp = {}
+        with torch.no_grad():
+            for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
+                if m is not None:
+                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, T, cfg.temperature), targets)
+        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
+                              logp.get("ref")))
     return out
 
 
@@ -187,7 +195,7 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     T = mb.mask.shape[1]
     logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
     logp = rl.token_logprobs(logits, mb.targets)
-    per_tok, s = loss_fn(logp, mb.old, mb.adv, mb.mask, **kw)
+    per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
     loss = agg(per_tok, mb.mask)
     if mb.ref_logp is not None:
         kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp), mb.mask)
@@ -205,7 +213,9 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
 def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> dict:
     """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics."""
     device = model.embed.weight.device
-    mbs = micro_batches(cfg, rollouts, adv, ref, pad_id, device)
+    amp = resolve_dtype(cfg.dtype, device)  # fp32 master weights and AdamW; bf16 matmuls on a GPU
+    with autocast(device, amp):
+        mbs = micro_batches(cfg, model, rollouts, adv, ref, pad_id, device)
     n_tokens = float(sum(mb.mask.sum() for mb in mbs))
     loss_fn, kw, agg = _loss_setup(cfg)
     stats: dict[str, float] = {}
@@ -213,7 +223,9 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
         opt.zero_grad(set_to_none=True)
         for mb in mbs:
             w = chunk_weight(cfg.aggregation, mb, n_tokens, len(rollouts))
-            for k, v in micro_step(cfg, model, mb, loss_fn, kw, agg, w).items():
+            with autocast(device, amp):
+                step_stats = micro_step(cfg, model, mb, loss_fn, kw, agg, w)
+            for k, v in step_stats.items():
                 stats[k] = stats.get(k, 0.0) + v / cfg.mu
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not torch.isfinite(gn):
@@ -283,8 +295,10 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine) -> tuple
     rewards = rewards_of(cfg, rollouts)
     adv = rl.ADVANTAGES[cfg.advantage](rewards, cfg.group_size, **({"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}))
     zero_var = rl.zero_variance_groups(rewards, cfg.group_size)
-    # zero-advantage groups carry no gradient: skip them (always), or drop them (dynamic sampling)
-    keep = ~rl.expand_group_mask(zero_var, cfg.group_size)
+    # groups whose rewards are all equal have zero advantage: dynamic sampling (DAPO) drops them,
+    # so they neither dilute the loss normaliser nor cost a backward pass; otherwise they stay
+    # (their only gradient is then the KL term, and they count in the aggregation, as in GRPO)
+    keep = ~rl.expand_group_mask(zero_var, cfg.group_size) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
     m = step_metrics(cfg, rollouts, rewards, zero_var)
     t1 = time.perf_counter()
     set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
@@ -354,7 +368,7 @@ def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict) -> None:
 def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
     """Resume from DIR/model, or start from the base (pretraining it first when the recipe says how)."""
     ckpt = out / "model"
-    resuming = (ckpt / "trainer_state" / "state.json").exists()
+    resuming = checkpoint.has_trainer_state(ckpt)
     base = resolve_ckpt(cfg.base)
     if not resuming and not (base / "config.json").exists():
         if pretrain_cfg is None:
@@ -364,7 +378,9 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         pretrain_cfg.out_dir = str(cfg.base)
         pretrain.run(pretrain_cfg)
         base = resolve_ckpt(cfg.base)
-    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device, dtype=cfg.dtype)
+    # the policy stays fp32: AdamW steps of ~lr·1 would round away on bf16 weights (lr 1e-6 ≪ bf16's
+    # spacing at 0.02); `dtype` is the autocast compute dtype. The frozen reference can be bf16.
+    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device, dtype="float32")
     ref = None
     if cfg.kl_coef > 0:
         ref, _ = checkpoint.load(base, device=cfg.device, dtype=cfg.dtype)

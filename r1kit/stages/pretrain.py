@@ -105,7 +105,7 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def _resume_or_init(cfg, ckpt: Path, task, problems):
-    if (ckpt / "trainer_state" / "state.json").exists():
+    if checkpoint.has_trainer_state(ckpt):
         model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
         opt = adamw(model, cfg.lr, cfg.weight_decay)
         state, _ = checkpoint.load_trainer_state(ckpt, opt)

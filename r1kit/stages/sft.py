@@ -297,7 +297,7 @@ def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[f
 
 def _resume_or_init(cfg: SFTConfig, ckpt: Path):
     """→ model, tokenizer, optimizer, start step, saved state (empty when starting fresh)."""
-    if (ckpt / "trainer_state" / "state.json").exists():
+    if checkpoint.has_trainer_state(ckpt):
         model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
         opt = adamw(model, cfg.lr, cfg.weight_decay)
         state, _ = checkpoint.load_trainer_state(ckpt, opt)

@@ -222,7 +222,17 @@ def get_task(name: str, **kwargs) -> Task:
             raise ValueError(f"cannot load task {name!r}: {error}") from error
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise ValueError(f"task {name!r} is not a subclass of r1kit.tasks.Task")
-        return cls(**kwargs)
+        return _build(name, cls, kwargs)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)} (or use 'module:Class')")
-    return TASKS[name](**kwargs)
+    return _build(name, TASKS[name], kwargs)
+
+
+def _build(name: str, cls: type, kwargs: dict) -> Task:
+    """Construct a task; a wrong argument or an unreadable data file becomes one clear ValueError."""
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # e.g. a misspelt task_args key
+        raise ValueError(f"task {name!r}: {error}") from None
+    except OSError as error:  # a data file that is missing or unreadable
+        raise ValueError(f"task {name!r}: {error}") from None
