@@ -244,10 +244,14 @@ def stop_text(text: str, stops: tuple[str, ...]) -> str:
 
 
 class Engine:
-    """generate(): many prompts × n samples through one Batch, returned grouped per prompt."""
+    """generate(): many prompts × n samples, returned grouped per prompt.
 
-    def __init__(self, model, tokenizer=None):
-        self.model, self.tok = model, tokenizer
+    At most `max_batch` rows decode at once; the rest wait and take slots as rows finish, so a
+    whole evaluation set (thousands of prompts × k) never needs one giant KV cache.
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 256):
+        self.model, self.tok, self.max_batch = model, tokenizer, max_batch
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
@@ -257,16 +261,21 @@ class Engine:
         if not rows:
             return []
         max_len = max(len(p) for _, p in rows) + params.max_new_tokens
-        batch = Batch(self.model, self.tok, len(rows), max_len)
+        batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len)
         if params.seed is not None:  # one seed makes the whole call reproducible
             batch.shared_gen.manual_seed(params.seed)
         row_params = replace(params, seed=None)
         was_training = self.model.training
         self.model.eval()
         try:
-            batch.add([p for _, p in rows], [row_params] * len(rows), list(range(len(rows))))
-            while batch.active:
-                batch.step()
+            waiting = list(range(len(rows)))
+            while waiting or batch.active:
+                free = len(batch.free_slots)
+                if waiting and free:  # admit waiting rows into the slots finished ones left
+                    take, waiting = waiting[:free], waiting[free:]
+                    batch.add([rows[t][1] for t in take], [row_params] * len(take), take)
+                if batch.active:
+                    batch.step()
         finally:
             self.model.train(was_training)
         out: list[list[Sample]] = [[] for _ in prompts]

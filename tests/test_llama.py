@@ -221,3 +221,12 @@ def test_a_crash_between_the_two_renames_of_a_save_loses_nothing(tmp_path, tiny_
     assert checkpoint.has_trainer_state(tmp_path / "c")
     m2, _ = r1kit.load(tmp_path / "c")
     assert (tmp_path / "c" / "config.json").exists() and oct((tmp_path / "c").stat().st_mode)[-3:] != "700"
+
+
+def test_more_rows_than_max_batch_wait_for_free_slots():
+    m = make_model("qwen3")
+    prompts = [[i + 1, i + 2, i + 3] for i in range(7)]
+    sp = SamplingParams(max_new_tokens=6, temperature=0, n=2, ignore_eos=True)
+    small = Engine(m, max_batch=3).generate(prompts, sp)
+    big = Engine(m).generate(prompts, sp)
+    assert [[s.tokens for s in g] for g in small] == [[s.tokens for s in g] for g in big]

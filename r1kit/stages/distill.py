@@ -129,7 +129,7 @@ def sample_traces(cfg: DistillConfig, out: Path) -> dict:
     teacher = resolve_ckpt(cfg.teacher)
     if not (teacher / "config.json").exists():
         raise ConfigError(f"distill.teacher: {cfg.teacher} has no checkpoint (config.json)")
-    model, tok = checkpoint.load(teacher, device="cpu", dtype="float32")
+    model, tok = checkpoint.load(teacher, device=cfg.student.device, dtype=cfg.student.dtype)  # the student's device
     task = get_task(cfg.task, **cfg.task_args)
     problems = task.problems("train", cfg.prompt_offset + cfg.prompts)[cfg.prompt_offset:]
     t0 = time.perf_counter()

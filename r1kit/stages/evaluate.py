@@ -242,6 +242,8 @@ class EvalConfig:
     prefix: str = ""  # text forced at the start of each answer; "<think>" = the no-RL control
     greedy: bool = True  # also grade one greedy completion per problem
     out: str = "eval.json"
+    device: str = "auto"  # auto = cuda → mps → cpu
+    dtype: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
 
 
 def evaluate_model(model, tok, task, problems, cfg: EvalConfig) -> tuple[dict, list[dict]]:
@@ -316,7 +318,7 @@ def run(cfg: EvalConfig) -> dict:
         raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json)")
     if cfg.k < 1 or cfg.problems < 1:
         raise ConfigError(f"eval: k and problems must be ≥ 1, got k={cfg.k}, problems={cfg.problems}")
-    model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
+    model, tok = checkpoint.load(ckpt, device=cfg.device, dtype=cfg.dtype)
     task = get_task(cfg.task, **cfg.task_args)
     problems = task.problems("test", cfg.problems)
     metrics, records = evaluate_model(model, tok, task, problems, cfg)
@@ -324,7 +326,8 @@ def run(cfg: EvalConfig) -> dict:
               "k": cfg.k, "seed": cfg.seed, "split": "test",
               "engine": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                          "samples_per_problem": cfg.k, "greedy": cfg.greedy, "prefix": cfg.prefix,
-                         "system": cfg.system, "device": "cpu", "dtype": "float32"},
+                         "system": cfg.system, "device": str(model.embed.weight.device),
+                         "dtype": str(model.embed.weight.dtype).removeprefix("torch.")},
              "versions": versions(), "metrics": metrics, "config": asdict(cfg)}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +360,8 @@ def add_args(p) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--prefix", help='force the answer to start with this text, e.g. "<think>"')
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--device", help="cuda, mps or cpu (default: detected)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on a GPU, else fp32)")
     add_config_args(p)  # --config (an [eval] section), --set, --out (default eval.json)
 
 
@@ -365,7 +370,7 @@ def main(args) -> int:
     cfg = load_config(EvalConfig, args.config, args.overrides, section="eval")
     flags = {"checkpoint": args.checkpoint, "task": args.task, "k": args.k, "problems": args.problems,
              "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-             "seed": args.seed, "prefix": args.prefix, "out": args.out}
+             "seed": args.seed, "prefix": args.prefix, "out": args.out, "device": args.device, "dtype": args.dtype}
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from r1kit import checkpoint
-from r1kit.common import print0, seed_everything
+from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config
 from r1kit.models.llama import IGNORE_INDEX
 from r1kit.tokenizer import Tokenizer, TokenizerError
@@ -67,8 +67,14 @@ class SFTConfig:
     task_args: dict = field(default_factory=dict)
     eval_problems: int = 200
     max_new_tokens: int = 96
+    device: str = "auto"  # auto = cuda → mps → cpu
+    dtype: str = "auto"  # compute (autocast) dtype; weights and AdamW stay fp32
 
     def __post_init__(self):
+        try:
+            resolve_dtype(self.dtype, resolve_device(self.device))
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"sft.dtype / sft.device: {e}") from None
         if isinstance(self.data, str):
             self.data = [self.data]
         if self.packing not in PACKING:
@@ -209,7 +215,7 @@ class DocumentMask:
         pass
 
 
-def make_batch(examples, rows: list[list[int]], cfg: SFTConfig, pad_id: int):
+def make_batch(examples, rows: list[list[int]], cfg: SFTConfig, pad_id: int, device=None):
     """Packed rows → idx, targets (B, T) and, for document packing, a DocumentMask.
 
     Targets are computed per document, so no document predicts the first token of the next.
@@ -233,6 +239,7 @@ def make_batch(examples, rows: list[list[int]], cfg: SFTConfig, pad_id: int):
             pos[b, at: at + n] = torch.arange(n)
             at += n
         pos[b, at:] = torch.arange(T - at)
+    idx, targets, doc, pos = (t.to(device) for t in (idx, targets, doc, pos))
     return idx, targets, (DocumentMask(doc, pos) if cfg.packing == "document" else None)
 
 
@@ -282,8 +289,10 @@ def run(cfg: SFTConfig) -> dict:
 
 def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[float, int]:
     set_lr(opt, lr_at(step, steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio))
-    idx, targets, docmask = make_batch(examples, rows, cfg, pad_id)
-    loss = model(idx, targets=targets, kv_cache=docmask)
+    device = model.embed.weight.device
+    idx, targets, docmask = make_batch(examples, rows, cfg, pad_id, device)
+    with autocast(device, resolve_dtype(cfg.dtype, device)):  # fp32 master weights, bf16 matmuls on a GPU
+        loss = model(idx, targets=targets, kv_cache=docmask)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"sft: loss is {loss.item()} at step {step + 1}; lower sft.lr")
     opt.zero_grad(set_to_none=True)
@@ -298,7 +307,7 @@ def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[f
 def _resume_or_init(cfg: SFTConfig, ckpt: Path):
     """→ model, tokenizer, optimizer, start step, saved state (empty when starting fresh)."""
     if checkpoint.has_trainer_state(ckpt):
-        model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
+        model, tok = checkpoint.load(ckpt, device=cfg.device, dtype="float32")
         opt = adamw(model, cfg.lr, cfg.weight_decay)
         state, _ = checkpoint.load_trainer_state(ckpt, opt)
         print0(f"sft: resuming {ckpt} at step {state['step']}")
@@ -307,14 +316,14 @@ def _resume_or_init(cfg: SFTConfig, ckpt: Path):
         base = resolve_ckpt(cfg.base)
         if not (base / "config.json").exists():
             raise ConfigError(f"sft.base: {cfg.base} has no checkpoint (config.json)")
-        model, tok = checkpoint.load(base, device="cpu", dtype="float32")
+        model, tok = checkpoint.load(base, device=cfg.device, dtype="float32")
         print0(f"sft: fine-tuning {base}")
     else:
         if not cfg.tokenizer:
             raise ConfigError("sft: set sft.base (a checkpoint to fine-tune) or sft.tokenizer (a checkpoint whose "
                               "tokenizer a fresh sft.model uses)")
         tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer))
-        model = build_model(cfg.model, tok.vocab_size, cfg.seed)
+        model = build_model(cfg.model, tok.vocab_size, cfg.seed).to(resolve_device(cfg.device))
         n = sum(p.numel() for p in model.parameters())
         print0(f"sft: fresh {cfg.model.arch} model, {n / 1e6:.2f}M parameters, tokenizer of {cfg.tokenizer}")
     return model, tok, adamw(model, cfg.lr, cfg.weight_decay), 0, {}
