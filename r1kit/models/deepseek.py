@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r1kit.models import hf
-from r1kit.models.llama import MLP, KVCache, RMSNorm, init_weights_, token_loss
+from r1kit.models.llama import MLP, KVCache, RMSNorm, init_weights_, select_positions, token_loss
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")
 LATENT_NORM_EPS = 1e-6  # q_norm / kv_norm: DeepSeek's and HF's code use the RMSNorm default, not rms_norm_eps
@@ -570,10 +570,10 @@ class DeepseekV3(nn.Module):
                 loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None):
         """idx (B, T) → logits (B, T, V), or a loss (see the module docstring).
 
-        logit_pos (B,): logits only at these positions of each row → (B, 1, V).
+        logit_pos (B,) or (B, T'): logits only at these positions of each row (see llama.select_positions).
         """
         h = self.hidden(idx, kv_cache)  # (B, T, d)
-        out = h if logit_pos is None else h[torch.arange(idx.shape[0], device=h.device), logit_pos][:, None]
+        out = h if logit_pos is None else select_positions(h, logit_pos)
         logits = self.head(out)
         if targets is None:
             return logits

@@ -289,8 +289,8 @@ class Llama(nn.Module):
                 loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None):
         """idx (B, T) → logits (B, T, V), or loss (see module docstring).
 
-        logit_pos (B,): compute logits only at these positions of each row → (B, 1, V);
-        prefill uses it to skip the vocabulary projection of every prompt token.
+        logit_pos (B,) or (B, T'): compute logits only at these positions of each row → (B, 1, V)
+        or (B, T', V); prefill and GRPO use it to skip the vocabulary projection of prompt tokens.
         """
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, d)
@@ -306,11 +306,18 @@ class Llama(nn.Module):
             kv_cache.advance(T)
         x = self.norm(x)
         if logit_pos is not None:
-            x = x[torch.arange(B, device=x.device), logit_pos][:, None]  # (B, 1, d)
+            x = select_positions(x, logit_pos)
         logits = self.head(x)
         if targets is None:
             return logits
         return token_loss(logits, targets, loss_reduction)
+
+
+def select_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, T, d) at pos (B,) → (B, 1, d), or at pos (B, T') → (B, T', d)."""
+    if pos.dim() == 1:
+        return x[torch.arange(x.shape[0], device=x.device), pos][:, None]
+    return x.gather(1, pos[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
 def init_weights_(model: nn.Module, n_layers: int, seed: int, std: float) -> None:

@@ -113,15 +113,13 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
 
 def completion_logits(model, idx, starts, T: int, temperature: float):
     """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler."""
-    logits = model(idx)  # (N, L, V)
-    pos = starts[:, None] - 1 + torch.arange(T)  # (N, T): position predicting completion token t
-    pos = pos.clamp(max=idx.shape[1] - 1)
-    logits = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))  # (N, T, V)
+    pos = starts[:, None] - 1 + torch.arange(T, device=idx.device)  # (N, T): predicts completion token t
+    logits = model(idx, logit_pos=pos.clamp(max=idx.shape[1] - 1))  # (N, T, V): no logits for the prompt
     return logits / temperature if temperature > 0 else logits
 
 
 def completion_targets(idx, starts, T: int):
-    pos = (starts[:, None] + torch.arange(T)).clamp(max=idx.shape[1] - 1)  # (N, T)
+    pos = (starts[:, None] + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (N, T)
     return idx.gather(1, pos)
 
 
