@@ -81,11 +81,17 @@ def save_trainer_state(path: Path, *, optimizer=None, state: dict | None = None,
     (path / "state.json").write_text(json.dumps(state or {}, indent=2) + "\n")
 
 
-def load_trainer_state(path, optimizer=None) -> tuple[dict, dict]:
-    """Restore the optimizer and global RNGs; → (state.json dict, extra objects saved in rng.pt)."""
+def load_trainer_state(path, optimizer=None, stage: str | None = None) -> tuple[dict, dict]:
+    """Restore the optimizer and global RNGs; → (state.json dict, extra objects saved in rng.pt).
+
+    `stage` guards against resuming another stage's run (e.g. --out pointed at a GRPO directory).
+    """
     path = Path(path) / "trainer_state"
     if not (path / "state.json").exists():
         raise hf.CheckpointError(f"{path}: no trainer state to resume from")
+    saved = json.loads((path / "state.json").read_text()).get("stage")
+    if stage is not None and saved not in (None, stage):
+        raise hf.CheckpointError(f"{path}: this is a {saved} run, not {stage}; choose another --out directory")
     if optimizer is not None and (path / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     blob = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)

@@ -261,6 +261,10 @@ class Engine:
         if not rows:
             return []
         max_len = max(len(p) for _, p in rows) + params.max_new_tokens
+        limit = getattr(self.model, "max_seq_len", None)
+        if limit is not None and max_len > limit:
+            raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
+                             f"context (max_position_embeddings = {limit})")
         batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len)
         if params.seed is not None:  # one seed makes the whole call reproducible
             batch.shared_gen.manual_seed(params.seed)

@@ -251,3 +251,10 @@ def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
     after, _ = checkpoint.load(tmp_path / "grpo" / "model")
     bias = "layers.1.ffn.gate.e_score_correction_bias"
     assert not torch.equal(before.state_dict()[bias], after.state_dict()[bias])  # aux-loss-free update ran
+
+
+def test_resuming_another_stages_run_is_refused(uninterrupted):
+    from r1kit import checkpoint
+    from r1kit.models.hf import CheckpointError
+    with pytest.raises(CheckpointError, match="this is a pretrain run, not grpo"):
+        checkpoint.load_trainer_state(uninterrupted / "base" / "model", stage="grpo")

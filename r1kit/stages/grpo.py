@@ -12,6 +12,7 @@ rollouts of step s are seeded by (seed, s) and the prompt order by the seed alon
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -177,7 +178,7 @@ def _loss_setup(cfg: GRPOConfig):
         kw["clip_c"] = cfg.dual_clip_c
     agg = rl.AGGREGATIONS[cfg.aggregation]
     if cfg.aggregation == "seq_mean_token_sum_norm":
-        agg = _partial_norm(agg, cfg.max_new_tokens)
+        agg = functools.partial(agg, norm=cfg.max_new_tokens)
     return getattr(rl, LOSSES[cfg.loss]), kw, agg
 
 
@@ -231,10 +232,6 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
         opt.step()
         stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) / cfg.mu
     return stats
-
-
-def _partial_norm(fn, norm):
-    return lambda values, mask: fn(values, mask, norm=norm)
 
 
 def step_metrics(cfg, rollouts: list[Rollout], rewards, zero_var) -> dict:
@@ -359,7 +356,7 @@ def _info(m: dict) -> str:
 
 
 def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict) -> None:
-    state = {"step": step, "summary": summary, "config": asdict(cfg)}
+    state = {"stage": "grpo", "step": step, "summary": summary, "config": asdict(cfg)}
     checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state})
 
 
@@ -385,7 +382,7 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         ref.eval().requires_grad_(False)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     if resuming:
-        state, _ = checkpoint.load_trainer_state(ckpt, opt)
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo")
         print0(f"grpo: resuming {ckpt} at step {state['step']}")
         return model, ref, tok, opt, state["step"], state["summary"]
     base_acc = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)

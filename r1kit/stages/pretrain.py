@@ -97,7 +97,7 @@ def run(cfg: PretrainConfig) -> dict:
             log.write({"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"]})
             bar.update(step + 1, f"loss {loss:.3f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                state = {"optimizer": opt, "state": {"step": step + 1, "config": asdict(cfg)}}
+                state = {"optimizer": opt, "state": {"stage": "pretrain", "step": step + 1, "config": asdict(cfg)}}
                 checkpoint.save(model, tok, ckpt, trainer_state=state)
     summary = _summarize(cfg, model, tok, task, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -108,7 +108,7 @@ def _resume_or_init(cfg, ckpt: Path, task, problems):
     if checkpoint.has_trainer_state(ckpt):
         model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
         opt = adamw(model, cfg.lr, cfg.weight_decay)
-        state, _ = checkpoint.load_trainer_state(ckpt, opt)
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="pretrain")
         print0(f"pretrain: resuming {ckpt} at step {state['step']}")
         return state["step"], model, tok, opt
     tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer)) if cfg.tokenizer else build_tokenizer(cfg, task, problems)

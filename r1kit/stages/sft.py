@@ -276,7 +276,8 @@ def run(cfg: SFTConfig) -> dict:
                        "seconds": seconds})
             bar.update(step + 1, f"loss {loss:.3f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-                st = {"step": step + 1, "seconds": seconds, "data_digest": digest, "config": asdict(cfg)}
+                st = {"stage": "sft", "step": step + 1, "seconds": seconds, "data_digest": digest,
+                      "config": asdict(cfg)}
                 checkpoint.save(model, tok, ckpt, trainer_state={"optimizer": opt, "state": st})
     summary = {"examples": len(examples), "tokens": sum(lengths), "rows_per_epoch": rows_per_epoch,
                "steps": steps, "final_loss": log.read()[-1]["loss"], "train_seconds": round(seconds, 1),
@@ -309,7 +310,7 @@ def _resume_or_init(cfg: SFTConfig, ckpt: Path):
     if checkpoint.has_trainer_state(ckpt):
         model, tok = checkpoint.load(ckpt, device=cfg.device, dtype="float32")
         opt = adamw(model, cfg.lr, cfg.weight_decay)
-        state, _ = checkpoint.load_trainer_state(ckpt, opt)
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="sft")
         print0(f"sft: resuming {ckpt} at step {state['step']}")
         return model, tok, opt, state["step"], state
     if cfg.base:
