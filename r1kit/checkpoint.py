@@ -37,6 +37,14 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
     return path
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Replace a small file whole (write a sibling, then rename): readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def has_trainer_state(path) -> bool:
     """Whether `path` is a checkpoint a stage can resume from (finishing an interrupted swap first)."""
     hf.recover_swap(path)

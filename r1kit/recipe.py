@@ -180,9 +180,8 @@ def read_summary(stage_dir: Path) -> dict | None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    from r1kit.checkpoint import write_text_atomic
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -403,7 +403,7 @@ ADVANTAGES: dict[str, Callable[..., Tensor]] = {
 }
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Stats]]] = {
-    "clip": clipped_token_loss,
+    "clipped": clipped_token_loss,
     "dual_clip": dual_clip_token_loss,
     "gspo": gspo_sequence_loss,
 }

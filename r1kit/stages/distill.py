@@ -136,8 +136,8 @@ def sample_traces(cfg: DistillConfig, out: Path) -> dict:
     rows, stats = rejection_sample(cfg, model, tok, task, problems)
     stats.update(teacher=str(teacher), seconds=round(time.perf_counter() - t0, 1), k=cfg.k,
                  temperature=cfg.temperature, top_p=cfg.top_p)
-    _atomic_write(out / "traces.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _atomic_write(out / "rejection.json", json.dumps(stats, indent=2) + "\n")  # last: marks sampling done
+    checkpoint.write_text_atomic(out / "traces.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    checkpoint.write_text_atomic(out / "rejection.json", json.dumps(stats, indent=2) + "\n")  # last: marks sampling done
     d = stats["dropped"]
     print0(f"distill: teacher solved {stats['prompts_solved']}/{stats['prompts']} prompts, "
            f"{stats['correct']}/{stats['samples']} samples correct; kept {stats['kept']} traces "
@@ -146,12 +146,6 @@ def sample_traces(cfg: DistillConfig, out: Path) -> dict:
         print0(f"distill: the teacher never solved {stats['prompts_unsolved']} of {stats['prompts']} prompts "
                f"(e.g. {stats['unsolved_examples'][0]['prompt']!r})")
     return stats
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def check_traces(path: Path, task=None) -> int:

@@ -332,19 +332,13 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     samples = out.with_name(out.stem + "_samples.jsonl")
-    _atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))
-    _atomic_write(out, json.dumps(result, indent=2) + "\n")  # last: its presence means "done"
+    checkpoint.write_text_atomic(samples, "".join(json.dumps(r) + "\n" for r in records))
+    checkpoint.write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # last: its presence means "done"
     ci = metrics["pass_at_1_ci"]
     print0(f"eval: {ckpt}: pass@1 {metrics['pass_at_1']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (k={cfg.k}, "
            f"T={cfg.temperature}, top-p {cfg.top_p}), cons@{cfg.k} {metrics[f'cons_at_{cfg.k}']:.3f}"
            + (f", greedy {metrics['greedy_accuracy']:.3f}" if cfg.greedy else "") + f" on {len(problems)} problems → {out}")
     return result
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def add_args(p) -> None:

@@ -75,7 +75,7 @@ class GRPOConfig:
     alarm_truncation: float = 0.5  # warn when more completions than this hit max_new_tokens
 
     def __post_init__(self):
-        for key, table in (("advantage", rl.ADVANTAGES), ("loss", LOSSES), ("aggregation", rl.AGGREGATIONS),
+        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES), ("aggregation", rl.AGGREGATIONS),
                            ("kl_estimator", rl.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
@@ -85,9 +85,6 @@ class GRPOConfig:
             resolve_dtype(self.dtype, resolve_device(self.device))
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"grpo.dtype / grpo.device: {e}") from None
-
-
-LOSSES = {"clipped": "clipped_token_loss", "dual_clip": "dual_clip_token_loss", "gspo": "gspo_sequence_loss"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +176,7 @@ def _loss_setup(cfg: GRPOConfig):
     agg = rl.AGGREGATIONS[cfg.aggregation]
     if cfg.aggregation == "seq_mean_token_sum_norm":
         agg = functools.partial(agg, norm=cfg.max_new_tokens)
-    return getattr(rl, LOSSES[cfg.loss]), kw, agg
+    return rl.POLICY_LOSSES[cfg.loss], kw, agg
 
 
 def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int) -> float:
