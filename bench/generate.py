@@ -13,7 +13,7 @@ import time
 import torch
 
 from r1kit.engine import Engine, SamplingParams
-from r1kit.models import hf
+from r1kit.formats import hf
 from r1kit.models.llama import Llama, LlamaConfig
 
 CONFIGS = {  # the two sizes FINDINGS.md measured transformers on

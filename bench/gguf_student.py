@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import r1kit
-from r1kit.export.gguf import export_checkpoint
+from r1kit.export import export_checkpoint
 from r1kit.rollout import greedy_accuracy, prompt_ids, score
 from r1kit.tasks import get_task
 

@@ -1,4 +1,4 @@
-"""Q5_K_M quantization of an F32 GGUF: r1kit.export.quants.quantize_gguf vs llama.cpp.
+"""Q5_K_M quantization of an F32 GGUF: r1kit.formats.quants.quantize_gguf vs llama.cpp.
 
 Model: random llama, hidden 512, 8 layers, 8 heads / 4 KV heads, ffn 1536 (a multiple of 256,
 so every weight takes a K-quant), vocab 512. Both sides run on one thread (llama.cpp with
@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 from gguf_fixtures import TinySpec, tensor_specs, write_tiny_gguf  # noqa: E402
-from r1kit.export.quants import MIXES, quantize_gguf  # noqa: E402
+from r1kit.formats.quants import MIXES, quantize_gguf  # noqa: E402
 
 SPEC = TinySpec(arch="llama", hidden=512, ffn=1536, vocab=512, n_layer=8, n_head=8, n_kv=4, seed=1)
 MIX = "Q5_K_M"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from r1kit.models import hf
+from r1kit.formats import hf
 from r1kit.tokenizer import Tokenizer
 
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # R1's evaluation settings

@@ -17,8 +17,8 @@ VERBS = {
     "grpo": ("r1kit.stages.grpo", "R1-Zero style GRPO on verifiable rewards"),
     "distill": ("r1kit.stages.distill", "rejection-sample a teacher and fine-tune a small dense student"),
     "eval": ("r1kit.stages.evaluate", "pass@1 over k samples, cons@k, pass@k, greedy accuracy"),
-    "export": ("r1kit.export.cli", "export a checkpoint to GGUF (F32/F16/Q8_0/Q4_K_M/Q5_K_M/Q6_K)"),
-    "fit": ("r1kit.export.fit", "will it fit: file size, KV cache, GPU layers and a speed bound"),
+    "export": ("r1kit.export", "export a checkpoint to GGUF (F32/F16/Q8_0/Q4_K_M/Q5_K_M/Q6_K)"),
+    "fit": ("r1kit.plan", "will it fit: file size, KV cache, GPU layers and a speed bound"),
     "serve": ("r1kit.serve.server", "OpenAI-compatible API server with a web chat"),
     "chat": ("r1kit.serve.chat", "chat with a checkpoint in the terminal"),
 }
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     module.add_args(p)
     args = p.parse_args(argv[1:])
     from r1kit.config import ConfigError
-    from r1kit.models.hf import CheckpointError
+    from r1kit.formats.hf import CheckpointError
     from r1kit.rewards import RewardError
     from r1kit.tokenizer import TokenizerError
     try:

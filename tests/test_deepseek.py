@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from r1kit.engine import Engine
-from r1kit.models import hf
-from r1kit.models.deepseek import DeepseekConfig, DeepseekV3, MLACache, NaiveMLACache, config_from_hf, config_to_hf
+from r1kit.formats import hf
+from r1kit.formats.hf_deepseek import config_from_hf, config_to_hf
+from r1kit.models.deepseek import DeepseekConfig, DeepseekV3, MLACache, NaiveMLACache
 from r1kit.speculative import mtp_generate
 
 transformers = pytest.importorskip("transformers")

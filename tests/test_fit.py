@@ -6,10 +6,11 @@ import pytest
 from gguf import GGUFReader
 
 from r1kit.cli import main as cli_main
-from r1kit.export.fit import GB, GiB, KNOWN, FitError, model_sizes, plan_fit, shape_from_config
-from r1kit.export.gguf import export_gguf, model_tensors
-from r1kit.models.deepseek import DeepseekConfig, DeepseekV3, config_to_hf
-from r1kit.models.hf import CheckpointError, dense_config_to_hf
+from r1kit.plan import GB, GiB, KNOWN, FitError, model_sizes, plan_fit, shape_from_config
+from r1kit.formats.gguf import export_gguf, model_tensors
+from r1kit.formats.hf_deepseek import config_to_hf
+from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
+from r1kit.formats.hf import CheckpointError, dense_config_to_hf
 from r1kit.models.llama import Llama, LlamaConfig
 
 

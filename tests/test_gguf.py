@@ -19,8 +19,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from r1kit import checkpoint
 from r1kit.cli import main as cli_main
-from r1kit.export.gguf import GGUFExportError, export_gguf, interleave_rope_rows
-from r1kit.export.quants import MIXES
+from r1kit.formats.gguf import GGUFExportError, export_gguf, interleave_rope_rows
+from r1kit.formats.quants import MIXES
 from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
 from r1kit.models.llama import Llama, LlamaConfig
 from r1kit.tokenizer import Tokenizer, build_bpe_tokenizer

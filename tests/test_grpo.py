@@ -255,6 +255,6 @@ def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
 
 def test_resuming_another_stages_run_is_refused(uninterrupted):
     from r1kit import checkpoint
-    from r1kit.models.hf import CheckpointError
+    from r1kit.formats.hf import CheckpointError
     with pytest.raises(CheckpointError, match="this is a pretrain run, not grpo"):
         checkpoint.load_trainer_state(uninterrupted / "base" / "model", stage="grpo")

@@ -7,7 +7,7 @@ import torch
 
 import r1kit
 from r1kit.engine import Engine, SamplingParams
-from r1kit.models import hf
+from r1kit.formats import hf
 from r1kit.models.llama import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")

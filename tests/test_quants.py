@@ -10,8 +10,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from gguf_fixtures import TinySpec, write_tiny_gguf
 
-from r1kit.export.kquants import nearest_int
-from r1kit.export.quants import (MIXES, SUPPORTED_TYPES, ArchInfo, plan_types, quantize,
+from r1kit.formats.kquants import nearest_int
+from r1kit.formats.quants import (MIXES, SUPPORTED_TYPES, ArchInfo, plan_types, quantize,
                                  quantize_gguf, tensor_type)
 
 # relative RMS error bounds on Gaussian data (measured values are ~20-40% below these)

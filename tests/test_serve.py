@@ -364,7 +364,7 @@ def test_web_chat_in_headless_chromium(server):
 def test_gguf_through_llama_cpp(ckpt, tmp_path):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
-    from r1kit.export.gguf import export_checkpoint
+    from r1kit.export import export_checkpoint
     path = tmp_path / "tiny.gguf"
     export_checkpoint(ckpt, path, quant="F32")  # what `r1kit export` writes
     backend = load_backend(str(path), max_len=256)

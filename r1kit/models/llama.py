@@ -6,7 +6,7 @@ The three families differ only in switches, so one model covers them:
   Qwen3     : + RMSNorm on each head's query and key before RoPE (QK-norm), explicit head_dim
 
 Names follow DeepSeek-V3's inference/model.py (`embed`, `attn.wq`, `ffn.w1`, `head`); the
-mapping to Hugging Face names lives in hf.py. Config field names are Hugging Face's, so a
+mapping to Hugging Face names lives in formats/hf.py. Config field names are Hugging Face's, so a
 `config.json` translates one to one.
 
 The contract every r1kit model keeps:

@@ -7,6 +7,7 @@ bytes llama.cpp's own quantizer would produce from the F32 export.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 
@@ -28,8 +29,18 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def export_checkpoint(ckpt, out_path, quant: str = "F16", name: str | None = None):
+    """A checkpoint directory (ours or Hugging Face's) → GGUF. Lives with the verb, above formats/ and checkpoint."""
+    import torch
+
+    from r1kit import checkpoint
+    from r1kit.formats.gguf import export_gguf
+    model, tok = checkpoint.load(ckpt, device="cpu", dtype=torch.float32)
+    return export_gguf(model, tok, out_path, quant, name or Path(ckpt).resolve().name)
+
+
 def main(args) -> int:
-    from r1kit.export.gguf import GGUFExportError, export_checkpoint
+    from r1kit.formats.gguf import GGUFExportError
     try:
         r = export_checkpoint(args.checkpoint, args.gguf, args.quant, args.name)
     except GGUFExportError as e:

@@ -43,7 +43,7 @@ import torch
 from gguf import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as QT, GGUFWriter, RopeScalingType,
                   TokenType)
 
-from r1kit.export import quants
+from r1kit.formats import quants
 from r1kit.tokenizer import QWEN2_SPLIT, Tokenizer
 
 GGML_QUANT_VERSION = 2  # what llama.cpp's quantizer writes to general.quantization_version
@@ -364,7 +364,7 @@ def map_name(param: str, spec: ArchSpec) -> tuple[str, int | None]:
             g = m.groupdict()
             return theirs.replace("{i}", g.get("i") or ""), int(g["e"]) if "e" in g else None
     raise GGUFExportError(f"parameter {param!r} has no GGUF name in the {spec.gguf_arch} name map "
-                          "(r1kit/export/gguf.py)")
+                          "(r1kit/formats/gguf.py)")
 
 
 def gguf_name(param: str, spec: ArchSpec) -> str:
@@ -426,7 +426,7 @@ def pre_tokenizer_name(tk_json: dict) -> str:
     if sig not in PRE_TOKENIZERS:
         raise GGUFExportError("unknown BPE pre-tokenizer: llama.cpp would split text differently. "
                               f"Signature {sig!r:.300}; known: {', '.join(n for n, _ in PRE_TOKENIZERS.values())}"
-                              " (add an entry to PRE_TOKENIZERS in r1kit/export/gguf.py once verified)")
+                              " (add an entry to PRE_TOKENIZERS in r1kit/formats/gguf.py once verified)")
     name, ignore_merges = PRE_TOKENIZERS[sig]
     if bool(model.get("ignore_merges")) != ignore_merges:
         raise GGUFExportError(f"pre-tokenizer {name!r}: llama.cpp assumes ignore_merges={ignore_merges}, "
@@ -581,10 +581,3 @@ def export_gguf(model, tok: Tokenizer, out_path, quant: str = "F16", name: str =
     vocab = vocab_from_tokenizer(tok, model.config.vocab_size)
     with torch.no_grad():
         return write_gguf(out_path, spec, model.config, vocab, tensors, quant, name)
-
-
-def export_checkpoint(ckpt, out_path, quant: str = "F16", name: str | None = None) -> ExportResult:
-    """A checkpoint directory (ours or Hugging Face's) → GGUF."""
-    from r1kit import checkpoint
-    model, tok = checkpoint.load(ckpt, device="cpu", dtype=torch.float32)
-    return export_gguf(model, tok, out_path, quant, name or Path(ckpt).resolve().name)

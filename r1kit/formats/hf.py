@@ -108,7 +108,7 @@ def register(family: Family) -> None:
 
 
 # families that live in their own module register themselves when it is imported
-FAMILY_MODULES = {"DeepseekV3ForCausalLM": "r1kit.models.deepseek"}
+FAMILY_MODULES = {"DeepseekV3ForCausalLM": "r1kit.formats.hf_deepseek"}
 
 
 def family_for(arch: str, where: str) -> Family:

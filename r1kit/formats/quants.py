@@ -5,7 +5,7 @@ llama-cpp-python 0.3.36) does without an importance matrix, so a file written by
 :func:`quantize_gguf` holds the same tensor types and the same bytes:
 
 * :func:`quantize` turns float rows into GGUF block bytes. Q4_K/Q5_K/Q6_K are ours
-  (:mod:`r1kit.export.kquants`); Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16 come from the ``gguf``
+  (:mod:`r1kit.formats.kquants`); Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16 come from the ``gguf``
   package, whose quantizers were checked byte-identical to llama.cpp's reference ones.
 * :func:`tensor_type` / :func:`plan_types` pick a tensor's type for a mix (Q4_K_M,
   Q5_K_M, Q6_K, Q8_0, ...): more bits for output / attn_v / ffn_down where llama.cpp
@@ -28,7 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFReader, GGUFV
 from gguf import LlamaFileType as FT
 from gguf import quants as gguf_quants
 
-from r1kit.export.kquants import quantize_k
+from r1kit.formats.kquants import quantize_k
 
 __all__ = ["MIXES", "ArchInfo", "quantize", "tensor_type", "plan_types", "allows_quantization",
            "quantize_gguf"]

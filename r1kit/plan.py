@@ -3,7 +3,7 @@
     r1kit fit llama-3.1-70b --quant Q5_K_M --vram 24 --ctx 8192
 
 The planner lists the GGUF tensors the export would write (for dense models by building the
-model on PyTorch's meta device and asking r1kit/export/gguf.py for its tensors, so planner and
+model on PyTorch's meta device and asking r1kit/formats/gguf.py for its tensors, so planner and
 exporter cannot disagree), types each one with llama.cpp's own per-tensor mix rules
 (quants.plan_types) and sums the exact block sizes. Then:
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from r1kit.export import quants
-from r1kit.models import hf
+from r1kit.formats import quants
+from r1kit.formats import hf
 
 GiB = float(1 << 30)
 GB = 1e9
@@ -163,7 +163,7 @@ def shape_from_config(d: dict, where: str = "config.json") -> Shape:
 def _dense_shape(d: dict, where: str) -> Shape:
     import torch
 
-    from r1kit.export import gguf
+    from r1kit.formats import gguf
     fam = hf.family_for(d["architectures"][0], where)
     if fam.config_from_hf is not hf.dense_config_from_hf:
         raise FitError(f"{where}: {fam.arch} is not a dense Llama/Qwen model; the planner knows "
