@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r1kit.models.llama import MLP, KVCache, RMSNorm, init_weights_, select_positions, token_loss
+from r1kit.models.lora import weight_of
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")
 LATENT_NORM_EPS = 1e-6  # q_norm / kv_norm: DeepSeek's and HF's code use the RMSNorm default, not rms_norm_eps
@@ -290,7 +291,7 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask):
         """Attend in latent space: q_nope·(W_UK c) = (W_UKᵀ q_nope)·c, and W_UV moves after the softmax."""
         B, T, H, _ = q_nope.shape
-        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)  # (H, d_nope + d_v, r)
+        w = weight_of(self.wkv_b).view(H, self.nope + self.v_dim, self.rank)  # (H, d_nope + d_v, r), adapter included
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # (B, T, H, r): W_UK folded in
         # every head attends to the same latent key, so heads become extra query rows of one
         # single-head attention: (B, T·H, r + rope) against (B, Tk, r + rope), with no K/V copies
