@@ -1,61 +1,81 @@
-"""Q5_K_M quantization of an F32 GGUF: r1kit.formats.quants.quantize_gguf vs llama.cpp.
+"""GGUF quantization: r1kit.formats.quants.quantize_gguf vs llama.cpp's llama_model_quantize.
 
-Model: random llama, hidden 512, 8 layers, 8 heads / 4 KV heads, ffn 1536 (a multiple of 256,
-so every weight takes a K-quant), vocab 512. Both sides run on one thread (llama.cpp with
-nthread=1; NumPy ufuncs are single-threaded) and once each. Prints both times, whether the
-two files are byte-identical, and `time_ratio_vs_llamacpp=<ours / llama.cpp>` last.
+Shapes: "256" — random llama, hidden 512, 8 layers, ffn 1536 (every row a multiple of 256, so each
+weight takes its K-quant); "smollm2" — random weights in SmolLM2-135M's shape (hidden 576, 30 layers,
+9 / 3 heads, ffn 1536, 49,152-token vocabulary, tied): 576-wide rows fall back to Q5_1 / Q8_0 as
+llama.cpp's rules say, and the header carries a real-sized vocabulary. Mixes Q8_0, Q5_K_M, Q4_K_M.
+Both sides on one thread (llama.cpp nthread=1; torch/NumPy limited to one thread), interleaved, best
+of `--repeat`. Prints each time, whether the files are byte-identical, and last
+`time_ratio_vs_llamacpp=<worst ours / llama.cpp over all cases>`.
 """
-
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import sys
-import tempfile
-import time
-from pathlib import Path
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import numpy as np  # noqa: E402
-from gguf_fixtures import TinySpec, tensor_specs, write_tiny_gguf  # noqa: E402
+import torch  # noqa: E402
+from gguf_fixtures import TinySpec, write_tiny_gguf  # noqa: E402
+
 from r1kit.formats.quants import MIXES, quantize_gguf  # noqa: E402
 
-SPEC = TinySpec(arch="llama", hidden=512, ffn=1536, vocab=512, n_layer=8, n_head=8, n_kv=4, seed=1)
-MIX = "Q5_K_M"
+SHAPES = {
+    "256": TinySpec(arch="llama", hidden=512, ffn=1536, vocab=512, n_layer=8, n_head=8, n_kv=4, seed=1),
+    "smollm2": TinySpec(arch="llama", hidden=576, ffn=1536, vocab=49152, n_layer=30, n_head=9, n_kv=3, tied=True,
+                        seed=1),
+}
 
 
-def llama_quantize(src: Path, dst: Path) -> float:
+def llama_quantize(src: Path, dst: Path, mix: str) -> float:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(MIXES[MIX].ftype)
+    params.ftype = int(MIXES[mix].ftype)
     params.nthread = 1
     t0 = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    elapsed = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"llama_model_quantize failed with code {rc}")
-    return elapsed
+    return time.perf_counter() - t0
+
+
+def ours(src: Path, dst: Path, mix: str) -> float:
+    t0 = time.perf_counter()
+    quantize_gguf(src, dst, mix)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--mixes", nargs="+", default=["Q8_0", "Q5_K_M", "Q4_K_M"])
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        src, ours, ref = Path(tmp, "f32.gguf"), Path(tmp, "ours.gguf"), Path(tmp, "llama.gguf")
-        write_tiny_gguf(src, SPEC)
-        t_ref = llama_quantize(src, ref)
-        t0 = time.perf_counter()
-        quantize_gguf(src, ours, MIX)
-        t_ours = time.perf_counter() - t0
-        identical = ours.read_bytes() == ref.read_bytes()
-    n_params = sum(int(np.prod(shape)) for _, shape in tensor_specs(SPEC)) / 1e6
-    print(f"model: {n_params:.1f} M params (F32), mix {MIX}", flush=True)
-    print(f"llama.cpp llama_model_quantize (nthread=1): {t_ref:.3f} s")
-    print(f"r1kit quantize_gguf:                        {t_ours:.3f} s")
-    print(f"byte_identical={identical}")
-    print(f"time_ratio_vs_llamacpp={t_ours / t_ref:.2f}")
+        for shape in args.shapes:
+            src = Path(tmp, f"{shape}.gguf")
+            write_tiny_gguf(src, SHAPES[shape])
+            for mix in args.mixes:
+                ref, out = Path(tmp, "llama.gguf"), Path(tmp, "ours.gguf")
+                t_ref = t_ours = float("inf")
+                for _ in range(args.repeat):  # interleaved, so load on the machine hits both alike
+                    t_ref = min(t_ref, llama_quantize(src, ref, mix))
+                    t_ours = min(t_ours, ours(src, out, mix))
+                same = out.read_bytes() == ref.read_bytes()
+                worst = max(worst, t_ours / t_ref)
+                print(f"{shape:8s} {mix:7s} llama.cpp {t_ref:6.2f} s  r1kit {t_ours:6.2f} s  "
+                      f"ratio {t_ours / t_ref:.2f}  byte_identical={same}", flush=True)
+    print(f"time_ratio_vs_llamacpp={worst:.2f}")
 
 
 if __name__ == "__main__":

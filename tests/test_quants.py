@@ -10,6 +10,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from gguf_fixtures import TinySpec, write_tiny_gguf
 
+from r1kit.formats.gguf_file import GGUFHeader
 from r1kit.formats.kquants import nearest_int
 from r1kit.formats.quants import (MIXES, SUPPORTED_TYPES, ArchInfo, plan_types, quantize,
                                  quantize_gguf, tensor_type)
@@ -177,7 +178,7 @@ def test_byte_identical_to_llama_cpp(llama_cpp, sources, tmp_path, model, mix):
     plan = quantize_gguf(src, ours, mix)
     want, got = GGUFReader(ref), GGUFReader(ours)
     assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
-    info = ArchInfo.from_reader(GGUFReader(src))
+    info = ArchInfo.from_header(GGUFHeader(src))
     for w, g in zip(want.tensors, got.tensors):
         assert g.tensor_type == w.tensor_type == plan[w.name], w.name
         shape = tuple(int(s) for s in reversed(w.shape))

@@ -5,8 +5,9 @@ llama-cpp-python 0.3.36) does without an importance matrix, so a file written by
 :func:`quantize_gguf` holds the same tensor types and the same bytes:
 
 * :func:`quantize` turns float rows into GGUF block bytes. Q4_K/Q5_K/Q6_K are ours
-  (:mod:`r1kit.formats.kquants`); Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16 come from the ``gguf``
-  package, whose quantizers were checked byte-identical to llama.cpp's reference ones.
+  (:mod:`r1kit.formats.kquants`), and so are the 32-value Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+  (:mod:`r1kit.formats.legacy_quants`, 2–3× faster than the ``gguf`` package's NumPy ones,
+  which they are tested against byte for byte); BF16 comes from ``gguf``.
 * :func:`tensor_type` / :func:`plan_types` pick a tensor's type for a mix (Q4_K_M,
   Q5_K_M, Q6_K, Q8_0, ...): more bits for output / attn_v / ffn_down where llama.cpp
   gives them, F32 kept for norms and 1-D tensors, and llama.cpp's fallback when a row
@@ -24,11 +25,13 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType
 from gguf import LlamaFileType as FT
 from gguf import quants as gguf_quants
 
+from r1kit.formats.gguf_file import DEFAULT_ALIGNMENT, GGUFHeader, TensorInfo, Value, encode_header, write_tensor
 from r1kit.formats.kquants import quantize_k
+from r1kit.formats.legacy_quants import quantize_legacy
 
 __all__ = ["MIXES", "ArchInfo", "quantize", "tensor_type", "plan_types", "allows_quantization",
            "quantize_gguf"]
@@ -52,9 +55,10 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
 )}
 
 _FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-_GGUF_QUANTIZERS = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.BF16)
+_LEGACY = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
+_GGUF_QUANTIZERS = (QT.BF16,)
 _OURS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
-SUPPORTED_TYPES = (QT.F32, QT.F16) + _GGUF_QUANTIZERS + _OURS
+SUPPORTED_TYPES = (QT.F32, QT.F16) + _LEGACY + _GGUF_QUANTIZERS + _OURS
 
 
 def get_mix(mix: str | Mix) -> Mix:
@@ -96,6 +100,8 @@ def quantize(data: np.ndarray, qtype: QT | str) -> np.ndarray:
         out = x.view(np.uint8)
     elif qtype == QT.F16:
         out = x.astype(np.float16).view(np.uint8)
+    elif qtype in _LEGACY:
+        out = quantize_legacy(x, qtype.name)
     elif qtype in _GGUF_QUANTIZERS:
         out = np.asarray(gguf_quants.quantize(x, qtype))
     elif qtype in _OURS:
@@ -135,26 +141,20 @@ class ArchInfo:
         return self.arch == "qwen2" and self.n_layer == 80
 
     @classmethod
-    def from_reader(cls, reader: GGUFReader) -> "ArchInfo":
-        arch_field = reader.fields.get("general.architecture")
-        arch = _text(_field_value(arch_field)) if arch_field is not None else "llama"
+    def from_header(cls, header: GGUFHeader) -> "ArchInfo":
+        arch = header.architecture or "llama"
 
         def num(key: str, default: int = 0) -> int:
-            field = reader.fields.get(f"{arch}.{key}")
-            if field is None:
+            v = header.value(f"{arch}.{key}")
+            if v is None:
                 return default
-            v = _field_value(field)
-            return int(v[0] if isinstance(v, list) else v)  # per-layer arrays: llama.cpp reads layer 0
+            return int(v[0] if isinstance(v, np.ndarray) else v)  # per-layer arrays: llama.cpp reads layer 0
 
-        names = [t.name for t in reader.tensors]
+        names = [t.name for t in header.tensors]
         return cls(arch=arch, n_layer=num("block_count", 1), n_expert=num("expert_count"),
                    n_head=num("attention.head_count"), n_head_kv=num("attention.head_count_kv"),
                    tied_embeddings="output.weight" not in names,
                    n_attn_v=sum(_category(n) in _ATTN_V_LIKE for n in names))
-
-
-def _text(v) -> str:
-    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,54 +350,41 @@ def plan_types(tensors: Iterable[tuple[str, Sequence[int], QT]], mix: str | Mix,
 # whole files
 # ---------------------------------------------------------------------------------------------
 
-_DROPPED_KEYS = ("general.architecture",  # GGUFWriter writes it itself, first, as the source had it
+_DROPPED_KEYS = ("general.architecture",  # written first, from the source architecture
                  "general.quantization_version", "general.file_type",  # re-added last, like llama.cpp
                  "split.no", "split.count", "split.tensors.count")
 
 
-def _field_value(field):
-    """A reader field's value in the form GGUFWriter.add_key_value takes (strings as raw bytes)."""
-    main = field.types[0]
-    if main == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]])
-    if main != GGUFValueType.ARRAY:
-        return field.parts[field.data[0]][0].item()
-    sub = field.types[-1]
-    if sub == GGUFValueType.ARRAY:
-        raise ValueError(f"metadata {field.name!r}: nested arrays are not supported")
-    if sub == GGUFValueType.STRING:
-        return [bytes(field.parts[i]) for i in field.data]
-    if not field.data:
-        return []
-    return np.concatenate([field.parts[i] for i in field.data]).tolist()
-
-
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
-    for name, field in reader.fields.items():
+def _output_fields(header: GGUFHeader, arch: str, mix: Mix) -> dict[str, Value]:
+    """The source's metadata as llama.cpp's quantizer writes it: architecture first, keys in source
+    order (split and file-type keys dropped), then the quantization version and the new file type."""
+    fields = {"general.architecture": Value(arch, GGUFValueType.STRING)}
+    for name, v in header.fields.items():
         if name.startswith("GGUF.") or name in _DROPPED_KEYS:
             continue
-        value = _field_value(field)
-        if field.types[0] == GGUFValueType.ARRAY and not value:
-            raise ValueError(f"metadata {name!r}: GGUFWriter cannot write an empty array")
-        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value, field.types[0], sub_type=sub)
-    if "general.alignment" in reader.fields:
-        writer.data_alignment = int(_field_value(reader.fields["general.alignment"]))
+        if v.type == GGUFValueType.ARRAY and (v.sub_type == GGUFValueType.ARRAY or not len(v.value)):
+            raise ValueError(f"metadata {name!r}: nested or empty arrays cannot be written")
+        fields[name] = v
+    fields["general.quantization_version"] = Value(2, GGUFValueType.UINT32)  # ggml's GGML_QNT_VERSION
+    fields["general.file_type"] = Value(int(mix.ftype), GGUFValueType.UINT32)
+    return fields
 
 
-def _source_f32(tensor) -> np.ndarray:
-    """A reader tensor as float32 in NumPy shape, for F32 / F16 / BF16 sources."""
-    shape = tuple(int(s) for s in reversed(tensor.shape))
-    src = QT(tensor.tensor_type)
-    raw = np.asarray(tensor.data)
+def _source_f32(header: GGUFHeader, tensor: TensorInfo) -> np.ndarray:
+    """A tensor as float32 in NumPy shape, for F32 / F16 / BF16 sources."""
+    src, raw = QT(tensor.ggml_type), header.data(tensor)
     if src == QT.F32:
-        return raw.reshape(shape).astype(np.float32, copy=False)
+        return raw.view(np.float32).reshape(tensor.shape)
     if src == QT.F16:
-        return raw.reshape(shape).astype(np.float32)
+        return raw.view(np.float16).reshape(tensor.shape).astype(np.float32)
     if src == QT.BF16:
         bits = raw.view(np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(shape)
+        return bits.view(np.float32).reshape(tensor.shape)
     raise ValueError(f"cannot requantize from {src.name}; start from an F32, F16 or BF16 file")
+
+
+def _n_bytes(shape: tuple[int, ...], qtype: QT) -> int:
+    return int(np.prod(_row_bytes(shape, qtype)))
 
 
 def _row_bytes(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
@@ -405,11 +392,11 @@ def _row_bytes(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] // block * type_size)
 
 
-def _tensor_bytes(tensor, shape: tuple[int, ...], target: QT) -> np.ndarray:
-    if QT(tensor.tensor_type) == target:  # unchanged tensors are copied byte for byte
-        return np.asarray(tensor.data).view(np.uint8).reshape(_row_bytes(shape, target))
+def _tensor_bytes(header: GGUFHeader, tensor: TensorInfo, shape: tuple[int, ...], target: QT) -> np.ndarray:
+    if QT(tensor.ggml_type) == target:  # unchanged tensors are copied byte for byte
+        return header.data(tensor).reshape(_row_bytes(shape, target))
     try:
-        return quantize(_source_f32(tensor).reshape(shape), target)
+        return quantize(_source_f32(header, tensor).reshape(shape), target)
     except ValueError as e:
         raise ValueError(f"tensor {tensor.name!r}: {e}") from e
 
@@ -422,34 +409,24 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, mix: 
     (temp file in the same folder, then rename). Returns {tensor name: type written}.
     """
     mix = get_mix(mix)
-    reader = GGUFReader(in_path)
-    info = ArchInfo.from_reader(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {n: _trimmed(tuple(int(s) for s in reversed(t.shape))) for n, t in tensors.items()}
-    plan = plan_types(((n, shapes[n], QT(t.tensor_type)) for n, t in tensors.items()), mix, info)
+    header = GGUFHeader(in_path)
+    info = ArchInfo.from_header(header)
+    tensors = {t.name: t for t in header.tensors}
+    shapes = {n: _trimmed(t.shape) for n, t in tensors.items()}
+    plan = plan_types(((n, shapes[n], QT(t.ggml_type)) for n, t in tensors.items()), mix, info)
 
+    fields = _output_fields(header, info.arch, mix)
+    align = int(header.value("general.alignment", DEFAULT_ALIGNMENT))
+    infos = [(name, shapes[name], int(qtype), _n_bytes(shapes[name], qtype)) for name, qtype in plan.items()]
     out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".quant-", suffix=".gguf", dir=out_dir)
-    os.close(fd)
-    writer = GGUFWriter(tmp, info.arch)
+    fd, tmp = tempfile.mkstemp(prefix=".quant-", suffix=".gguf", dir=os.path.dirname(os.path.abspath(out_path)))
     try:
-        _copy_metadata(reader, writer)
-        writer.add_uint32("general.quantization_version", 2)  # ggml's GGML_QNT_VERSION
-        writer.add_uint32("general.file_type", int(mix.ftype))
-        for name, qtype in plan.items():
-            byte_shape = _row_bytes(shapes[name], qtype)
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                                   raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, qtype in plan.items():
-            writer.write_tensor_data(_tensor_bytes(tensors[name], shapes[name], qtype))
-        writer.close()
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_header(fields, infos, align))
+            for name, qtype in plan.items():
+                write_tensor(f, _tensor_bytes(header, tensors[name], shapes[name], qtype), align)
         os.replace(tmp, out_path)
     except BaseException:
-        writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
