@@ -73,6 +73,8 @@ class GGUFHeader:
 
     def _parse(self) -> None:
         size, window = self.file_size, 1 << 20
+        if bytes(self._bytes(4)[:4]) != MAGIC:
+            raise GGUFHeaderError(f"{self.path}: not a GGUF file (no 'GGUF' magic)")
         while True:  # headers of big vocabularies run to several MiB: widen the window until it fits
             self._mv = self._bytes(min(size, window))
             try:
