@@ -94,7 +94,7 @@ def test_cli(ckpt, tmp_path, capsys):
 
 
 def test_bad_settings(ckpt):
-    with pytest.raises(ConfigError, match="k and problems must be ≥ 1"):
+    with pytest.raises(ConfigError, match="k must be ≥ 1"):
         ev.run(ev.EvalConfig(checkpoint=str(ckpt), task_args=TASK_ARGS, k=0))
 
 

@@ -241,7 +241,8 @@ def add_args(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default info)")
 
 
 def main(args) -> int:
