@@ -43,13 +43,18 @@ def main(argv=None) -> int:
         print(top_help(), file=sys.stderr)
         return 2
     module_name, help_ = VERBS[verb]
+    from r1kit.common import EXTRAS, MissingExtra, missing_extra
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:  # an optional extra is not installed: say which, in one line
-        extra = "serve" if verb in ("serve", "chat") else "dev"
-        msg = (f"needs the Python package '{e.name}' — pip install 'r1kit[{extra}]'"
-               if isinstance(e, ModuleNotFoundError) else str(e))
-        print(f"r1kit {verb}: {msg}", file=sys.stderr)
+        if isinstance(e, ModuleNotFoundError) and not isinstance(e, MissingExtra):
+            if e.name in EXTRAS:
+                e = missing_extra(e.name, f"r1kit {verb}")
+            elif e.name and not e.name.startswith("r1kit"):  # a core requirement is gone
+                e = f"needs the Python package '{e.name}', a requirement of r1kit: reinstall it (pip install r1kit)"
+        if not isinstance(e, (MissingExtra, str)):
+            raise
+        print(f"r1kit {verb}: {e}", file=sys.stderr)
         return 2
     p = argparse.ArgumentParser(prog=f"r1kit {verb}", description=help_)
     module.add_args(p)
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     from r1kit.tokenizer import TokenizerError
     try:
         return module.main(args) or 0
-    except (ConfigError, CheckpointError, TokenizerError, RewardError) as e:  # user errors: one line
+    except (ConfigError, CheckpointError, TokenizerError, RewardError, MissingExtra) as e:  # user errors: one line
         print(f"r1kit {verb}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad values met deeper (task files, sampling settings): still one line

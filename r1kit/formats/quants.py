@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+from r1kit.common import require
+require("gguf", "GGUF quantization")  # one line naming the extra when it is missing
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFReader, GGUFValueType, GGUFWriter
 from gguf import LlamaFileType as FT
 from gguf import quants as gguf_quants
