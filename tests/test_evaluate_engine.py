@@ -121,12 +121,13 @@ def eval_cli(ckpt, out, *extra):
 
 
 def test_eval_of_a_file_grades_the_whole_file_and_says_so(ckpt, math_file, tmp_path, capsys):
-    out = tmp_path / "all.json"
-    args = ("--task", "math_file", "--task-args", json.dumps({"path": str(math_file)}), "--problems", "30")
-    assert eval_cli(ckpt, out, *args) == 0
-    result = json.loads(out.read_text())
-    assert result["n_problems"] == 30 and result["split"] == "all" and result["problems_in_split"] == 30
-    assert f"grading 30 problems: every problem of {math_file}" in capsys.readouterr().out
+    for problems in (("--problems", "30"), ()):  # the command, and no count at all
+        out = tmp_path / "all.json"
+        assert eval_cli(ckpt, out, "--task", "math_file", "--task-args", json.dumps({"path": str(math_file)}),
+                        *problems) == 0
+        result = json.loads(out.read_text())
+        assert result["n_problems"] == 30 and result["split"] == "all" and result["problems_in_split"] == 30
+        assert f"grading 30 problems: every problem of {math_file}" in capsys.readouterr().out
 
 
 def test_eval_of_a_split_says_how_many_it_holds(ckpt, math_file, tmp_path, capsys):

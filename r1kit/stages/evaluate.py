@@ -3,7 +3,7 @@
 The top half is pure metric functions (stdlib + numpy only, no other r1kit import), so they can
 be tested on hand-made sample sets and reused by the report. The bottom half samples a
 checkpoint with the engine and writes `eval.json`:
-    r1kit eval CKPT --task arithmetic [--k 4 --problems 200 --split auto --out eval.json]
+    r1kit eval CKPT --task arithmetic [--k 4 --problems 0 (all) --split auto --out eval.json]
 
 Metrics follow DeepSeek-R1 §3: sample k completions per problem (temperature 0.6, top-p 0.95) and report
     * pass@1   = mean over problems of the fraction of the k samples that are correct,
@@ -232,7 +232,7 @@ class EvalConfig:
     checkpoint: str = ""  # checkpoint directory (or a stage directory holding model/)
     task: str = "arithmetic"  # verifiable task: arithmetic | countdown | math_file
     task_args: dict = field(default_factory=dict)  # the task's options, e.g. { path = "test.jsonl" }
-    problems: int = 200  # grade at most this many problems of `split` (0: all of them)
+    problems: int = 0  # grade the first N problems of `split`; 0 = all of them (a file's every line)
     # which problems: test | train | all (both splits) | auto = the whole file for a task read
     # from one file (math_file with no test_path or test_fraction), else the held-out test split
     split: str = "auto"
