@@ -91,8 +91,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 # optional dependency (import name) → (the distribution to install, the r1kit extra that has it)
 EXTRAS = {"gguf": ("gguf", "gguf"), "math_verify": ("math-verify", "math"), "sympy": ("sympy", "math"),
-          "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"), "httpx": ("httpx", "serve"),
-          "llama_cpp": ("llama-cpp-python", "llama")}
+          "pyarrow": ("pyarrow", "math"), "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
+          "httpx": ("httpx", "serve"), "llama_cpp": ("llama-cpp-python", "llama")}
 
 
 class MissingExtra(ImportError):
@@ -100,12 +100,14 @@ class MissingExtra(ImportError):
 
 
 def missing_extra(module: str, feature: str) -> MissingExtra:
-    dist_name, extra = EXTRAS[module]
-    return MissingExtra(f"{feature} needs the '{dist_name}' package: pip install 'r1kit[{extra}]'", name=module)
+    top = module.split(".")[0]
+    dist_name, extra = EXTRAS[top]
+    return MissingExtra(f"{feature} needs the '{dist_name}' package: pip install 'r1kit[{extra}]'", name=top)
 
 
 def require(module: str, feature: str):
-    """Import optional dependency `module` (a key of EXTRAS), or raise MissingExtra naming its extra.
+    """Import optional dependency `module` (its top-level package a key of EXTRAS), or raise
+    MissingExtra naming its extra.
 
     Called right before the `import` lines of a module (or inside the function) that needs it, so
     a user without the extra gets one line, and everything else in r1kit still imports.
@@ -113,6 +115,6 @@ def require(module: str, feature: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
-        if error.name != module:  # the package is there but broken inside: that is not a missing extra
+        if error.name not in (module, module.split(".")[0]):  # installed but broken inside: not a missing extra
             raise
         raise missing_extra(module, feature) from None

@@ -214,12 +214,12 @@ def toml_literal(value) -> str:
 
 
 def _type_label(t) -> str:
-    if dataclasses.is_dataclass(t):
+    """A field's type as --help shows it: int, str | None, list[str], table (a TOML table)."""
+    if dataclasses.is_dataclass(t) or t is dict or typing.get_origin(t) is dict:
         return "table"
-    if t is dict or typing.get_origin(t) is dict:
-        return "table"
-    label = getattr(t, "__name__", None) if isinstance(t, type) and not typing.get_args(t) else None
-    return label or str(t).replace("typing.", "").replace("NoneType", "None")
+    if isinstance(t, type) and not typing.get_args(t):
+        return t.__name__
+    return str(t).replace("typing.", "").replace("NoneType", "None")
 
 
 def config_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -237,8 +237,8 @@ def config_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
 
 def keys_help(cls, section: str, bare_keys: bool = True, width: int = 100) -> str:
     """The `--help` epilog: one entry per config key with its type, default and meaning."""
-    key = "KEY" if bare_keys else f"{section}.KEY"
-    lines = [f"config keys (set them in the recipe's [{section}] table or with --set {key}=VALUE):"]
+    how = "KEY" if bare_keys else f"{section}.KEY"
+    lines = [f"config keys (set them in the recipe's [{section}] table or with --set {how}=VALUE):"]
     for key, typ, default, meaning in config_keys(cls):
         head = f"  {key} ({typ})" + (f" = {default}" if default else "")
         lines.append(head)

@@ -54,12 +54,17 @@ def test_gguf_missing_from_python_and_cli(forget, capsys):
         assert len(err.splitlines()) == 1 and err.endswith("pip install 'r1kit[gguf]'"), err
 
 
-def test_math_verify_missing_from_python_and_cli(forget, capsys, tmp_path):
+def test_math_verify_missing_from_python(forget):
     forget("math_verify")
     rewards = importlib.import_module("r1kit.rewards")
     with pytest.raises(MissingExtra, match=r"pip install 'r1kit\[math\]'"):
         rewards.math_verify_equal("1", "1")
-    data = tmp_path / "d.jsonl"
+
+
+@pytest.mark.parametrize("module, suffix", [("math_verify", ".jsonl"), ("pyarrow", ".parquet")])
+def test_math_file_task_without_its_extra_from_the_cli(forget, capsys, tmp_path, module, suffix):
+    forget(module)
+    data = tmp_path / f"d{suffix}"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
@@ -69,6 +74,16 @@ def test_math_verify_missing_from_python_and_cli(forget, capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.endswith("pip install 'r1kit[math]'"), err
+
+
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_serve_without_its_extra(forget, capsys, tmp_path, module):
+    """fastapi is imported with the server module, uvicorn only when it starts: one line either way."""
+    forget(module)
+    from r1kit.cli import main
+    assert main(["serve", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("pip install 'r1kit[serve]'"), err
 
 
 def test_the_demo_needs_no_extra():

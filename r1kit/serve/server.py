@@ -21,13 +21,12 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-try:
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
-except ImportError as e:  # an optional extra: say how to get it
-    raise ImportError(f"r1kit serve needs FastAPI and uvicorn ({e}): pip install 'r1kit[serve]'") from None
+from r1kit.common import require
+require("fastapi", "r1kit serve")  # one line naming the extra when it is missing
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from r1kit.engine import SamplingParams
 from r1kit.serve.backends import BackendError, load_backend
