@@ -333,12 +333,13 @@ def select_problems(task, split: str, n: int) -> tuple[list, int]:
 
 def describe_selection(task, split: str, n: int, available: int, asked: int) -> str:
     """One sentence for stdout: exactly which problems are graded, and how to get others."""
-    source = getattr(task, "path", None)
-    what = {"all": f"every problem of {source}" if source else "every problem",
+    source, test_file = getattr(task, "path", None), getattr(task, "test_path", None)
+    files = " and ".join(str(f) for f in (source, test_file) if f is not None)
+    what = {"all": f"every problem of {files}" if files else "every problem",
             "test": "the held-out test split", "train": "the train split"}[split]
-    if source and split == "test" and getattr(task, "test_path", None) is not None:
-        what += f" ({task.test_path})"
-    elif source and split == "test":
+    if split == "test" and test_file is not None:
+        what += f" ({test_file})"
+    elif split == "test" and source:
         what += f" of {source} (--set split=all grades the whole file)"
     note = f"; {asked} asked for, the split has {available}" if asked > available else ""
     capped = f" (the first {n} of {available}; --problems 0 grades all)" if n < available else ""
