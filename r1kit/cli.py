@@ -45,22 +45,23 @@ def main(argv=None) -> int:
     module_name, help_ = VERBS[verb]
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:  # an optional extra is not installed: say which, in one line
-        extra = "serve" if verb in ("serve", "chat") else "dev"
-        msg = (f"needs the Python package '{e.name}' — pip install 'r1kit[{extra}]'"
-               if isinstance(e, ModuleNotFoundError) else str(e))
-        print(f"r1kit {verb}: {msg}", file=sys.stderr)
+    except ImportError as e:  # a package is missing: say which, and how to install it, in one line
+        message = _missing_package(e, verb)
+        if message is None:
+            raise
+        print(f"r1kit {verb}: {message}", file=sys.stderr)
         return 2
     p = argparse.ArgumentParser(prog=f"r1kit {verb}", description=help_)
     module.add_args(p)
     args = p.parse_args(argv[1:])
+    from r1kit.common import MissingExtra
     from r1kit.config import ConfigError
     from r1kit.formats.hf import CheckpointError
     from r1kit.rewards import RewardError
     from r1kit.tokenizer import TokenizerError
     try:
         return module.main(args) or 0
-    except (ConfigError, CheckpointError, TokenizerError, RewardError) as e:  # user errors: one line
+    except (ConfigError, CheckpointError, TokenizerError, RewardError, MissingExtra) as e:  # user errors: one line
         print(f"r1kit {verb}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad values met deeper (task files, sampling settings): still one line
@@ -68,9 +69,30 @@ def main(argv=None) -> int:
             raise
         print(f"r1kit {verb}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # an optional package imported where it is first needed
+        message = _missing_package(e, verb)
+        if message is None:
+            raise
+        print(f"r1kit {verb}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nr1kit {verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def _missing_package(e: ImportError, verb: str) -> str | None:
+    """One line for an import a user fixes by installing something; None for a bug in r1kit itself."""
+    from r1kit.common import EXTRAS, MissingExtra, missing_extra
+    if isinstance(e, MissingExtra):
+        return str(e)
+    top = (e.name or "").split(".")[0]
+    if not top or top == "r1kit":
+        return None
+    if not isinstance(e, ModuleNotFoundError):  # e.g. "cannot import name": an old or broken install
+        return f"{e} (reinstall or upgrade {top})"
+    if top in EXTRAS:
+        return str(missing_extra(top, f"r1kit {verb}"))
+    return f"needs the Python package '{top}', a requirement of r1kit: reinstall r1kit (pip install r1kit)"
 
 
 def _raised_by_r1kit_check(e: ValueError) -> bool:

@@ -8,12 +8,12 @@ def add_args(p) -> None:
     p.add_argument("ckpt", help="checkpoint directory (r1kit or Hugging Face format)")
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     p.add_argument("-n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per sample (default 256)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (default: random)")
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, without the chat template")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda …")
 
 
 def main(args) -> int:

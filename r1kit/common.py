@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 
@@ -86,3 +87,34 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype in (torch.bfloat16, torch.float16) and device.type != "cpu":
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+# optional dependency (import name) → (the distribution to install, the r1kit extra that has it)
+EXTRAS = {"gguf": ("gguf", "gguf"), "math_verify": ("math-verify", "math"), "sympy": ("sympy", "math"),
+          "pyarrow": ("pyarrow", "math"), "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
+          "httpx": ("httpx", "serve"), "llama_cpp": ("llama-cpp-python", "llama")}
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message is one line naming the extra."""
+
+
+def missing_extra(module: str, feature: str) -> MissingExtra:
+    top = module.split(".")[0]
+    dist_name, extra = EXTRAS[top]
+    return MissingExtra(f"{feature} needs the '{dist_name}' package: pip install 'r1kit[{extra}]'", name=top)
+
+
+def require(module: str, feature: str):
+    """Import optional dependency `module` (its top-level package a key of EXTRAS), or raise
+    MissingExtra naming its extra.
+
+    Called right before the `import` lines of a module (or inside the function) that needs it, so
+    a user without the extra gets one line, and everything else in r1kit still imports.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name not in (module, module.split(".")[0]):  # installed but broken inside: not a missing extra
+            raise
+        raise missing_extra(module, feature) from None

@@ -3,11 +3,22 @@
 A stage declares its options as a dataclass (nested dataclasses become TOML tables). Loading
 checks every key: an unknown one is an error that names the file and suggests the nearest
 known key; a value of the wrong type names the key and the expected type.
+
+Each field's meaning is the `# ...` comment on its line (or the comment lines just above it), so
+the config class stays the one readable place; `r1kit VERB --help` lists every key from it.
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import json
+import textwrap
+import tokenize
 import tomllib
 import types
 import typing
@@ -154,9 +165,117 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def add_config_args(p) -> None:
-    """The options every stage shares."""
-    p.add_argument("--config", help="recipe TOML file (see r1kit/recipes/)")
+# ---------------------------------------------------------------------------------------------
+# --help from the dataclasses
+# ---------------------------------------------------------------------------------------------
+@functools.cache
+def field_meanings(cls) -> dict[str, str]:
+    """Field name → one line of meaning, read from the class source: the `# ...` comment(s) on the
+    field's own lines, else the block of comment lines directly above it ("" when it has none)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, tuple[str, bool]] = {}  # line → (text, whether the line is only a comment)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.lstrip().startswith("#"))
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        own = [comments[i][0] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        above, i = [], node.lineno - 1
+        while i in comments and comments[i][1]:
+            above.insert(0, comments[i][0])
+            i -= 1
+        out[node.target.id] = " ".join(own or above)
+    return out
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def toml_literal(value) -> str:
+    """How a value is written in a recipe or after --set KEY= (None: the key is left unset).
+
+    >>> toml_literal("a"), toml_literal(True), toml_literal(1e-4), toml_literal({"x": [1, 2]})
+    ('"a"', 'true', '0.0001', '{ x = [1, 2] }')
+    """
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + " }" if value else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return repr(value)
+
+
+def _type_label(t) -> str:
+    """A field's type as --help shows it: int, str | None, list[str], table (a TOML table)."""
+    if dataclasses.is_dataclass(t) or t is dict or typing.get_origin(t) is dict:
+        return "table"
+    if isinstance(t, type) and not typing.get_args(t):
+        return t.__name__
+    return str(t).replace("typing.", "").replace("NoneType", "None")
+
+
+def config_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key of config `cls` (nested dataclasses flattened to `a.b`) → (key, type, default, meaning)."""
+    hints, meanings, rows = typing.get_type_hints(cls), field_meanings(cls), []
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows.append((prefix + f.name, "table", "", meanings[f.name]))
+            rows += config_keys(typ, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, _type_label(typ), toml_literal(_default(f)), meanings[f.name]))
+    return rows
+
+
+def keys_help(cls, section: str, bare_keys: bool = True, width: int = 100) -> str:
+    """The `--help` epilog: one entry per config key with its type, default and meaning."""
+    how = "KEY" if bare_keys else f"{section}.KEY"
+    lines = [f"config keys (set them in the recipe's [{section}] table or with --set {how}=VALUE):"]
+    for key, typ, default, meaning in config_keys(cls):
+        head = f"  {key} ({typ})" + (f" = {default}" if default else "")
+        lines.append(head)
+        lines += textwrap.wrap(meaning, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def add_field_flags(p, cls, names) -> None:
+    """`--name` flags for scalar fields of `cls`, typed and explained from the field itself.
+
+    A flag left out stays None, so the caller applies only what was given over the recipe.
+    """
+    hints, meanings = typing.get_type_hints(cls), field_meanings(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        typ = hints[name]
+        scalar = next((a for a in typing.get_args(typ) if a is not type(None)), typ)  # `str | None` → str
+        if scalar not in (str, int, float):
+            raise TypeError(f"{cls.__name__}.{name}: only str, int and float fields become flags")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=scalar, metavar=scalar.__name__.upper(),
+                       help=f"{meanings[name]} (default {toml_literal(_default(fields[name]))})")
+
+
+def add_config_args(p, cls, section: str, out_key: str = "out_dir", epilog: str | None = None,
+                    bare_keys: bool = True) -> None:
+    """The options every stage shares, and its config keys listed in --help (`epilog` replaces the list).
+
+    `--out` sets the field `out_key`; its help is that field's meaning, so the two cannot disagree.
+    `bare_keys`: whether --set may leave out the section (as `load_config` allows for one stage).
+    """
+    p.add_argument("--config", help=f"recipe TOML file; this stage reads its [{section}] table (see r1kit/recipes/)")
+    example = next(f"{section}.{k}={d}" for k, t, d, _ in config_keys(cls) if t in ("int", "float"))
+    if bare_keys:
+        example = f"{example.split('.', 1)[1]} or --set {example}"
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one recipe key, e.g. --set grpo.lr=1e-4 (repeatable)")
-    p.add_argument("--out", help="output directory (default: the recipe's out_dir)")
+                   help=f"override one config key, e.g. --set {example} (repeatable); the value is read as TOML")
+    default = _default(next(f for f in dataclasses.fields(cls) if f.name == out_key))
+    p.add_argument("--out", help=f"{field_meanings(cls)[out_key]} (= --set {out_key}=...; default {default})")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the key list's layout
+    p.epilog = keys_help(cls, section, bare_keys) if epilog is None else epilog

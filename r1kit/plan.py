@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1kit.common import require
+require("gguf", "the fit planner (GGUF tensor types)")  # one line naming the extra when it is missing
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from r1kit.formats import quants

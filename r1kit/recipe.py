@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1kit.common import print0
-from r1kit.config import ConfigError, add_config_args, load_config, read_toml
+from r1kit.config import ConfigError, add_config_args, keys_help, load_config, read_toml
 from r1kit.stages.distill import DistillConfig, NoTracesError
 from r1kit.stages.evaluate import EvalConfig
 from r1kit.stages.grpo import GRPOConfig
@@ -39,9 +39,9 @@ DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "r1_tiny.toml"
 
 @dataclass
 class DemoConfig:
-    out_dir: str = "runs/r1_tiny"
+    out_dir: str = "runs/r1_tiny"  # one directory per stage under it, plus report.md
     task: str = "arithmetic"  # one task for every stage
-    task_args: dict = field(default_factory=dict)
+    task_args: dict = field(default_factory=dict)  # the task's options, shared by every stage
     threads: int = 0  # > 0: torch.set_num_threads(threads) for the whole run
     control_prefix: str = "<think>"  # what the control forces at the start of the answer
 
@@ -235,7 +235,9 @@ def _evaluate(r: Recipe, d: Path, name: str, ckpt: str) -> dict:
 
     from r1kit.stages import evaluate
     prefix = r.demo.control_prefix if name == "control" else r.eval.prefix
-    cfg = replace(r.eval, checkpoint=str(d / ckpt), out=str(d / name / "eval.json"), prefix=prefix)
+    # every stage trains on the recipe's task, so its grade must come from the held-out split
+    split = "test" if r.eval.split == "auto" else r.eval.split
+    cfg = replace(r.eval, checkpoint=str(d / ckpt), out=str(d / name / "eval.json"), prefix=prefix, split=split)
     return evaluate.run(cfg)
 
 
@@ -372,10 +374,23 @@ def _print_example(con, summary: dict) -> None:
     con.print(f"  ✓ correct (reference {ex['answer']})", markup=False, highlight=False)
 
 
+# the verb whose --help lists a section's keys (the demo's own help would be hundreds of lines)
+VERB_OF = {EvalConfig: "eval", PretrainConfig: "pretrain", GRPOConfig: "grpo", DistillConfig: "distill"}
+
+
+def recipe_help() -> str:
+    """--help epilog: the [demo] keys in full, then each section and where its keys are listed."""
+    lines = [keys_help(DemoConfig, "demo", bare_keys=False), "",
+             f"recipe sections (default recipe {DEFAULT_RECIPE.name}; set a key with --set SECTION.KEY=VALUE):"]
+    lines += [f"  {'[' + name + ']':15s} {cls.__name__}: keys as in `r1kit {VERB_OF[cls]} --help`"
+              for name, cls in SECTIONS.items() if cls is not DemoConfig]
+    lines.append("The defaults above are the config classes'; the recipe file sets its own values over them.")
+    return "\n".join(lines)
+
+
 def add_args(p) -> None:
-    add_config_args(p)
-    p.description = (p.description or "") + f". Recipe: {DEFAULT_RECIPE} unless --config is given; " \
-        "--set SECTION.KEY=VALUE overrides one key (sections: " + ", ".join(SECTIONS) + ")."
+    add_config_args(p, DemoConfig, "demo", epilog=recipe_help(), bare_keys=False)
+    p.description = (p.description or "") + f".\nRecipe: {DEFAULT_RECIPE} unless --config is given."
 
 
 def main(args) -> int:

@@ -132,11 +132,8 @@ def accuracy_reward(text: str, reference, verify: Callable[[str, object], bool])
 
 def _math_verify():
     """Import math_verify lazily: it pulls in sympy, which costs a second at import time."""
-    try:
-        import math_verify
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("math rewards need the math-verify package: pip install math-verify") from error
-    return math_verify
+    from r1kit.common import require
+    return require("math_verify", "grading math answers (the math_file task)")
 
 
 def _timeout(seconds: int) -> int | None:

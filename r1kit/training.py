@@ -17,6 +17,7 @@ from r1kit.models.llama import IGNORE_INDEX
 class ModelSpec:
     """A from-scratch model: the family and its config fields (HF names), vocab from the tokenizer."""
     arch: str = "llama"  # "llama" (dense) | "deepseek" (MLA + MoE + MTP)
+    # the family's config fields, by their Hugging Face names (vocab_size comes from the tokenizer)
     config: dict = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=256))

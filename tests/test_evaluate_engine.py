@@ -94,7 +94,7 @@ def test_cli(ckpt, tmp_path, capsys):
 
 
 def test_bad_settings(ckpt):
-    with pytest.raises(ConfigError, match="k and problems must be ≥ 1"):
+    with pytest.raises(ConfigError, match="k must be ≥ 1"):
         ev.run(ev.EvalConfig(checkpoint=str(ckpt), task_args=TASK_ARGS, k=0))
 
 
@@ -105,3 +105,45 @@ def test_prefix_is_forced_into_the_prompt_and_scored(ckpt):
     [[r], _] = rollout(model, tok, task, probs, SamplingParams(max_new_tokens=4, temperature=0), prefix="<think>")
     assert r.prompt_ids[-1] == tok.token_to_id("<think>")
     assert r.completion.startswith("<think>") and not r.sample.text.startswith("<think>")
+
+
+@pytest.fixture
+def math_file(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{a}+{a + 1}=", "answer": str(2 * a + 1)}) + "\n"
+                            for a in range(10, 40)))
+    return path
+
+
+def eval_cli(ckpt, out, *extra):
+    from r1kit.cli import main
+    return main(["eval", str(ckpt), "--k", "1", "--max-new-tokens", "2", "--no-greedy", "--out", str(out), *extra])
+
+
+def test_eval_of_a_file_grades_the_whole_file_and_says_so(ckpt, math_file, tmp_path, capsys):
+    for problems in (("--problems", "30"), ()):  # the command, and no count at all
+        out = tmp_path / "all.json"
+        assert eval_cli(ckpt, out, "--task", "math_file", "--task-args", json.dumps({"path": str(math_file)}),
+                        *problems) == 0
+        result = json.loads(out.read_text())
+        assert result["n_problems"] == 30 and result["split"] == "all" and result["problems_in_split"] == 30
+        assert f"grading 30 problems: every problem of {math_file}" in capsys.readouterr().out
+
+
+def test_eval_of_a_split_says_how_many_it_holds(ckpt, math_file, tmp_path, capsys):
+    out = tmp_path / "test.json"
+    args = ("--task", "math_file", "--task-args", json.dumps({"path": str(math_file)}), "--problems", "30",
+            "--split", "test")
+    assert eval_cli(ckpt, out, *args) == 0
+    result = json.loads(out.read_text())
+    assert result["n_problems"] == 3 and result["split"] == "test" and result["problems_in_split"] == 3
+    said = capsys.readouterr().out
+    assert "grading 3 problems: the held-out test split" in said and "30 asked for, the split has 3" in said
+
+
+def test_eval_synthetic_task_stays_on_its_test_split_and_refuses_all(ckpt, tmp_path, capsys):
+    out = tmp_path / "a.json"
+    assert eval_cli(ckpt, out, "--task-args", json.dumps(TASK_ARGS), "--problems", "2") == 0
+    assert json.loads(out.read_text())["split"] == "test"
+    assert eval_cli(ckpt, out, "--task-args", json.dumps(TASK_ARGS), "--split", "all") == 2
+    assert "split 'all' needs a task read from a file" in capsys.readouterr().err

@@ -307,7 +307,7 @@ def test_parquet_files(tmp_path, monkeypatch):
     pq.write_table(pa.Table.from_pylist(GSM8K_ROWS[:5]), path)
     assert len(MathFileTask(path).problems("train")) == 4
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # simulate pyarrow not installed
-    with pytest.raises(ImportError, match="needs pyarrow"):
+    with pytest.raises(ImportError, match=r"needs the 'pyarrow' package: pip install 'r1kit\[math\]'"):
         MathFileTask(path)
 
 

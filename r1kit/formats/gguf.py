@@ -40,6 +40,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from r1kit.common import require
+require("gguf", "GGUF export")  # one line naming the extra when it is missing
 from gguf import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as QT, GGUFWriter, RopeScalingType,
                   TokenType)
 

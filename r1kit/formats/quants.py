@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+from r1kit.common import require
+require("gguf", "GGUF quantization")  # one line naming the extra when it is missing
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType
 from gguf import LlamaFileType as FT
 from gguf import quants as gguf_quants

@@ -21,13 +21,12 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-try:
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
-except ImportError as e:  # an optional extra: say how to get it
-    raise ImportError(f"r1kit serve needs FastAPI and uvicorn ({e}): pip install 'r1kit[serve]'") from None
+from r1kit.common import require
+require("fastapi", "r1kit serve")  # one line naming the extra when it is missing
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from r1kit.engine import SamplingParams
 from r1kit.serve.backends import BackendError, load_backend
@@ -241,7 +240,8 @@ def add_args(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda, cuda:1 …")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default info)")
 
 
 def main(args) -> int:

@@ -40,24 +40,24 @@ class NoTracesError(DataError):
 @dataclass
 class DistillConfig:
     teacher: str = ""  # checkpoint (or stage dir) to sample
-    out_dir: str = "runs/distill"
-    task: str = "arithmetic"
-    task_args: dict = field(default_factory=dict)
-    system: str | None = None
+    out_dir: str = "runs/distill"  # where traces.jsonl and the student go
+    task: str = "arithmetic"  # verifiable task the teacher is sampled on
+    task_args: dict = field(default_factory=dict)  # the task's options
+    system: str | None = None  # optional system prompt for the teacher
     traces: str = ""  # an existing traces JSONL: skip sampling and train the student on it
     prompts: int = 512  # training-split problems to sample
     prompt_offset: int = 0  # skip this many first training problems (fresh prompts per stage)
     k: int = 4  # samples per prompt
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 96
+    temperature: float = 0.7  # teacher sampling temperature
+    top_p: float = 0.95  # teacher nucleus sampling
+    max_new_tokens: int = 96  # most tokens per teacher completion
     chunk: int = 128  # prompts per engine call (bounds the KV cache; one progress tick each)
     require_think: bool = True  # format filter: reasoning must be inside <think>…</think>
     min_language: float = 1.0  # language-consistency threshold (1.0: one script only)
     max_completion_tokens: int = 0  # length filter; 0 → drop only truncated completions
     max_per_prompt: int = 1  # distinct traces kept per prompt
-    seed: int = 0
-    student: SFTConfig = field(default_factory=SFTConfig)  # data and out_dir are set by this stage
+    seed: int = 0  # seeds the teacher's sampling
+    student: SFTConfig = field(default_factory=SFTConfig)  # the student's SFT (data and out_dir are set by this stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def run(cfg: DistillConfig) -> dict:
 
 
 def add_args(p) -> None:
-    add_config_args(p)
+    add_config_args(p, DistillConfig, "distill")
     p.add_argument("--teacher", help="teacher checkpoint (replaces distill.teacher)")
     p.add_argument("--traces", help="train the student on this traces JSONL instead of sampling a teacher")
 

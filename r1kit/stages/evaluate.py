@@ -3,7 +3,7 @@
 The top half is pure metric functions (stdlib + numpy only, no other r1kit import), so they can
 be tested on hand-made sample sets and reused by the report. The bottom half samples a
 checkpoint with the engine and writes `eval.json`:
-    r1kit eval CKPT --task arithmetic [--k 4 --problems 200 --out eval.json]
+    r1kit eval CKPT --task arithmetic [--k 4 --problems 0 (all) --split auto --out eval.json]
 
 Metrics follow DeepSeek-R1 §3: sample k completions per problem (temperature 0.6, top-p 0.95) and report
     * pass@1   = mean over problems of the fraction of the k samples that are correct,
@@ -230,20 +230,23 @@ def pass_at_1_ci(correct: Sequence[Sequence[bool]], z: float = 1.96) -> tuple[fl
 @dataclass
 class EvalConfig:
     checkpoint: str = ""  # checkpoint directory (or a stage directory holding model/)
-    task: str = "arithmetic"
-    task_args: dict = field(default_factory=dict)
-    problems: int = 200  # held-out (test split) problems
+    task: str = "arithmetic"  # verifiable task: arithmetic | countdown | math_file
+    task_args: dict = field(default_factory=dict)  # the task's options, e.g. { path = "test.jsonl" }
+    problems: int = 0  # grade the first N problems of `split`; 0 = all of them (a file's every line)
+    # which problems: test | train | all (both splits) | auto = the whole file for a task read
+    # from one file (math_file with no test_path or test_fraction), else the held-out test split
+    split: str = "auto"
     k: int = 4  # samples per problem
-    temperature: float = 0.6  # R1's evaluation settings
-    top_p: float = 0.95
-    max_new_tokens: int = 96
-    seed: int = 0
-    system: str | None = None
+    temperature: float = 0.6  # sampling temperature (R1's evaluation setting)
+    top_p: float = 0.95  # nucleus sampling (R1's evaluation setting)
+    max_new_tokens: int = 96  # most tokens per answer
+    seed: int = 0  # sampling seed
+    system: str | None = None  # optional system prompt
     prefix: str = ""  # text forced at the start of each answer; "<think>" = the no-RL control
     greedy: bool = True  # also grade one greedy completion per problem
-    out: str = "eval.json"
-    device: str = "auto"  # auto = cuda → mps → cpu
-    dtype: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    out: str = "eval.json"  # the eval.json file to write (samples go beside it, NAME_samples.jsonl)
+    device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on a GPU that has it, else fp32)
 
 
 def evaluate_model(model, tok, task, problems, cfg: EvalConfig) -> tuple[dict, list[dict]]:
@@ -298,6 +301,51 @@ def _solved_example(records: list[dict]) -> dict | None:
     return None if best is None else {k: best[k] for k in ("prompt", "answer", "completion")}
 
 
+SPLIT_CHOICES = ("auto", "test", "train", "all")
+
+
+def resolve_split(task, cfg: EvalConfig) -> str:
+    """"auto" → "all" for a task read from one file with no held-out part asked for, else "test".
+
+    A user who points eval at a file means that file; a 10% split of it is only right when they
+    asked for one (test_fraction) or gave a separate test file (test_path).
+    """
+    if cfg.split != "auto":
+        return cfg.split
+    one_file = getattr(task, "path", None) is not None and getattr(task, "test_path", None) is None
+    return "all" if one_file and "test_fraction" not in cfg.task_args else "test"
+
+
+def select_problems(task, split: str, n: int) -> tuple[list, int]:
+    """The first n problems (0: all) of `split` → (problems, how many the split holds)."""
+    from r1kit.config import ConfigError
+    from r1kit.tasks import SyntheticTask
+    if split == "all":
+        if isinstance(task, SyntheticTask):
+            raise ConfigError(f"eval: split 'all' needs a task read from a file; {task.name!r} generates "
+                              "its problems (use split = test)")
+        # held-out problems first, so a --problems cap still grades the test split before train
+        pool = task.problems("test") + task.problems("train")
+    else:
+        pool = task.problems(split)
+    return (pool[:n] if n else pool), len(pool)
+
+
+def describe_selection(task, split: str, n: int, available: int, asked: int) -> str:
+    """One sentence for stdout: exactly which problems are graded, and how to get others."""
+    source, test_file = getattr(task, "path", None), getattr(task, "test_path", None)
+    files = " and ".join(str(f) for f in (source, test_file) if f is not None)
+    what = {"all": f"every problem of {files}" if files else "every problem",
+            "test": "the held-out test split", "train": "the train split"}[split]
+    if split == "test" and test_file is not None:
+        what += f" ({test_file})"
+    elif split == "test" and source:
+        what += f" of {source} (--set split=all grades the whole file)"
+    note = f"; {asked} asked for, the split has {available}" if asked > available else ""
+    capped = f" (the first {n} of {available}; --problems 0 grades all)" if n < available else ""
+    return f"grading {n} problems: {what}{capped}{note}"
+
+
 def versions() -> dict:
     import torch
 
@@ -316,14 +364,18 @@ def run(cfg: EvalConfig) -> dict:
     ckpt = resolve_ckpt(cfg.checkpoint)
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json)")
-    if cfg.k < 1 or cfg.problems < 1:
-        raise ConfigError(f"eval: k and problems must be ≥ 1, got k={cfg.k}, problems={cfg.problems}")
+    if cfg.k < 1 or cfg.problems < 0:
+        raise ConfigError(f"eval: k must be ≥ 1 and problems ≥ 0 (0: all), got k={cfg.k}, problems={cfg.problems}")
+    if cfg.split not in SPLIT_CHOICES:
+        raise ConfigError(f"eval.split = {cfg.split!r}; choose one of {list(SPLIT_CHOICES)}")
     model, tok = checkpoint.load(ckpt, device=cfg.device, dtype=cfg.dtype)
     task = get_task(cfg.task, **cfg.task_args)
-    problems = task.problems("test", cfg.problems)
+    split = resolve_split(task, cfg)
+    problems, available = select_problems(task, split, cfg.problems)
+    print0(f"eval: {describe_selection(task, split, len(problems), available, cfg.problems)}")
     metrics, records = evaluate_model(model, tok, task, problems, cfg)
     result = {"checkpoint": str(ckpt), "task": task.name, "task_args": cfg.task_args, "n_problems": len(problems),
-              "k": cfg.k, "seed": cfg.seed, "split": "test",
+              "k": cfg.k, "seed": cfg.seed, "split": split, "problems_in_split": available,
               "engine": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                          "samples_per_problem": cfg.k, "greedy": cfg.greedy, "prefix": cfg.prefix,
                          "system": cfg.system, "device": str(model.embed.weight.device),
@@ -341,30 +393,24 @@ def run(cfg: EvalConfig) -> dict:
     return result
 
 
+# flags for the keys a user changes most; every key is also a --set KEY=VALUE (listed in --help)
+FLAGS = ("task", "k", "problems", "split", "temperature", "top_p", "max_new_tokens", "seed", "prefix", "system",
+         "device", "dtype")
+
+
 def add_args(p) -> None:
-    from r1kit.config import add_config_args
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (or a stage directory holding model/)")
-    p.add_argument("--task", help="task name (default arithmetic)")
-    p.add_argument("--task-args", help='task options as JSON, e.g. \'{"digits": 3}\'')
-    p.add_argument("--k", type=int, help="samples per problem (default 4)")
-    p.add_argument("--problems", type=int, help="held-out problems (default 200)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.6, R1's)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling (default 0.95, R1's)")
-    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 96)")
-    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    p.add_argument("--prefix", help='force the answer to start with this text, e.g. "<think>"')
-    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
-    p.add_argument("--device", help="cuda, mps or cpu (default: detected)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on a GPU, else fp32)")
-    add_config_args(p)  # --config (an [eval] section), --set, --out (default eval.json)
+    from r1kit.config import add_config_args, add_field_flags, field_meanings
+    p.add_argument("checkpoint", nargs="?", help=field_meanings(EvalConfig)["checkpoint"])
+    add_field_flags(p, EvalConfig, FLAGS)
+    p.add_argument("--task-args", help='the task\'s options as JSON, e.g. \'{"digits": 3}\' or \'{"path": "test.jsonl"}\'')
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass (= --set greedy=false)")
+    add_config_args(p, EvalConfig, "eval", out_key="out")  # --config reads the recipe's [eval] table
 
 
 def main(args) -> int:
     from r1kit.config import ConfigError, load_config
     cfg = load_config(EvalConfig, args.config, args.overrides, section="eval")
-    flags = {"checkpoint": args.checkpoint, "task": args.task, "k": args.k, "problems": args.problems,
-             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-             "seed": args.seed, "prefix": args.prefix, "out": args.out, "device": args.device, "dtype": args.dtype}
+    flags = {key: getattr(args, key) for key in (*FLAGS, "checkpoint", "out")}
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)

@@ -34,43 +34,43 @@ from r1kit.training import MetricsLog, Progress, adamw, lr_at, resolve_ckpt, set
 @dataclass
 class GRPOConfig:
     base: str = "runs/r1_zero_tiny/base"  # checkpoint (or stage dir) to start from
-    out_dir: str = "runs/r1_zero_tiny/grpo"
-    task: str = "arithmetic"
-    task_args: dict = field(default_factory=dict)
+    out_dir: str = "runs/r1_zero_tiny/grpo"  # where the policy, metrics.jsonl and rollouts.jsonl go
+    task: str = "arithmetic"  # verifiable task: arithmetic | countdown | math_file
+    task_args: dict = field(default_factory=dict)  # the task's options, e.g. { digits = 3 } or { path = "train.jsonl" }
     system: str | None = None  # optional system prompt
-    steps: int = 100
+    steps: int = 100  # RL steps (one batch of prompts × G samples each)
     time_budget_s: float = 0.0  # > 0: stop after this much RL wall time
-    prompts_per_step: int = 16
-    group_size: int = 8  # G
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-4
-    warmup: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    prompts_per_step: int = 16  # training problems per step, each sampled group_size times
+    group_size: int = 8  # G: samples per prompt; advantages are relative to the group
+    max_new_tokens: int = 96  # most tokens per sampled completion
+    temperature: float = 1.0  # rollout sampling temperature (1.0: the policy's own distribution)
+    top_p: float = 1.0  # rollout nucleus sampling (1.0: off)
+    lr: float = 1e-4  # AdamW peak learning rate
+    warmup: int = 0  # linear learning-rate warm-up steps
+    schedule: str = "constant"  # learning rate after warm-up: constant | cosine (down to 10%)
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0  # clip the gradient's global norm to this (0: off)
     micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
-    device: str = "auto"  # auto = cuda → mps → cpu
+    device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
-    advantage: str = "grpo"  # grpo | drgrpo
-    adv_eps: float = 1e-4
-    loss: str = "clipped"  # clipped | dual_clip | gspo
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # DAPO clip-higher: 0.28
-    dual_clip_c: float = 3.0
+    advantage: str = "grpo"  # grpo: (r − mean)/(std + adv_eps) | drgrpo: r − mean (Dr. GRPO)
+    adv_eps: float = 1e-4  # ε in (r − mean) / (std + ε)
+    loss: str = "clipped"  # policy loss: clipped (PPO) | dual_clip | gspo (sequence-level ratio)
+    eps_low: float = 0.2  # PPO clip: the ratio is kept above 1 − eps_low
+    eps_high: float = 0.2  # PPO clip: the ratio is kept below 1 + eps_high (DAPO clip-higher: 0.28)
+    dual_clip_c: float = 3.0  # dual-clip bound c on negative-advantage tokens (loss = dual_clip)
     gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
-    gspo_eps_high: float = 4e-4
+    gspo_eps_high: float = 4e-4  # GSPO's upper clip of the sequence-level ratio
     aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
-    kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
-    kl_estimator: str = "k3"
+    kl_coef: float = 0.0  # β, the KL penalty to the start model: 0.001 (R1), 0.04 (DeepSeekMath); 0 = none
+    kl_estimator: str = "k3"  # KL estimator: k1 | k2 | k3 (Schulman's)
     dynamic_sampling: bool = False  # drop zero-variance groups from the batch (DAPO)
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
-    eval_every: int = 10
-    eval_problems: int = 200
-    save_every: int = 10
-    seed: int = 0
+    eval_every: int = 10  # held-out greedy accuracy every this many steps (and at the end)
+    eval_problems: int = 200  # held-out (test split) problems for that accuracy
+    save_every: int = 10  # checkpoint (resumable) every this many steps
+    seed: int = 0  # seeds the prompt order, the sampling and the model
     alarm_equal_steps: int = 10  # warn when every reward was equal this many steps in a row
     alarm_truncation: float = 0.5  # warn when more completions than this hit max_new_tokens
 
@@ -402,7 +402,7 @@ def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed
 
 
 def add_args(p) -> None:
-    add_config_args(p)
+    add_config_args(p, GRPOConfig, "grpo")
 
 
 def main(args) -> int:

@@ -30,23 +30,25 @@ from r1kit.training import MetricsLog, ModelSpec, Progress, adamw, build_model, 
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = "runs/base"
-    task: str = "arithmetic"
-    task_args: dict = field(default_factory=dict)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    out_dir: str = "runs/base"  # where the base model and metrics.jsonl go
+    task: str = "arithmetic"  # synthetic task whose traces make the corpus: arithmetic | countdown
+    task_args: dict = field(default_factory=dict)  # the task's options, e.g. { digits = 3 }
+    model: ModelSpec = field(default_factory=ModelSpec)  # the model to build from scratch
     vocab_size: int = 64  # BPE over the corpus's own characters (+ specials): a tiny vocabulary
     tokenizer: str = ""  # a checkpoint whose tokenizer to use instead (a student that shares its teacher's)
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    steps: int = 400  # optimizer steps
+    batch_size: int = 64  # sequences per step
+    lr: float = 2e-3  # AdamW peak learning rate (cosine decay after warm-up)
+    warmup: int = 50  # linear learning-rate warm-up steps
+    min_lr_ratio: float = 0.1  # the cosine ends at lr × this
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only)
+    # corpus styles and their weights: think (scratch work), slip (a slipped digit carried into the
+    # answer), direct (an answer with no thinking), bare (the number alone, no tags)
     mix: dict = field(default_factory=lambda: {"think": 0.32, "slip": 0.08, "direct": 0.5, "bare": 0.1})
-    seed: int = 0
-    save_every: int = 100
-    eval_problems: int = 200
-    max_new_tokens: int = 96
+    seed: int = 0  # seeds the corpus, the initial weights and the sampling
+    save_every: int = 100  # checkpoint (resumable) every this many steps
+    eval_problems: int = 200  # held-out (test split) problems graded at the end
+    max_new_tokens: int = 96  # most tokens per answer in that evaluation
 
 
 def completion_for(task, problem, rng: random.Random, mix: dict) -> str:
@@ -150,7 +152,7 @@ def _summarize(cfg, model, tok, task, seconds: float) -> dict:
 
 
 def add_args(p) -> None:
-    add_config_args(p)
+    add_config_args(p, PretrainConfig, "pretrain")
 
 
 def main(args) -> int:

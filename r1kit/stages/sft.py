@@ -45,29 +45,29 @@ class DataError(ConfigError):
 
 @dataclass
 class SFTConfig:
-    data: list[str] | str = field(default_factory=list)  # JSONL file(s)
+    data: list[str] | str = field(default_factory=list)  # chat JSONL file(s): {"messages": [...]} per line
     base: str = ""  # checkpoint (or stage dir) to fine-tune; "" → a fresh model from `model`
     tokenizer: str = ""  # fresh model: checkpoint whose tokenizer it uses (e.g. the teacher's)
     model: ModelSpec = field(default_factory=ModelSpec)  # fresh model only
-    out_dir: str = "runs/sft"
-    epochs: float = 2.0
+    out_dir: str = "runs/sft"  # where the fine-tuned model and metrics.jsonl go
+    epochs: float = 2.0  # passes over the data (fractions allowed)
     steps: int = 0  # > 0: overrides epochs
     batch_size: int = 8  # packed rows per step
     max_len: int = 256  # tokens per packed row
-    packing: str = "document"  # document | concat | none
-    lr: float = 1e-3
-    warmup: int = 10
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 50
+    packing: str = "document"  # document (packed, no attention across conversations) | concat | none
+    lr: float = 1e-3  # AdamW peak learning rate
+    warmup: int = 10  # linear learning-rate warm-up steps
+    schedule: str = "cosine"  # learning rate after warm-up: cosine | constant
+    min_lr_ratio: float = 0.1  # the cosine ends at lr × this
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0  # clip the gradient's global norm to this (0: off)
+    seed: int = 0  # seeds the data order and a fresh model's weights
+    save_every: int = 50  # checkpoint (resumable) every this many steps
     task: str = ""  # held-out greedy accuracy at the end when set
-    task_args: dict = field(default_factory=dict)
-    eval_problems: int = 200
-    max_new_tokens: int = 96
-    device: str = "auto"  # auto = cuda → mps → cpu
+    task_args: dict = field(default_factory=dict)  # that task's options
+    eval_problems: int = 200  # held-out problems for that accuracy (0: skip it)
+    max_new_tokens: int = 96  # most tokens per answer in that evaluation
+    device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; weights and AdamW stay fp32
 
     def __post_init__(self):
@@ -342,7 +342,7 @@ def _evaluate(cfg: SFTConfig, model, tok) -> dict:
 
 
 def add_args(p) -> None:
-    add_config_args(p)
+    add_config_args(p, SFTConfig, "sft")
     p.add_argument("--data", action="append", help="chat JSONL file (repeatable; replaces sft.data)")
 
 

@@ -14,6 +14,7 @@ import random
 import re
 from pathlib import Path
 
+from r1kit.common import require
 from r1kit.rewards import math_verify_equal, parse_reference
 from r1kit.tasks.base import Problem, Task, check_style, completion, register_task
 
@@ -66,10 +67,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"math_file: no such file: {path}")
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as error:
-            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)") from error
+        pq = require("pyarrow.parquet", f"reading {path} (or convert it to JSONL)")
         return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"math_file: {path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
