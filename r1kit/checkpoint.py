@@ -3,18 +3,22 @@
     DIR/config.json, model*.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json
     DIR/trainer_state/   optimizer.pt, rng.pt, state.json (step, data cursor, metrics so far)
 
-`save` writes everything into a temporary sibling and renames it into place, so a crash
-leaves either the previous checkpoint or the new one — never half of one.
+`save` writes everything into a temporary sibling, fsyncs it and renames it into place, so a
+crash leaves either the previous checkpoint or the new one — never half of one — and the
+temporaries a killed writer leaves are removed on the next save or load. Under torch.distributed
+only rank 0 writes.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from r1kit.common import is_main_process
 from r1kit.formats import hf
 from r1kit.tokenizer import Tokenizer
 
@@ -23,8 +27,14 @@ GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # 
 
 def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtype=None,
          extra_config: dict | None = None, shard_bytes: int = 4 << 30) -> Path:
-    """Atomically write model + tokenizer (+ trainer state) as a checkpoint directory."""
+    """Atomically write model + tokenizer (+ trainer state) as a checkpoint directory.
+
+    Call it on every rank: only the main process writes, the others return at once (no barrier:
+    a caller whose other ranks read the checkpoint next waits for rank 0 itself).
+    """
     path = Path(path)
+    if not is_main_process():
+        return path
     with hf.atomic_dir(path) as tmp:
         hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
         tok.save(tmp)
@@ -41,8 +51,12 @@ def write_text_atomic(path, text: str) -> None:
     """Replace a small file whole (write a sibling, then rename): readers never see half of it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the data is on disk before the name points at it
     tmp.replace(path)
+    hf.fsync_dir(path.parent)
 
 
 def has_trainer_state(path) -> bool:

@@ -43,6 +43,7 @@ import torch
 from gguf import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as QT, GGUFWriter, RopeScalingType,
                   TokenType)
 
+from r1kit.common import umask_mode
 from r1kit.formats import quants
 from r1kit.tokenizer import QWEN2_SPLIT, STYLES, Tokenizer
 
@@ -563,6 +564,7 @@ def _temp_path(out: Path) -> str:
         raise GGUFExportError(f"{out}: is a directory; give a .gguf file path")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would survive the rename
     return tmp
 
 
