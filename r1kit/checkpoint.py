@@ -22,15 +22,20 @@ from r1kit.common import is_main_process
 from r1kit.formats import hf
 from r1kit.tokenizer import Tokenizer
 
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # R1's evaluation settings
+# What a stage's `generation_config` option adds to the checkpoint's generation_config.json:
+# "source" nothing (the starting checkpoint's own file is kept as it is; a model with none gets only
+# its token ids), "r1" DeepSeek-R1's evaluation settings, which `serve` and vLLM adopt as defaults.
+GENERATION_PRESETS = {"source": {}, "r1": {"do_sample": True, "temperature": 0.6, "top_p": 0.95}}
 
 
 def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtype=None,
-         extra_config: dict | None = None, shard_bytes: int = 4 << 30) -> Path:
+         extra_config: dict | None = None, shard_bytes: int = 4 << 30, generation: str = "source") -> Path:
     """Atomically write model + tokenizer (+ trainer state) as a checkpoint directory.
 
-    Call it on every rank: only the main process writes, the others return at once (no barrier:
-    a caller whose other ranks read the checkpoint next waits for rank 0 itself).
+    generation_config.json is the one the model was loaded with, unchanged (`load` keeps it as
+    `model.generation_config`), or only the token ids; `generation` names a GENERATION_PRESETS
+    entry to write on top. Call it on every rank: only the main process writes, the others return
+    at once (no barrier: a caller whose other ranks read the checkpoint next waits for rank 0 itself).
     """
     path = Path(path)
     if not is_main_process():
@@ -38,13 +43,20 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
     with hf.atomic_dir(path) as tmp:
         hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
         tok.save(tmp)
-        gen = {**GENERATION_DEFAULTS, "eos_token_id": tok.stop_ids or None}
-        if tok.bos_id is not None:
-            gen["bos_token_id"] = tok.bos_id
+        gen = generation_config(model, tok, generation)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if trainer_state is not None:
             save_trainer_state(tmp / "trainer_state", **trainer_state)
     return path
+
+
+def generation_config(model, tok: Tokenizer, preset: str = "source") -> dict:
+    """The checkpoint's own generation config (else its bos/eos ids) with the preset's settings on top."""
+    if preset not in GENERATION_PRESETS:
+        raise ValueError(f"generation_config = {preset!r}; choose one of {sorted(GENERATION_PRESETS)}")
+    own = getattr(model, "generation_config", None)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids or None}
+    return {**(own if own is not None else {k: v for k, v in ids.items() if v is not None}), **GENERATION_PRESETS[preset]}
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -71,6 +83,9 @@ def load(path, device=None, dtype=None):
     from r1kit.common import resolve_device, resolve_dtype
     device = resolve_device(device)
     model = hf.load_model(path, device=device, dtype=resolve_dtype(dtype, device))
+    gen = Path(path) / "generation_config.json"
+    if gen.exists():  # the checkpoint's own sampling settings travel with the model to its next save
+        model.generation_config = hf.read_json(gen)
     tok = Tokenizer.load(path)
     if tok.vocab_size > model.config.vocab_size:
         raise hf.CheckpointError(f"{Path(path) / 'tokenizer.json'}: {tok.vocab_size} tokens but config.json "

@@ -109,3 +109,59 @@ def test_only_the_main_process_writes(tmp_path, tiny_tok, monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     r1kit.save(tiny(), tiny_tok, tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+# ---------------------------------------------------------------------------------------------
+# generation_config.json: the checkpoint's own, R1's settings only where a stage asks for them
+# ---------------------------------------------------------------------------------------------
+OWN_GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": True, "temperature": 0.7, "top_k": 20,
+                  "repetition_penalty": 1.05, "transformers_version": "5.0.0"}
+
+
+def _gen(path):
+    return json.loads((Path(path) / "generation_config.json").read_text())
+
+
+def test_a_checkpoints_own_generation_config_is_kept(tmp_path, tiny_tok):
+    r1kit.save(tiny(), tiny_tok, tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(OWN_GENERATION))  # as published
+    model, tok = r1kit.load(tmp_path / "hf")
+    r1kit.save(model, tok, tmp_path / "copy")
+    assert _gen(tmp_path / "copy") == OWN_GENERATION
+    r1kit.save(model, tok, tmp_path / "r1", generation="r1")  # a stage that asks for R1's settings
+    assert _gen(tmp_path / "r1") == {**OWN_GENERATION, "temperature": 0.6, "top_p": 0.95}
+
+
+def test_a_model_without_one_gets_only_its_token_ids(tmp_path, tiny_tok):
+    r1kit.save(tiny(), tiny_tok, tmp_path / "fresh")  # e.g. pretrain from scratch
+    assert _gen(tmp_path / "fresh") == {"bos_token_id": tiny_tok.bos_id, "eos_token_id": tiny_tok.stop_ids}
+    with pytest.raises(ValueError, match=r"generation_config = 'hot'; choose one of \['r1', 'source'\]"):
+        r1kit.save(tiny(), tiny_tok, tmp_path / "x", generation="hot")
+
+
+def test_sft_keeps_the_bases_generation_config_unless_told(tmp_path, tiny_tok):
+    from r1kit.config import ConfigError
+    from r1kit.stages import sft
+    from r1kit.tasks import get_task
+    r1kit.save(tiny(), tiny_tok, tmp_path / "base")
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(OWN_GENERATION))
+    task = get_task("arithmetic", digits=2, train_size=50, test_size=5)
+    rows = [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": "<answer>1</answer>"}]}
+            for p in task.problems("train", 8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(data=[str(tmp_path / "d.jsonl")], base=str(tmp_path / "base"), steps=1, batch_size=2, max_len=64,
+                  eval_problems=0)
+    sft.run(sft.SFTConfig(out_dir=str(tmp_path / "plain"), **common))
+    assert _gen(tmp_path / "plain" / "model") == OWN_GENERATION
+    sft.run(sft.SFTConfig(out_dir=str(tmp_path / "r1"), generation_config="r1", **common))
+    assert _gen(tmp_path / "r1" / "model")["temperature"] == 0.6
+    with pytest.raises(ConfigError, match="sft.generation_config = 'R1'"):
+        sft.SFTConfig(generation_config="R1")
+
+
+def test_grpo_option_is_checked():
+    from r1kit.config import ConfigError
+    from r1kit.stages.grpo import GRPOConfig
+    assert GRPOConfig().generation_config == "source"
+    with pytest.raises(ConfigError, match="grpo.generation_config = 'eval'; choose one of"):
+        GRPOConfig(generation_config="eval")
