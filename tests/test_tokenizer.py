@@ -172,6 +172,9 @@ def test_named_templates_use_the_default_and_all_are_kept(tmp_path):
         {"default": QWEN_LIKE, "tool_use": OTHER}
     cfg = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == [{"name": "default", "template": QWEN_LIKE}, {"name": "tool_use", "template": OTHER}]
+    rd = _export(loaded, tmp_path / "m.gguf")  # GGUF: the default and each named one, as llama.cpp's converter does
+    assert rd.fields["tokenizer.chat_template"].contents() == QWEN_LIKE
+    assert rd.fields["tokenizer.chat_template.tool_use"].contents() == OTHER
 
 
 def _plain_folder(tmp_path, **cfg_over):
@@ -218,13 +221,18 @@ def test_no_default_template_and_bad_fields_say_so(tmp_path):
         Tokenizer.load(folder)
 
 
-def test_gguf_export_carries_the_checkpoints_template(tmp_path):
+def _export(tok, path):
     from gguf import GGUFReader
 
     from r1kit.formats.gguf import export_gguf
     from r1kit.models.llama import Llama, LlamaConfig
-    tok = Tokenizer.load(_saved_by_transformers(tmp_path, QWEN_LIKE))
     model = Llama(LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)).init_weights(0)
-    export_gguf(model, tok, tmp_path / "m.gguf", "F32")
-    assert GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"].contents() == QWEN_LIKE
+    export_gguf(model, tok, path, "F32")
+    return GGUFReader(path)
+
+
+def test_gguf_export_carries_the_checkpoints_template(tmp_path):
+    rd = _export(Tokenizer.load(_saved_by_transformers(tmp_path, QWEN_LIKE)), tmp_path / "m.gguf")
+    assert rd.fields["tokenizer.chat_template"].contents() == QWEN_LIKE
+    assert "tokenizer.chat_templates" not in rd.fields

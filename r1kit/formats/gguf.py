@@ -450,6 +450,7 @@ class Vocab:
     add_bos: bool  # what the source's post-processor does to a plain text, so llama.cpp's tokenize agrees
     add_eos: bool
     chat_template: str | None = None
+    named_templates: dict[str, str] | None = None  # tokenizer.chat_template.NAME, as llama.cpp's converter writes
 
 
 def vocab_from_tokenizer(tok: Tokenizer, n_vocab: int) -> Vocab:
@@ -479,7 +480,8 @@ def vocab_from_tokenizer(tok: Tokenizer, n_vocab: int) -> Vocab:
     return Vocab(tokens, [int(t) for t in types], merges, pre, tok.bos_id, tok.eos_id,
                  eot=tok.token_to_id(eot) if eot else None,
                  pad=tok.token_to_id(tok.pad_token) if tok.pad_token else None,  # the declared one only
-                 unk=tok.token_to_id(unk) if unk else None, add_bos=add_bos, add_eos=add_eos, chat_template=template)
+                 unk=tok.token_to_id(unk) if unk else None, add_bos=add_bos, add_eos=add_eos, chat_template=template,
+                 named_templates=tok.extra_templates)
 
 
 def _added_specials(tok: Tokenizer, by_id: dict[int, str], added: dict) -> tuple[bool, bool]:
@@ -518,8 +520,9 @@ def _write_vocab(w: GGUFWriter, v: Vocab) -> None:
     # what llama.cpp's tokenize(add_special=True) adds to a plain prompt — chat templates write BOS themselves
     w.add_add_bos_token(v.add_bos)
     w.add_add_eos_token(v.add_eos)
-    if v.chat_template:
-        w.add_chat_template(v.chat_template)
+    if v.chat_template or v.named_templates:
+        w.add_chat_template([{"name": "default", "template": v.chat_template}] * bool(v.chat_template)
+                            + [{"name": k, "template": t} for k, t in (v.named_templates or {}).items()])
 
 
 # ---------------------------------------------------------------------------------------------
