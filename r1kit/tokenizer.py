@@ -292,7 +292,8 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(path / "tokenizer.json"))
-        cfg = {k: v for k, v in self.config.items() if k not in ("chat_template", "r1kit")}
+        # the source's other keys stay; added tokens are tokenizer.json's to say, templates ours to write
+        cfg = {k: v for k, v in self.config.items() if k not in ("chat_template", "r1kit", "added_tokens_decoder")}
         cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         cfg.update({"bos_token": self.bos_token or None, "eos_token": self.eos_token, "pad_token": self.pad_token})
         cfg.setdefault("clean_up_tokenization_spaces", False)
@@ -389,13 +390,18 @@ def read_chat_templates(path: Path, cfg: dict) -> dict[str, str]:
 
 
 def write_chat_templates(path: Path, templates: dict[str, str]) -> None:
-    """The default template → chat_template.jinja, each named one → additional_chat_templates/NAME.jinja."""
+    """The default template → chat_template.jinja, each named one → additional_chat_templates/NAME.jinja;
+    template files already there that `templates` does not hold are removed (they would be read next)."""
+    for name in templates:
+        if name != "default" and not _TEMPLATE_NAME.match(name):  # a name becomes a file name
+            raise TokenizerError(f"chat template name {name!r}: use letters, digits, '_', '-' or '.'")
+    stale = [*(path / CHAT_TEMPLATE_DIR).glob("*.jinja"), path / CHAT_TEMPLATE_FILE]
+    for f in stale:
+        f.unlink(missing_ok=True)
     for name, text in templates.items():
         if name == "default":
             (path / CHAT_TEMPLATE_FILE).write_text(text, encoding="utf-8")
             continue
-        if not _TEMPLATE_NAME.match(name):  # a name becomes a file name: no paths, no odd characters
-            raise TokenizerError(f"chat template name {name!r}: use letters, digits, '_', '-' or '.'")
         (path / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
         (path / CHAT_TEMPLATE_DIR / f"{name}.jinja").write_text(text, encoding="utf-8")
 

@@ -159,6 +159,9 @@ def test_a_template_saved_by_transformers5_round_trips(tmp_path):
     assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["chat_template"] == QWEN_LIKE
     assert Tokenizer.load(tmp_path / "again").render_chat(msgs, add_generation_prompt=True) == (ids, mask)
     assert _hf_ids(tmp_path / "again", msgs) == ids
+    Tokenizer(loaded.tk).save(tmp_path / "again")  # no template now: the old file must not linger
+    assert not (tmp_path / "again" / "chat_template.jinja").exists()
+    assert not Tokenizer.load(tmp_path / "again").has_chat_template
 
 
 def test_named_templates_use_the_default_and_all_are_kept(tmp_path):
