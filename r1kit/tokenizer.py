@@ -156,7 +156,7 @@ class Tokenizer:
 
     def __init__(self, tk: HFTokenizer, style: str | None = None, force_think: bool = False,
                  chat_template: str | None = None, eos: str | None = None, bos: str | None = None,
-                 pad: str | None = None, extra_templates: dict[str, str] | None = None,
+                 pad: str | None = None, unk: str | None = None, extra_templates: dict[str, str] | None = None,
                  config: dict | None = None, source: str | None = None):
         self.tk, self.style_name, self.force_think = tk, style, force_think
         # a checkpoint's own Jinja template (None: render with r1kit's style, whose Jinja is equivalent)
@@ -168,6 +168,7 @@ class Tokenizer:
         self.eos_token = eos or (st.eos if st else None)
         self.bos_token = bos if bos is not None else (st.bos if st else None)
         self.pad_token = pad  # the padding token the checkpoint declares (None: it declares none; see pad_id)
+        self.unk_token = unk  # declared in tokenizer_config.json (tokenizer.json's BPE model may name one too)
         self.eos_id = self._id_or_none(self.eos_token)
         self.bos_id = self._id_or_none(self.bos_token)
         # every token that ends generation: the style's turn end plus the family's text end
@@ -295,7 +296,8 @@ class Tokenizer:
         # the source's other keys stay; added tokens are tokenizer.json's to say, templates ours to write
         cfg = {k: v for k, v in self.config.items() if k not in ("chat_template", "r1kit", "added_tokens_decoder")}
         cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        cfg.update({"bos_token": self.bos_token or None, "eos_token": self.eos_token, "pad_token": self.pad_token})
+        cfg.update({"bos_token": self.bos_token or None, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                    "unk_token": self.unk_token})
         cfg.setdefault("clean_up_tokenization_spaces", False)
         cfg.setdefault("model_max_length", 131072)
         cfg["r1kit"] = {"chat_style": self.style_name, "force_think": self.force_think}
@@ -323,7 +325,7 @@ class Tokenizer:
         style = ours.get("chat_style") or detect_style(template)
         force = bool(ours.get("force_think", False))
         tok_text = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-        eos, bos, pad = (tok_text(specials.get(k)) for k in ("eos_token", "bos_token", "pad_token"))
+        eos, bos, pad, unk = (tok_text(specials.get(k)) for k in ("eos_token", "bos_token", "pad_token", "unk_token"))
         # r1kit renders its own styles natively (fast, exact loss masks); any other text — a model's
         # template, or ours edited by hand or replaced by transformers — is rendered as written
         native = template is None or (style in STYLES and ours.get("chat_style") == style
@@ -336,7 +338,7 @@ class Tokenizer:
                 raise TokenizerError(f"{path}: chat template does not render ({e})") from None
             force = opened.rstrip().endswith("<think>")
         return cls(tk, style, force, None if native else template, eos=eos, bos=bos, pad=pad,
-                   extra_templates=templates, config=cfg, source=str(path))
+                   unk=unk, extra_templates=templates, config=cfg, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------

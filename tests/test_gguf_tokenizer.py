@@ -30,9 +30,6 @@ def _folder(tmp_path, kind: str):
         return tmp_path, {}
     tok = build_bpe_tokenizer(CORPUS, vocab_size=360, style="chatml")  # SmolLM2: never adds BOS
     tok.save(tmp_path)
-    tj = json.loads((tmp_path / "tokenizer.json").read_text())
-    tj["model"]["unk_token"] = "<|endoftext|>"
-    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     cfg.update(bos_token="<|im_start|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -73,7 +70,7 @@ def test_exported_tokenizer_keys_match_the_source(tmp_path, kind):
     assert _key(rd, "tokenizer.ggml.bos_token_id") == hf.bos_token_id == tok.bos_id
     assert _key(rd, "tokenizer.ggml.eos_token_id") == hf.eos_token_id == tok.eos_id
     assert _key(rd, "tokenizer.ggml.padding_token_id") == hf.pad_token_id  # the declared one, or absent
-    assert _key(rd, "tokenizer.ggml.unknown_token_id") == (tok.token_to_id(extra["unk"]) if extra else None)
+    assert _key(rd, "tokenizer.ggml.unknown_token_id") == hf.unk_token_id == (tok.token_to_id(extra["unk"]) if extra else None)
     assert _key(rd, "tokenizer.ggml.eot_token_id") == tok.token_to_id(STYLES[tok.style_name].eos)
     assert _key(rd, "tokenizer.chat_template") == hf.chat_template
     with _vocab(tmp_path / "m.gguf") as (llama_cpp, llm, vocab):

@@ -475,7 +475,7 @@ def vocab_from_tokenizer(tok: Tokenizer, n_vocab: int) -> Vocab:
     merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"].get("merges", [])]
     template = tok.jinja_template() if tok.has_chat_template else None
     add_bos, add_eos = _added_specials(tok, by_id, added)
-    unk = d["model"].get("unk_token")
+    unk = tok.unk_token or d["model"].get("unk_token")  # the declared one, as llama.cpp's converter reads it
     eot = STYLES[tok.style_name].eos if tok.style_name in STYLES else None
     return Vocab(tokens, [int(t) for t in types], merges, pre, tok.bos_id, tok.eos_id,
                  eot=tok.token_to_id(eot) if eot else None,
