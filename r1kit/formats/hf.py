@@ -422,13 +422,17 @@ class AtomicDir:
 def _lock(directory: Path) -> int:
     """An fd on `directory` holding an exclusive flock (released when the fd closes or the process dies)."""
     fd = os.open(directory, os.O_RDONLY)
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a filesystem without flock: write unlocked; _in_use then never calls it stale
+        pass
     return fd
 
 
 def _in_use(directory: Path) -> bool:
-    """Whether a live writer holds `directory`'s flock (without flock support: assume it is)."""
+    """Whether a live writer holds `directory`'s flock. Unsure (no flock support) counts as in use:
+    deleting a live writer's files is far worse than leaving a dead one's."""
     if fcntl is None:
         return True
     try:
@@ -438,7 +442,7 @@ def _in_use(directory: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: held by a live writer; others: flock unsupported here
         return True
     finally:
         os.close(fd)  # closing drops the probe's lock
