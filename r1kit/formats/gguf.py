@@ -491,11 +491,16 @@ def _added_specials(tok: Tokenizer, by_id: dict[int, str], added: dict) -> tuple
     which transformers 5 ignores when tokenizer.json exists. llama.cpp can only add its own BOS and
     EOS, so a post-processor that adds anything else is refused rather than exported wrongly.
     """
-    probe = tok.tk.decode([min(i for i in by_id if i not in added)])  # an ordinary token's text
+    # probe with an ordinary token's text (one that encodes to something: a lone byte may not)
+    ordinary = (tok.tk.decode([i]) for i in sorted(by_id) if i not in added)
+    probe = next((t for t in ordinary if tok.tk.encode(t, add_special_tokens=False).ids), None)
+    if probe is None:
+        raise GGUFExportError("no token of the vocabulary encodes back to itself; cannot tell what the "
+                              "tokenizer adds to a text")
     plain = tok.tk.encode(probe, add_special_tokens=False).ids
     full = tok.tk.encode(probe, add_special_tokens=True).ids
     at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
-    if not plain or at is None:
+    if at is None:
         raise GGUFExportError("tokenizer.json's post-processor changes a text's own tokens; llama.cpp cannot do that")
     before, after = full[:at], full[at + len(plain):]
     for ids, want, what, where in ((before, tok.bos_id, "BOS", "before"), (after, tok.eos_id, "EOS", "after")):
