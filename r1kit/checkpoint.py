@@ -40,10 +40,10 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
     path = Path(path)
     if not is_main_process():
         return path
+    gen = generation_config(model, tok, generation)
     with hf.atomic_dir(path) as tmp:
         hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
         tok.save(tmp)
-        gen = generation_config(model, tok, generation)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if trainer_state is not None:
             save_trainer_state(tmp / "trainer_state", **trainer_state)
@@ -55,8 +55,9 @@ def generation_config(model, tok: Tokenizer, preset: str = "source") -> dict:
     if preset not in GENERATION_PRESETS:
         raise ValueError(f"generation_config = {preset!r}; choose one of {sorted(GENERATION_PRESETS)}")
     own = getattr(model, "generation_config", None)
-    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids or None}
-    return {**(own if own is not None else {k: v for k, v in ids.items() if v is not None}), **GENERATION_PRESETS[preset]}
+    if own is None:
+        own = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.stop_ids or None)) if v is not None}
+    return {**own, **GENERATION_PRESETS[preset]}
 
 
 def write_text_atomic(path, text: str) -> None:
