@@ -32,8 +32,8 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
          extra_config: dict | None = None, shard_bytes: int = 4 << 30, generation: str = "source") -> Path:
     """Atomically write model + tokenizer (+ trainer state) as a checkpoint directory.
 
-    generation_config.json is the one the model was loaded with, unchanged (`load` keeps it as
-    `model.generation_config`), or only the token ids; `generation` names a GENERATION_PRESETS
+    generation_config.json is the one the model was loaded with, unchanged (`hf.load_model` keeps
+    it as `model.generation_config`), or only the token ids; `generation` names a GENERATION_PRESETS
     entry to write on top. Call it on every rank: only the main process writes, the others return
     at once (no barrier: a caller whose other ranks read the checkpoint next waits for rank 0 itself).
     """
@@ -84,9 +84,6 @@ def load(path, device=None, dtype=None):
     from r1kit.common import resolve_device, resolve_dtype
     device = resolve_device(device)
     model = hf.load_model(path, device=device, dtype=resolve_dtype(dtype, device))
-    gen = Path(path) / "generation_config.json"
-    if gen.exists():  # the checkpoint's own sampling settings travel with the model to its next save
-        model.generation_config = hf.read_json(gen)
     tok = Tokenizer.load(path)
     if tok.vocab_size > model.config.vocab_size:
         raise hf.CheckpointError(f"{Path(path) / 'tokenizer.json'}: {tok.vocab_size} tokens but config.json "

@@ -330,6 +330,8 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32):
     if getattr(cfg, "tie_word_embeddings", False):
         model.head.weight = model.embed.weight
     load_state(model, path, dtype)
+    if (path / "generation_config.json").exists():  # the checkpoint's own sampling settings, kept for its next save
+        model.generation_config = read_json(path / "generation_config.json")
     return model
 
 
