@@ -130,6 +130,9 @@ def test_a_checkpoints_own_generation_config_is_kept(tmp_path, tiny_tok):
     assert _gen(tmp_path / "copy") == OWN_GENERATION
     r1kit.save(model, tok, tmp_path / "r1", generation="r1")  # a stage that asks for R1's settings
     assert _gen(tmp_path / "r1") == {**OWN_GENERATION, "temperature": 0.6, "top_p": 0.95}
+    (tmp_path / "hf" / "generation_config.json").write_text("{bad")
+    with pytest.raises(hf.CheckpointError, match=r"generation_config.json: invalid JSON at line 1"):
+        r1kit.load(tmp_path / "hf")
 
 
 def test_a_model_without_one_gets_only_its_token_ids(tmp_path, tiny_tok):
