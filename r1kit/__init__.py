@@ -17,14 +17,21 @@ def generate(model, tok, prompts, n: int = 1, max_new_tokens: int = 256, tempera
              top_p: float = 0.95, top_k: int = 0, stop=(), seed: int | None = None, chat: bool = True):
     """Sample completions for text prompts.
 
-    Each prompt is a string (a user message) or a list of chat messages; with `chat=False` a
-    string is tokenized as is. Returns one string per prompt, or a list of `n` strings when n > 1.
+    Each prompt is a string (a user message) or a list of chat messages, rendered with the
+    checkpoint's chat template. A checkpoint with no template is refused (TokenizerError): a chat
+    model fed raw text answers nonsense or nothing, so raw text must be asked for with
+    `chat=False`, which tokenizes each string prompt as is. Returns one string per prompt, or a
+    list of `n` strings when n > 1.
     """
     from r1kit.engine import Engine, SamplingParams
+    from r1kit.tokenizer import TokenizerError
     if isinstance(prompts, str):
         prompts = [prompts]
-    use_chat = chat and tok.style_name is not None
-    ids = [tok.chat_prompt(p) if use_chat else tok.encode(p) for p in prompts]
+    if chat and not tok.has_chat_template:
+        raise TokenizerError(f"{tok.no_template_reason()}; or pass chat=False to tokenize the prompts as plain text")
+    if not chat and not all(isinstance(p, str) for p in prompts):
+        raise TokenizerError("chat=False takes text prompts; a list of messages needs the chat template")
+    ids = [tok.chat_prompt(p) if chat else tok.encode(p) for p in prompts]
     sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         n=n, stop=tuple(stop), seed=seed)
     out = Engine(model, tok).generate(ids, sp)

@@ -3,46 +3,73 @@
     DIR/config.json, model*.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json
     DIR/trainer_state/   optimizer.pt, rng.pt, state.json (step, data cursor, metrics so far)
 
-`save` writes everything into a temporary sibling and renames it into place, so a crash
-leaves either the previous checkpoint or the new one — never half of one.
+`save` writes everything into a temporary sibling, fsyncs it and renames it into place, so a
+crash leaves either the previous checkpoint or the new one — never half of one — and the
+temporaries a killed writer leaves are removed on the next save or load. Under torch.distributed
+only rank 0 writes.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from r1kit.common import is_main_process
 from r1kit.formats import hf
 from r1kit.tokenizer import Tokenizer
 
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # R1's evaluation settings
+# What a stage's `generation_config` option adds to the checkpoint's generation_config.json:
+# "source" nothing (the starting checkpoint's own file is kept as it is; a model with none gets only
+# its token ids), "r1" DeepSeek-R1's evaluation settings, which `serve` and vLLM adopt as defaults.
+GENERATION_PRESETS = {"source": {}, "r1": {"do_sample": True, "temperature": 0.6, "top_p": 0.95}}
 
 
 def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtype=None,
-         extra_config: dict | None = None, shard_bytes: int = 4 << 30) -> Path:
-    """Atomically write model + tokenizer (+ trainer state) as a checkpoint directory."""
+         extra_config: dict | None = None, shard_bytes: int = 4 << 30, generation: str = "source") -> Path:
+    """Atomically write model + tokenizer (+ trainer state) as a checkpoint directory.
+
+    generation_config.json is the one the model was loaded with, unchanged (`hf.load_model` keeps
+    it as `model.generation_config`), or only the token ids; `generation` names a GENERATION_PRESETS
+    entry to write on top. Call it on every rank: only the main process writes, the others return
+    at once (no barrier: a caller whose other ranks read the checkpoint next waits for rank 0 itself).
+    """
     path = Path(path)
+    if not is_main_process():
+        return path
+    gen = generation_config(model, tok, generation)
     with hf.atomic_dir(path) as tmp:
         hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
         tok.save(tmp)
-        gen = {**GENERATION_DEFAULTS, "eos_token_id": tok.stop_ids or None}
-        if tok.bos_id is not None:
-            gen["bos_token_id"] = tok.bos_id
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if trainer_state is not None:
             save_trainer_state(tmp / "trainer_state", **trainer_state)
     return path
 
 
+def generation_config(model, tok: Tokenizer, preset: str = "source") -> dict:
+    """The checkpoint's own generation config (else its bos/eos ids) with the preset's settings on top."""
+    if preset not in GENERATION_PRESETS:
+        raise ValueError(f"generation_config = {preset!r}; choose one of {sorted(GENERATION_PRESETS)}")
+    own = getattr(model, "generation_config", None)
+    if own is None:
+        own = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.stop_ids or None)) if v is not None}
+    return {**own, **GENERATION_PRESETS[preset]}
+
+
 def write_text_atomic(path, text: str) -> None:
     """Replace a small file whole (write a sibling, then rename): readers never see half of it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the data is on disk before the name points at it
     tmp.replace(path)
+    hf.fsync_dir(path.parent)
 
 
 def has_trainer_state(path) -> bool:

@@ -66,14 +66,30 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
-def rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes checkpoints and prints."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only, so multi-process logs stay readable."""
-    if rank0():
+    if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what open() gives a new file (0o644 under umask 022).
+
+    Writers that create files privately (mkstemp, safetensors: 0600) chmod them to this, so a
+    checkpoint is readable like any other file its user writes.
+    """
+    try:  # Linux reports it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return mode & ~mask
 
 
 def seed_everything(seed: int) -> None:

@@ -1,8 +1,10 @@
 """Tokenizer: the HF `tokenizers` library underneath, chat templates on top.
 
 One class wraps a `tokenizer.json`. Chats render to `(ids, loss_mask)` in one of three styles
-— Llama 3, ChatML (Qwen) and DeepSeek-R1 — and each style ships the equivalent Jinja template
-in `tokenizer_config.json`, so `transformers`, vLLM and llama.cpp render the same tokens.
+— Llama 3, ChatML (Qwen) and DeepSeek-R1 — or with the checkpoint's own Jinja template. Templates
+are read from every place transformers 5 reads them (`read_chat_templates`) and written the way it
+writes them (`chat_template.jinja`, plus `tokenizer_config.json` for transformers 4), so
+`transformers`, vLLM and llama.cpp render the same tokens.
 
 The loss mask comes from character spans: the whole conversation is rendered to one string,
 encoded once with offsets, and a token is trained on when it starts inside an assistant span.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +40,7 @@ class ChatStyle:
     name: str
     bos: str
     eos: str  # the token that ends an assistant turn
+    pad: str | None  # the padding token the family declares in tokenizer_config.json (None: none)
     specials: tuple[str, ...]
     jinja: str
 
@@ -106,12 +110,12 @@ _JINJA = {
 }
 
 STYLES = {
-    "llama3": ChatStyle("llama3", "<|begin_of_text|>", "<|eot_id|>",
+    "llama3": ChatStyle("llama3", "<|begin_of_text|>", "<|eot_id|>", None,
                         ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                          "<|eot_id|>"), _JINJA["llama3"]),
-    "chatml": ChatStyle("chatml", "", "<|im_end|>", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    "chatml": ChatStyle("chatml", "", "<|im_end|>", "<|endoftext|>", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
                         _JINJA["chatml"]),
-    "deepseek-r1": ChatStyle("deepseek-r1", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+    "deepseek-r1": ChatStyle("deepseek-r1", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>",
                              ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                               "<｜▁pad▁｜>"), _JINJA["deepseek-r1"]),
 }
@@ -151,13 +155,20 @@ class Tokenizer:
     """`tokenizers.Tokenizer` + a chat style. ids are plain Python lists of ints."""
 
     def __init__(self, tk: HFTokenizer, style: str | None = None, force_think: bool = False,
-                 chat_template: str | None = None, eos: str | None = None, bos: str | None = None):
+                 chat_template: str | None = None, eos: str | None = None, bos: str | None = None,
+                 pad: str | None = None, unk: str | None = None, extra_templates: dict[str, str] | None = None,
+                 config: dict | None = None, source: str | None = None):
         self.tk, self.style_name, self.force_think = tk, style, force_think
         # a checkpoint's own Jinja template (None: render with r1kit's style, whose Jinja is equivalent)
         self.chat_template = chat_template
+        self.extra_templates = dict(extra_templates or {})  # named templates besides the default, kept on save
+        self.config = dict(config or {})  # the source's tokenizer_config.json: its other keys are kept on save
+        self.source = source  # the folder it was loaded from, for messages
         st = STYLES.get(style) if style else None
         self.eos_token = eos or (st.eos if st else None)
         self.bos_token = bos if bos is not None else (st.bos if st else None)
+        self.pad_token = pad  # the padding token the checkpoint declares (None: it declares none; see pad_id)
+        self.unk_token = unk  # declared in tokenizer_config.json (tokenizer.json's BPE model may name one too)
         self.eos_id = self._id_or_none(self.eos_token)
         self.bos_id = self._id_or_none(self.bos_token)
         # every token that ends generation: the style's turn end plus the family's text end
@@ -175,10 +186,12 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        for t in ("<｜▁pad▁｜>", "<|finetune_right_pad_id|>", "<|endoftext|>"):
-            if (i := self.tk.token_to_id(t)) is not None:
+        """The id batches are padded with: the declared pad token, else EOS, else 0. Padding is
+        masked out everywhere, so any id works here; only `pad_token` is written to files."""
+        for i in (self._id_or_none(self.pad_token), self.eos_id):
+            if i is not None:
                 return i
-        return self.eos_id if self.eos_id is not None else 0
+        return 0
 
     def encode(self, text: str) -> list[int]:
         """Plain text → ids; special-token text inside is recognised, nothing is added."""
@@ -192,10 +205,24 @@ class Tokenizer:
 
     # -- chat ------------------------------------------------------------------------------------
     @property
+    def has_chat_template(self) -> bool:
+        """Whether conversations can be rendered: the checkpoint's own template or a known style."""
+        return self.chat_template is not None or self.style_name in STYLES
+
+    def no_template_reason(self) -> str:
+        """One line saying that (and where) no chat template was found — advice that suits any caller."""
+        where = self.source or "this tokenizer"
+        named = f"; its named templates ({', '.join(sorted(self.extra_templates))}) include no 'default'" \
+            if self.extra_templates else ""
+        return (f"{where}: no chat template (looked for {CHAT_TEMPLATE_FILE}, {CHAT_TEMPLATE_DIR}/default.jinja, "
+                f"'chat_template' in tokenizer_config.json and {PROCESSOR_TEMPLATE_FILE}{named}); add the model's "
+                f"template as {CHAT_TEMPLATE_FILE}, or set r1kit.chat_style ({', '.join(STYLES)}) in "
+                "tokenizer_config.json")
+
+    @property
     def style(self) -> ChatStyle:
         if self.style_name not in STYLES:
-            raise TokenizerError("this tokenizer has no recognised chat template (supported styles: "
-                                 f"{', '.join(STYLES)}); pass a style or use plain encode()")
+            raise TokenizerError(self.no_template_reason())
         return STYLES[self.style_name]
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -254,16 +281,31 @@ class Tokenizer:
         return self.style.jinja.replace("{THINK}", "<think>\n" if self.force_think else "")
 
     # -- files -----------------------------------------------------------------------------------
+    def templates(self) -> dict[str, str]:
+        """{name: Jinja} to write: the default (the checkpoint's own or the style's) and any named ones."""
+        out = {"default": self.jinja_template()} if self.has_chat_template else {}
+        return {**out, **self.extra_templates}
+
     def save(self, path) -> None:
+        """tokenizer.json, tokenizer_config.json and the chat template(s), the way transformers 5
+        writes them (chat_template.jinja, additional_chat_templates/NAME.jinja) and, for
+        transformers 4 readers, also inside tokenizer_config.json (5 prefers the files: same text)."""
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(path / "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token or None,
-               "eos_token": self.eos_token, "pad_token": self.tk.id_to_token(self.pad_id),
-               "clean_up_tokenization_spaces": False, "model_max_length": 131072,
-               "r1kit": {"chat_style": self.style_name, "force_think": self.force_think,
-                         "template": "checkpoint" if self.chat_template is not None else "r1kit"}}
-        if self.style_name or self.chat_template:
-            cfg["chat_template"] = self.jinja_template()
+        # the source's other keys stay; added tokens are tokenizer.json's to say, templates ours to write
+        cfg = {k: v for k, v in self.config.items() if k not in ("chat_template", "r1kit", "added_tokens_decoder")}
+        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        cfg.update({"bos_token": self.bos_token or None, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                    "unk_token": self.unk_token})
+        cfg.setdefault("clean_up_tokenization_spaces", False)
+        cfg.setdefault("model_max_length", 131072)
+        cfg["r1kit"] = {"chat_style": self.style_name, "force_think": self.force_think}
+        templates = self.templates()
+        write_chat_templates(path, templates)
+        if templates:
+            cfg["chat_template"] = templates["default"] if list(templates) == ["default"] else \
+                [{"name": k, "template": v} for k, v in templates.items()]
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
@@ -274,29 +316,96 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(tj))
         except Exception as e:  # the Rust library reports parse errors as plain Exceptions
             raise TokenizerError(f"{tj}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
-        cfg = {}
-        if tc.exists():
-            try:
-                cfg = json.loads(tc.read_text())
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{tc}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        cfg = _read_json(tc) if tc.exists() else {}
+        specials = {**(_read_json(path / "special_tokens_map.json") if (path / "special_tokens_map.json").exists()
+                       else {}), **cfg}  # the legacy map, where tokenizer_config.json says nothing
+        templates = read_chat_templates(path, cfg)
+        template = templates.pop("default", None)
         ours = cfg.get("r1kit") or {}
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # a list of named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         style = ours.get("chat_style") or detect_style(template)
         force = bool(ours.get("force_think", False))
-        external = bool(template) and ours.get("template", "checkpoint" if "r1kit" not in cfg else "r1kit") == "checkpoint"
         tok_text = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-        eos, bos = tok_text(cfg.get("eos_token")), tok_text(cfg.get("bos_token"))
-        if external:
+        eos, bos, pad, unk = (tok_text(specials.get(k)) for k in ("eos_token", "bos_token", "pad_token", "unk_token"))
+        # r1kit renders its own styles natively (fast, exact loss masks); any other text — a model's
+        # template, or ours edited by hand or replaced by transformers — is rendered as written
+        native = template is None or (style in STYLES and ours.get("chat_style") == style
+                                      and template == STYLES[style].jinja.replace("{THINK}", "<think>\n" * force))
+        if not native:
             try:  # does the generation prompt itself open the reasoning (R1-Distill does, Qwen3 doesn't)?
                 opened = _compiled(template).render(messages=[{"role": "user", "content": "1+1"}],
                                                     add_generation_prompt=True, bos_token=bos or "", eos_token=eos or "")
             except Exception as e:  # jinja2.TemplateSyntaxError, a template's raise_exception, …
-                raise TokenizerError(f"{tc}: chat_template does not render ({e})") from None
+                raise TokenizerError(f"{path}: chat template does not render ({e})") from None
             force = opened.rstrip().endswith("<think>")
-        return cls(tk, style, force, template if external else None, eos=eos, bos=bos)
+        return cls(tk, style, force, None if native else template, eos=eos, bos=bos, pad=pad,
+                   unk=unk, extra_templates=templates, config=cfg, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat template files: where transformers 5 reads and writes them
+# ---------------------------------------------------------------------------------------------
+CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
+PROCESSOR_TEMPLATE_FILE = "chat_template.json"  # a processor's legacy file: {"chat_template": "..."}
+_TEMPLATE_NAME = re.compile(r"^[\w.-]+$")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{path}: expected a JSON object at the top level")
+    return d
+
+
+def read_chat_templates(path: Path, cfg: dict) -> dict[str, str]:
+    """Every chat template of a tokenizer folder as {name: Jinja}, in transformers 5's precedence.
+
+    1. `chat_template.jinja` (the "default") and `additional_chat_templates/NAME.jinja`: when any
+       of these files exists they replace whatever tokenizer_config.json holds (AutoTokenizer's rule);
+    2. tokenizer_config.json's `chat_template`: one string (the default) or a list of {name, template};
+    3. `chat_template.json`, a processor's legacy file: AutoProcessor reads it, AutoTokenizer does
+       not, so it counts only when the tokenizer files have no template at all.
+    Callers use the "default" one, as `apply_chat_template` does when no name is given.
+    """
+    found: dict[str, str] = {}
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        found["default"] = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (path / CHAT_TEMPLATE_DIR).is_dir():
+        for f in sorted((path / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            found[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if found:
+        return found
+    where, value = f"{path / 'tokenizer_config.json'}: field 'chat_template'", cfg.get("chat_template")
+    if value is None and (path / PROCESSOR_TEMPLATE_FILE).is_file():
+        where = f"{path / PROCESSOR_TEMPLATE_FILE}: field 'chat_template'"
+        value = _read_json(path / PROCESSOR_TEMPLATE_FILE).get("chat_template")
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise TokenizerError(f"{where} must be a string or a list of {{\"name\": str, \"template\": str}}")
+
+
+def write_chat_templates(path: Path, templates: dict[str, str]) -> None:
+    """The default template → chat_template.jinja, each named one → additional_chat_templates/NAME.jinja;
+    template files already there that `templates` does not hold are removed (they would be read next)."""
+    for name in templates:
+        if name != "default" and not _TEMPLATE_NAME.match(name):  # a name becomes a file name
+            raise TokenizerError(f"chat template name {name!r}: use letters, digits, '_', '-' or '.'")
+    stale = [*(path / CHAT_TEMPLATE_DIR).glob("*.jinja"), path / CHAT_TEMPLATE_FILE]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    for name, text in templates.items():
+        if name == "default":
+            (path / CHAT_TEMPLATE_FILE).write_text(text, encoding="utf-8")
+            continue
+        (path / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+        (path / CHAT_TEMPLATE_DIR / f"{name}.jinja").write_text(text, encoding="utf-8")
 
 
 def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1",
@@ -323,4 +432,4 @@ def build_bpe_tokenizer(corpus, vocab_size: int = 512, style: str = "deepseek-r1
     tk.train_from_iterator(corpus, trainer=trainer)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in st.specials])
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
-    return Tokenizer(tk, style, force_think)
+    return Tokenizer(tk, style, force_think, pad=st.pad)

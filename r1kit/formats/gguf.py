@@ -34,7 +34,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,8 +45,9 @@ require("gguf", "GGUF export")  # one line naming the extra when it is missing
 from gguf import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as QT, GGUFWriter, RopeScalingType,
                   TokenType)
 
+from r1kit.common import umask_mode
 from r1kit.formats import quants
-from r1kit.tokenizer import QWEN2_SPLIT, Tokenizer
+from r1kit.tokenizer import QWEN2_SPLIT, STYLES, Tokenizer
 
 GGML_QUANT_VERSION = 2  # what llama.cpp's quantizer writes to general.quantization_version
 
@@ -438,16 +439,20 @@ def pre_tokenizer_name(tk_json: dict) -> str:
 
 @dataclass
 class Vocab:
+    """Everything llama.cpp's tokenizer reads from a GGUF. Special ids are None when the source has none."""
     tokens: list[str]
     types: list[int]
     merges: list[str]
     pre: str
     bos: int | None
     eos: int | None
+    eot: int | None  # the token that ends an assistant turn, when the chat style says which
     pad: int | None
-    add_bos: bool
+    unk: int | None
+    add_bos: bool  # what the source's post-processor does to a plain text, so llama.cpp's tokenize agrees
+    add_eos: bool
     chat_template: str | None = None
-    extra: dict = field(default_factory=dict)
+    named_templates: dict[str, str] | None = None  # tokenizer.chat_template.NAME, as llama.cpp's converter writes
 
 
 def vocab_from_tokenizer(tok: Tokenizer, n_vocab: int) -> Vocab:
@@ -470,9 +475,42 @@ def vocab_from_tokenizer(tok: Tokenizer, n_vocab: int) -> Vocab:
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"].get("merges", [])]
-    template = tok.jinja_template() if (tok.style_name or tok.chat_template) else None
-    return Vocab(tokens, [int(t) for t in types], merges, pre, tok.bos_id, tok.eos_id, tok.pad_id,
-                 add_bos=tok.bos_id is not None, chat_template=template)
+    template = tok.jinja_template() if tok.has_chat_template else None
+    add_bos, add_eos = _added_specials(tok, by_id, added)
+    unk = tok.unk_token or d["model"].get("unk_token")  # the declared one, as llama.cpp's converter reads it
+    eot = STYLES[tok.style_name].eos if tok.style_name in STYLES else None
+    return Vocab(tokens, [int(t) for t in types], merges, pre, tok.bos_id, tok.eos_id,
+                 eot=tok.token_to_id(eot) if eot else None,
+                 pad=tok.token_to_id(tok.pad_token) if tok.pad_token else None,  # the declared one only
+                 unk=tok.token_to_id(unk) if unk else None, add_bos=add_bos, add_eos=add_eos, chat_template=template,
+                 named_templates=tok.extra_templates)
+
+
+def _added_specials(tok: Tokenizer, by_id: dict[int, str], added: dict) -> tuple[bool, bool]:
+    """(add_bos, add_eos): whether tokenizer.json's post-processor puts BOS before / EOS after a text.
+
+    Read from behaviour — a plain text encoded with and without special tokens — not from flags,
+    which transformers 5 ignores when tokenizer.json exists. llama.cpp can only add its own BOS and
+    EOS, so a post-processor that adds anything else is refused rather than exported wrongly.
+    """
+    # probe with an ordinary token's text (one that encodes to something: a lone byte may not)
+    ordinary = (tok.tk.decode([i]) for i in sorted(by_id) if i not in added)
+    probe = next((t for t in ordinary if tok.tk.encode(t, add_special_tokens=False).ids), None)
+    if probe is None:
+        raise GGUFExportError("no token of the vocabulary encodes back to itself; cannot tell what the "
+                              "tokenizer adds to a text")
+    plain = tok.tk.encode(probe, add_special_tokens=False).ids
+    full = tok.tk.encode(probe, add_special_tokens=True).ids
+    at = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
+    if at is None:
+        raise GGUFExportError("tokenizer.json's post-processor changes a text's own tokens; llama.cpp cannot do that")
+    before, after = full[:at], full[at + len(plain):]
+    for ids, want, what, where in ((before, tok.bos_id, "BOS", "before"), (after, tok.eos_id, "EOS", "after")):
+        if ids and ids != [want]:
+            raise GGUFExportError(f"tokenizer.json's post-processor adds {[by_id.get(i) for i in ids]} {where} every "
+                                  f"text; llama.cpp can add only the {what} token "
+                                  f"({by_id.get(want) if want is not None else 'none declared'})")
+    return bool(before), bool(after)
 
 
 def _write_vocab(w: GGUFWriter, v: Vocab) -> None:
@@ -482,13 +520,16 @@ def _write_vocab(w: GGUFWriter, v: Vocab) -> None:
     w.add_token_types(v.types)
     if v.merges:
         w.add_token_merges(v.merges)
-    for setter, tid in ((w.add_bos_token_id, v.bos), (w.add_eos_token_id, v.eos), (w.add_pad_token_id, v.pad)):
+    for setter, tid in ((w.add_bos_token_id, v.bos), (w.add_eos_token_id, v.eos), (w.add_eot_token_id, v.eot),
+                        (w.add_pad_token_id, v.pad), (w.add_unk_token_id, v.unk)):
         if tid is not None:
             setter(tid)
-    w.add_add_bos_token(v.add_bos)  # the chat templates write BOS themselves; plain prompts get it here
-    w.add_add_eos_token(False)
-    if v.chat_template:
-        w.add_chat_template(v.chat_template)
+    # what llama.cpp's tokenize(add_special=True) adds to a plain prompt — chat templates write BOS themselves
+    w.add_add_bos_token(v.add_bos)
+    w.add_add_eos_token(v.add_eos)
+    if v.chat_template or v.named_templates:
+        w.add_chat_template([{"name": "default", "template": v.chat_template}] * bool(v.chat_template)
+                            + [{"name": k, "template": t} for k, t in (v.named_templates or {}).items()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +574,7 @@ def _temp_path(out: Path) -> str:
         raise GGUFExportError(f"{out}: is a directory; give a .gguf file path")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would survive the rename
     return tmp
 
 

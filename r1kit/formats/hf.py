@@ -25,7 +25,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from r1kit.common import umask_mode
 from r1kit.models.llama import Llama, LlamaConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so temporaries are never judged stale
+    fcntl = None
 
 
 class CheckpointError(ValueError):
@@ -324,6 +330,8 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32):
     if getattr(cfg, "tie_word_embeddings", False):
         model.head.weight = model.embed.weight
     load_state(model, path, dtype)
+    if (path / "generation_config.json").exists():  # the checkpoint's own sampling settings, kept for its next save
+        model.generation_config = read_json(path / "generation_config.json")
     return model
 
 
@@ -350,16 +358,21 @@ def save_model(model, path, shard_bytes: int = 4 << 30, dtype: torch.dtype | Non
     shards.append(cur)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], path / "model.safetensors", metadata=meta)
+        _save_safetensors(shards[0], path / "model.safetensors", meta)
         return
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / fname, metadata=meta)
+        _save_safetensors(shard, path / fname, meta)
         weight_map.update({hf: fname for hf in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_safetensors(tensors: dict, file: Path, meta: dict) -> None:
+    save_file(tensors, file, metadata=meta)
+    os.chmod(file, umask_mode())  # safetensors creates 0600; a checkpoint is read by other users and tools
 
 
 def atomic_dir(path) -> "AtomicDir":
@@ -367,7 +380,14 @@ def atomic_dir(path) -> "AtomicDir":
 
 
 class AtomicDir:
-    """Write into a temporary sibling, then swap it in: readers never see half a checkpoint."""
+    """Write into a temporary sibling, then swap it in: readers never see half a checkpoint.
+
+    Durable as well as atomic: every file and directory of the new checkpoint is fsynced before
+    the rename and the parent after it, so a power cut cannot leave a renamed-in directory of
+    empty files. While it is written, the temporary directory holds an flock; temporaries that
+    hold none were left by a killed writer and are removed by the next save or load of this path
+    (`recover_swap`) — they are model-sized.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -378,31 +398,88 @@ class AtomicDir:
             raise CheckpointError(f"{parent}: output directory does not exist")
         recover_swap(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
+        os.chmod(self.tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide the checkpoint from other users
+        self.lock = _lock(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            fsync_tree(self.tmp)
+            old = None
+            if self.path.exists():
+                old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+                os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)  # the renames themselves
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             return False
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(self.lock)
+
+
+def _lock(directory: Path) -> int:
+    """An fd on `directory` holding an exclusive flock (released when the fd closes or the process dies)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a filesystem without flock: write unlocked; _in_use then never calls it stale
+        pass
+    return fd
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether a live writer holds `directory`'s flock. Unsure (no flock support) counts as in use:
+    deleting a live writer's files is far worse than leaving a dead one's."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
+    except OSError:  # BlockingIOError: held by a live writer; others: flock unsupported here
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory (deepest first, `root` last) under `root`."""
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(here))
 
 
 def recover_swap(path) -> None:
-    """Finish a swap a crash interrupted: between moving the old checkpoint aside and moving the
-    new one in, `path` is missing while `.NAME.old-PID` still holds the last good checkpoint."""
+    """Put `path` back in order before it is read or written again.
+
+    A crash between moving the old checkpoint aside and moving the new one in leaves `path`
+    missing while `.NAME.old-PID` still holds the last good checkpoint: move it back. Temporaries
+    no live writer holds (`.NAME.tmp-*`) and old copies of a completed swap are removed.
+    """
     path = Path(path)
-    if path.exists():
-        return
     olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        os.replace(olds[-1], path)
+    if not path.exists() and olds:
+        os.replace(olds.pop(), path)
+    for stale in [*olds, *(t for t in path.parent.glob(f".{path.name}.tmp-*") if t.is_dir() and not _in_use(t))]:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from r1kit.common import require
+from r1kit.common import require, umask_mode
 require("gguf", "GGUF quantization")  # one line naming the extra when it is missing
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType
 from gguf import LlamaFileType as FT
@@ -422,6 +422,7 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, mix: 
     infos = [(name, shapes[name], int(qtype), _n_bytes(shapes[name], qtype)) for name, qtype in plan.items()]
     out_path = os.fspath(out_path)
     fd, tmp = tempfile.mkstemp(prefix=".quant-", suffix=".gguf", dir=os.path.dirname(os.path.abspath(out_path)))
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would survive the rename
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(encode_header(fields, infos, align))

@@ -73,6 +73,7 @@ class GRPOConfig:
     seed: int = 0  # seeds the prompt order, the sampling and the model
     alarm_equal_steps: int = 10  # warn when every reward was equal this many steps in a row
     alarm_truncation: float = 0.5  # warn when more completions than this hit max_new_tokens
+    generation_config: str = "source"  # saved sampling defaults: source (the base's own) | r1 (T 0.6, top-p 0.95)
 
     def __post_init__(self):
         for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES), ("aggregation", rl.AGGREGATIONS),
@@ -81,6 +82,9 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
+        if self.generation_config not in checkpoint.GENERATION_PRESETS:
+            raise ConfigError(f"grpo.generation_config = {self.generation_config!r}; "
+                              f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
         try:
             resolve_dtype(self.dtype, resolve_device(self.device))
         except (ValueError, RuntimeError) as e:
@@ -354,7 +358,8 @@ def _info(m: dict) -> str:
 
 def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict) -> None:
     state = {"stage": "grpo", "step": step, "summary": summary, "config": asdict(cfg)}
-    checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state})
+    checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state},
+                    generation=cfg.generation_config)
 
 
 def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):

@@ -69,6 +69,7 @@ class SFTConfig:
     max_new_tokens: int = 96  # most tokens per answer in that evaluation
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; weights and AdamW stay fp32
+    generation_config: str = "source"  # saved sampling defaults: source (the base's own) | r1 (T 0.6, top-p 0.95)
 
     def __post_init__(self):
         try:
@@ -81,6 +82,9 @@ class SFTConfig:
             raise ConfigError(f"sft.packing = {self.packing!r}; choose one of {list(PACKING)}")
         if self.batch_size < 1 or self.max_len < 2:
             raise ConfigError("sft.batch_size must be ≥ 1 and sft.max_len ≥ 2")
+        if self.generation_config not in checkpoint.GENERATION_PRESETS:
+            raise ConfigError(f"sft.generation_config = {self.generation_config!r}; "
+                              f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +282,8 @@ def run(cfg: SFTConfig) -> dict:
             if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
                 st = {"stage": "sft", "step": step + 1, "seconds": seconds, "data_digest": digest,
                       "config": asdict(cfg)}
-                checkpoint.save(model, tok, ckpt, trainer_state={"optimizer": opt, "state": st})
+                checkpoint.save(model, tok, ckpt, trainer_state={"optimizer": opt, "state": st},
+                                generation=cfg.generation_config)
     summary = {"examples": len(examples), "tokens": sum(lengths), "rows_per_epoch": rows_per_epoch,
                "steps": steps, "final_loss": log.read()[-1]["loss"], "train_seconds": round(seconds, 1),
                **_evaluate(cfg, model, tok)}
