@@ -258,3 +258,13 @@ def test_resuming_another_stages_run_is_refused(uninterrupted):
     from r1kit.formats.hf import CheckpointError
     with pytest.raises(CheckpointError, match="this is a pretrain run, not grpo"):
         checkpoint.load_trainer_state(uninterrupted / "base" / "model", stage="grpo")
+
+
+def test_empty_train_split_is_a_one_line_error(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[grpo]\nout_dir = "{tmp_path / "grpo"}"\ntask_args = {{ train_size = 0 }}\n')
+    r = run_cli(recipe)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "ZeroDivisionError" not in r.stderr
+    assert "the train split is empty" in r.stderr + r.stdout
+    assert len((r.stderr + r.stdout).strip().splitlines()) == 1

@@ -312,6 +312,9 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.task, **cfg.task_args)
     problems, test = task.problems("train"), task.problems("test", cfg.eval_problems)
+    if not problems:  # batch_problems would divide by zero; say what is empty instead
+        raise ConfigError(f"grpo.task = {cfg.task!r} (task_args {cfg.task_args}): the train split is empty, "
+                          "nothing to sample prompts from")
     model, ref, tok, opt, start, summary = _setup(cfg, out, task, test, pretrain_cfg)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
