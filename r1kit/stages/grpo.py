@@ -64,7 +64,7 @@ class GRPOConfig:
     gspo_eps_high: float = 4e-4
     aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k3"  # k1 | k2 | k3 | k3_iw (DeepSeek-V3.2); rl.py documents the gradient each gives
     dynamic_sampling: bool = False  # drop zero-variance groups from the batch (DAPO)
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
     eval_every: int = 10
@@ -194,7 +194,7 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
     loss = agg(per_tok, mb.mask)
     if mb.ref_logp is not None:
-        kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp), mb.mask)
+        kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp, mb.old), mb.mask)
         loss = loss + cfg.kl_coef * kl
         s["kl"] = kl.detach()
     if not torch.isfinite(loss):
