@@ -450,6 +450,16 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Stats]]] = {
     "gspo": gspo_sequence_loss,
 }
 
+# The aggregation each policy loss's paper defines, used when a recipe says aggregation = "auto".
+# PPO's surrogate (and DAPO's clip-higher form of it, and dual clip) is an expectation over tokens;
+# GSPO's objective is a mean over sequences of a sequence-level term: 1/G sum_i, each sequence
+# weighing the same, which token_mean would silently turn into a token-weighted mean.
+LOSS_AGGREGATION: dict[str, str] = {
+    "clipped": "token_mean",
+    "dual_clip": "token_mean",
+    "gspo": "seq_mean_token_mean",
+}
+
 # seq_mean_token_sum_norm needs its constant: bind it with functools.partial(..., norm=L).
 AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
     "seq_mean_token_mean": seq_mean_token_mean,

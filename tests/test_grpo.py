@@ -268,3 +268,26 @@ def test_empty_train_split_is_a_one_line_error(tmp_path):
     assert "Traceback" not in r.stderr and "ZeroDivisionError" not in r.stderr
     assert "the train split is empty" in r.stderr + r.stdout
     assert len((r.stderr + r.stdout).strip().splitlines()) == 1
+
+
+def test_each_loss_defaults_to_its_papers_aggregation():
+    """GSPO's objective is a mean over sequences: by default it must not be token-weighted."""
+    from r1kit import rl
+    from r1kit.stages.grpo import _loss_setup, aggregation_of
+
+    assert set(rl.LOSS_AGGREGATION) == set(rl.POLICY_LOSSES)  # every loss says which aggregation is its own
+    assert aggregation_of(GRPOConfig(loss="gspo")) == "seq_mean_token_mean"
+    assert aggregation_of(GRPOConfig(loss="clipped")) == "token_mean"
+    assert aggregation_of(GRPOConfig(loss="gspo", aggregation="token_mean")) == "token_mean"  # explicit wins
+    # two sequences of 1 and 3 tokens, advantages +1 and -1, on-policy (ratio 1)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    for aggregation, want in (("auto", [-1 / 2, 1 / 6, 1 / 6, 1 / 6]),  # sequence mean: 1/(G |y_i|) per token
+                              ("token_mean", [-1 / 4, 1 / 4, 1 / 4, 1 / 4])):  # token mean: 1/sum|y|
+        loss_fn, kw, agg = _loss_setup(GRPOConfig(loss="gspo", aggregation=aggregation))
+        logp = torch.full((2, 3), -1.0, requires_grad=True)
+        per_tok, _ = loss_fn(logp, logp.detach(), adv, mask, **kw)
+        agg(per_tok, mask).backward()
+        assert torch.allclose(logp.grad[mask], torch.tensor(want)), (aggregation, logp.grad)
+    with pytest.raises(ConfigError, match="grpo.aggregation = 'mean'"):
+        GRPOConfig(aggregation="mean")

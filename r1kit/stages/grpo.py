@@ -62,7 +62,9 @@ class GRPOConfig:
     dual_clip_c: float = 3.0
     gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
     gspo_eps_high: float = 4e-4
-    aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    # auto = the loss's own (rl.LOSS_AGGREGATION: token_mean for clipped/dual_clip, seq_mean_token_mean for
+    # gspo) | seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    aggregation: str = "auto"
     kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
     kl_estimator: str = "k3"  # k1 | k2 | k3 | k3_iw (DeepSeek-V3.2); rl.py documents the gradient each gives
     dynamic_sampling: bool = False  # drop zero-variance groups from the batch (DAPO)
@@ -75,10 +77,13 @@ class GRPOConfig:
     alarm_truncation: float = 0.5  # warn when more completions than this hit max_new_tokens
 
     def __post_init__(self):
-        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES), ("aggregation", rl.AGGREGATIONS),
-                           ("kl_estimator", rl.KL_ESTIMATORS)):
+        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES),
+                           ("aggregation", {"auto": None, **rl.AGGREGATIONS}), ("kl_estimator", rl.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
+        if self.aggregation == "auto" and self.loss not in rl.LOSS_AGGREGATION:
+            raise ConfigError(f"grpo.loss = {self.loss!r} names no aggregation of its own (rl.LOSS_AGGREGATION); "
+                              f"set grpo.aggregation to one of {sorted(rl.AGGREGATIONS)}")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         try:
@@ -166,6 +171,11 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     return out
 
 
+def aggregation_of(cfg: GRPOConfig) -> str:
+    """The aggregation in force: the recipe's, or ("auto") the one the loss's paper defines."""
+    return rl.LOSS_AGGREGATION[cfg.loss] if cfg.aggregation == "auto" else cfg.aggregation
+
+
 def _loss_setup(cfg: GRPOConfig):
     """The configured policy loss (with its keyword arguments) and aggregation."""
     kw = {"eps_low": cfg.eps_low, "eps_high": cfg.eps_high}
@@ -173,8 +183,8 @@ def _loss_setup(cfg: GRPOConfig):
         kw = {"eps_low": cfg.gspo_eps_low, "eps_high": cfg.gspo_eps_high}
     if cfg.loss == "dual_clip":
         kw["clip_c"] = cfg.dual_clip_c
-    agg = rl.AGGREGATIONS[cfg.aggregation]
-    if cfg.aggregation == "seq_mean_token_sum_norm":
+    agg = rl.AGGREGATIONS[aggregation_of(cfg)]
+    if aggregation_of(cfg) == "seq_mean_token_sum_norm":
         agg = functools.partial(agg, norm=cfg.max_new_tokens)
     return rl.POLICY_LOSSES[cfg.loss], kw, agg
 
@@ -218,7 +228,7 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
     for _ in range(cfg.mu):
         opt.zero_grad(set_to_none=True)
         for mb in mbs:
-            w = chunk_weight(cfg.aggregation, mb, n_tokens, len(rollouts))
+            w = chunk_weight(aggregation_of(cfg), mb, n_tokens, len(rollouts))
             with autocast(device, amp):
                 step_stats = micro_step(cfg, model, mb, loss_fn, kw, agg, w)
             for k, v in step_stats.items():
