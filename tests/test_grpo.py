@@ -243,7 +243,7 @@ def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
     from r1kit.training import ModelSpec
 
     spec = ModelSpec(arch="deepseek", config=dict(
-        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
         num_experts_per_tok=2, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128))
     pretrain.run(pretrain.PretrainConfig(out_dir=str(tmp_path / "base"), model=spec, steps=4, batch_size=8,
@@ -255,8 +255,15 @@ def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
     summary = grpo.run(cfg)
     assert summary["steps"] == 2 and "stopped" not in summary
     after, _ = checkpoint.load(tmp_path / "grpo" / "model")
-    bias = "layers.1.ffn.gate.e_score_correction_bias"
-    assert not torch.equal(before.state_dict()[bias], after.state_dict()[bias])  # aux-loss-free update ran
+    gamma = before.config.bias_update_speed
+    for layer in (1, 2, 3):  # two MoE layers of the main model, then the MTP block
+        b0, b1 = (m.state_dict()[f"layers.{layer}.ffn.gate.e_score_correction_bias"] for m in (before, after))
+        steps = (b1 - b0) / gamma  # each update moves each expert by -γ, 0 or +γ
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 2 + 1e-3
+        if layer < 3:  # every routed layer was rebalanced (the balance sums to zero: some up, some down)
+            assert steps.max() > 0.5 and steps.min() < -0.5, (layer, steps)
+        else:  # GRPO never runs MTP: no tokens routed, so its bias must not drift
+            assert torch.equal(b0, b1)
 
 
 def test_resuming_another_stages_run_is_refused(uninterrupted):

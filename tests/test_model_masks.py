@@ -104,3 +104,42 @@ def test_bad_masks_and_positions_are_clear_errors():
         model(idx, positions=torch.arange(5))
     with pytest.raises(ValueError, match="cannot be combined with a kv_cache"):
         model(idx, kv_cache=model.new_cache(2, 8), positions=torch.zeros(2, 5, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- MoE statistics
+def next_tokens(d):
+    return torch.cat((d[1:], torch.tensor([IGNORE_INDEX])))
+
+
+def test_moe_statistics_of_a_padded_batch_equal_the_unpadded_ones():
+    """Padding (and anything with target -100) neither moves the expert loads nor the balance loss."""
+    model = build("deepseek", seq_aux_alpha=0.1).train()
+    docs = documents((10, 6))
+    idx = torch.zeros(2, 10, dtype=torch.long)
+    targets = torch.full((2, 10), IGNORE_INDEX)
+    for b, d in enumerate(docs):
+        idx[b, : len(d)], targets[b, : len(d)] = d, next_tokens(d)
+    idx[1, 6:] = 5  # padding tokens that would route somewhere
+    model(idx, targets)
+    padded_balance = float(model.last_losses["balance"])
+    padded_load = model.after_optimizer_step()
+    loads, balances = [], []
+    for d in docs:
+        model(d[None], next_tokens(d)[None])
+        balances.append(float(model.last_losses["balance"]))
+        loads.append(model.after_optimizer_step())
+    assert torch.equal(padded_load, loads[0] + loads[1])  # the aux-loss-free bias sees the same counts
+    # k = 2 per token with a target: 9 + 5 in the main MoE layer, 8 + 4 in MTP (whose targets start one later)
+    assert padded_load.sum(1).tolist() == [2 * (9 + 5), 2 * (8 + 4)]
+    assert padded_balance == pytest.approx(sum(balances) / 2, rel=1e-5)  # the same per-sequence balance loss
+
+
+def test_grpo_forward_counts_only_completion_tokens():
+    from r1kit.stages.grpo import completion_logits
+    model = build("deepseek").train()
+    idx = torch.randint(0, V, (2, 9))  # row 0: 4 prompt + 5 completion; row 1: 6 prompt + 2 completion + 1 pad
+    starts = torch.tensor([4, 6])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    completion_logits(model, idx, starts, mask, 1.0)
+    load = model.after_optimizer_step()
+    assert load[0].sum() == 2 * 7 and load[1].sum() == 0  # 7 predicted tokens × k = 2; MTP does not run in GRPO

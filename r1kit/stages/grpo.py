@@ -120,10 +120,19 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
     return idx, mask, starts
 
 
-def completion_logits(model, idx, starts, T: int, temperature: float):
-    """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler."""
-    pos = starts[:, None] - 1 + torch.arange(T, device=idx.device)  # (N, T): predicts completion token t
-    logits = model(idx, logit_pos=pos.clamp(max=idx.shape[1] - 1))  # (N, T, V): no logits for the prompt
+def completion_logits(model, idx, starts, mask, temperature: float):
+    """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler.
+
+    Only the positions that predict a real completion token (mask (N, T)) are the forward's
+    `token_mask`: prompts and padding never steer an MoE model's load balancing.
+    """
+    T = mask.shape[1]
+    pos = (starts[:, None] - 1 + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (N, T)
+    real = mask.bool()
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(pos)  # (N, T)
+    learn = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)  # (N, L)
+    learn[rows[real], pos[real]] = True
+    logits = model(idx, logit_pos=pos, token_mask=learn)  # (N, T, V): no logits for the prompt
     return logits / temperature if temperature > 0 else logits
 
 
@@ -171,7 +180,7 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
         with torch.no_grad():
             for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
                 if m is not None:
-                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, T, cfg.temperature), targets)
+                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, mask, cfg.temperature), targets)
         out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
                               logp.get("ref")))
     return out
@@ -204,8 +213,7 @@ def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int)
 
 def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
-    T = mb.mask.shape[1]
-    logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
+    logits = completion_logits(model, mb.idx, mb.starts, mb.mask, cfg.temperature)
     logp = rl.token_logprobs(logits, mb.targets)
     per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
     loss = agg(per_tok, mb.mask)
