@@ -8,7 +8,13 @@ advantages → μ inner updates of a clipped policy loss against the rollout's o
 writes DIR/model (latest checkpoint + trainer_state), DIR/metrics.jsonl (one line per step),
 DIR/rollouts.jsonl (samples), DIR/summary.json. Killed at any point, the same command resumes
 from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the
-rollouts of step s are seeded by (seed, s) and the prompt order by the seed alone.
+rollouts of step s (round r, with dynamic sampling) are seeded by (seed, s, r), the prompt order by
+the seed alone, and the checkpoint keeps the data cursor and the number of updates taken.
+
+A step with no learning signal — β = 0 and no group whose rewards vary, or (dynamic sampling) no
+group left — costs generation only: its update would be exactly zero, so the forward, backward and
+optimizer step are skipped (`update_skipped` in metrics.jsonl, a warning from the first one), the
+data cursor moves on, and the LR schedule, indexed by updates taken, waits for the next real update.
 """
 from __future__ import annotations
 
