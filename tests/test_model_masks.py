@@ -143,3 +143,11 @@ def test_grpo_forward_counts_only_completion_tokens():
     completion_logits(model, idx, starts, mask, 1.0)
     load = model.after_optimizer_step()
     assert load[0].sum() == 2 * 7 and load[1].sum() == 0  # 7 predicted tokens × k = 2; MTP does not run in GRPO
+
+
+def test_documents_too_short_for_mtp_add_nothing_not_nan():
+    model = build("deepseek").train()
+    docs = documents((2, 2, 2))  # depth 1 needs t_{i+1} and t_{i+2} in one document: none has them
+    idx, targets, pos, doc = packed(docs)
+    loss = model(idx, targets, positions=pos, attn_mask=document_mask(doc))
+    assert torch.isfinite(loss) and float(model.last_losses["mtp"].sum()) == 0.0

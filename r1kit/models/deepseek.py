@@ -628,7 +628,10 @@ class DeepseekV3(nn.Module):
                     tgt = tgt.masked_fill(~same_doc, IGNORE_INDEX)
                 h = self.mtp(k, h[:, : T - k], idx[:, k:], positions=pos, attn_mask=mask,
                              token_mask=tgt != IGNORE_INDEX)  # (B, T-k, d)
-                mtp_losses.append(token_loss(self.head(h), tgt, reduction))
+                mtp = token_loss(self.head(h), tgt, "sum" if reduction == "mean" else reduction)
+                if reduction == "mean":  # a depth with no target left (tiny documents) adds 0, not NaN
+                    mtp = mtp / (tgt != IGNORE_INDEX).sum().clamp(min=1)
+                mtp_losses.append(mtp)
             if mtp_losses:
                 total = total + c.mtp_lambda * torch.stack(mtp_losses).mean()
         balance = [m.balance_loss for m in self.modules() if isinstance(m, MoE) and m.balance_loss is not None]
