@@ -241,8 +241,8 @@ def latent_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """softmax(q·kᵀ·scale where mask) · v in plain matmuls: (B, Tq, D) × (B, Tk, D) → (B, Tq, Dv).
 
     The absorbed path's single-head attention over the latent (D = r + rope, Dv = r): here SDPA
-    with a mask measured 1.3–1.8× slower on CPU (torch 2.13, one thread), decode and prefill alike;
-    the naive path uses SDPA.
+    with a mask is no faster on CPU (bench/attention.py, torch 2.13, one thread: 1.0–1.1× at prefill,
+    1.3–1.6× slower at decode, the engine's hot loop); the naive path uses SDPA.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (…, Tq, Tk)
     scores = scores.float().masked_fill(~mask, float("-inf"))

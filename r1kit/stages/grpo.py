@@ -348,7 +348,7 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
         sampled += groups
         if not cfg.dynamic_sampling:
             return groups, sampled, 1
-        varied = ~rl.zero_variance_groups(rewards_of(cfg, [r for g in groups for r in g]), G)
+        varied = rl.groups_to_keep(rewards_of(cfg, [r for g in groups for r in g]), G)
         kept += [g for g, v in zip(groups, varied.tolist()) if v]
         if len(kept) >= want:
             break
