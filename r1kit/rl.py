@@ -326,9 +326,22 @@ def seq_mean_token_sum_norm(values: Tensor, mask: Tensor, norm: float) -> Tensor
 # Schulman, "Approximating KL Divergence" (2020): for x ~ q and r = p(x)/q(x), the estimators of
 # KL(q || p) are k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r. GRPO samples from the
 # policy and penalises KL(pi_theta || pi_ref), so q = pi_theta, p = pi_ref and
-# r = pi_ref / pi_theta (DeepSeekMath eq. 4 uses k3 with exactly this r). k1 is unbiased but can be
-# negative, k2 is biased but low-variance, k3 is unbiased and always >= 0. (Strictly the samples
-# come from pi_old; like TRL and verl we ignore that off-policy correction.)
+# r = pi_ref / pi_theta (DeepSeekMath eq. 4 uses k3 with exactly this r).
+#
+# Used as *losses* (differentiated through log pi_theta), what matters is their expected gradient
+# under x ~ pi_theta, per token (pi is the next-token distribution; E[grad log pi] = 0):
+#   k1 as a loss:  grad k1 = grad log pi           -> E = 0: pure noise, no pull toward the reference.
+#                  So ``kl_k1`` is the score-function form instead: value k1, gradient
+#                  sg(k1) * grad log pi, whose expectation is grad KL(pi || ref) (the reverse KL).
+#   k2:            grad k2 = (log pi - log ref) grad log pi  -> E = grad KL(pi || ref) (reverse KL).
+#   k3:            grad k3 = (1 - r) grad log pi  -> E = -E_ref[grad log pi] = grad KL(ref || pi),
+#                  the gradient of the *forward* KL, although k3's value estimates the reverse one.
+#   k3_iw:         DeepSeek-V3.2's unbiased estimate (pi_theta / pi_old) * k3. Value: unbiased for
+#                  KL(pi || ref) even when the samples come from pi_old; gradient
+#                  (pi/pi_old)(log pi - log ref) grad log pi -> E_old = grad KL(pi || ref).
+# tests/test_rl.py checks each of these claims by Monte Carlo on a small categorical.
+# Every estimator takes ``(logp, ref_logp, old_logp=None)``; ``old_logp=None`` means on-policy
+# (pi_old = sg(pi_theta)), which only ``k3_iw`` reads.
 
 
 def _ref_log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -336,20 +349,32 @@ def _ref_log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return (_upcast(ref_logp.detach()) - _upcast(logp)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
-def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k1 = ``-log r = logp - ref_logp`` per token ``(N, T)``; unbiased, can be negative."""
-    return -_ref_log_ratio(logp, ref_logp)
+def kl_k1(logp: Tensor, ref_logp: Tensor, old_logp: Tensor | None = None) -> Tensor:
+    """k1 = ``log pi - log ref`` per token ``(N, T)``, in its gradient-correct (score-function) form.
+
+    The value is k1 (unbiased for KL(pi || ref), can be negative); the gradient is
+    ``sg(k1) * grad logp``, unbiased for grad KL(pi || ref). Differentiating k1 itself would give
+    ``grad logp``, whose expectation on-policy is zero.
+
+    >>> kl_k1(torch.tensor([0.0]), torch.tensor([-1.0]))
+    tensor([1.])
+    """
+    k1 = -_ref_log_ratio(logp, ref_logp)
+    lp = _upcast(logp)
+    return k1.detach() + k1.detach() * (lp - lp.detach())  # value k1, gradient sg(k1) * grad logp
 
 
-def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k2 = ``(log r)^2 / 2`` per token ``(N, T)``; >= 0, biased (exact to second order)."""
+def kl_k2(logp: Tensor, ref_logp: Tensor, old_logp: Tensor | None = None) -> Tensor:
+    """k2 = ``(log r)^2 / 2`` per token ``(N, T)``; >= 0, biased value, gradient of KL(pi || ref) on-policy."""
     return 0.5 * _ref_log_ratio(logp, ref_logp) ** 2
 
 
-def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 = ``r - 1 - log r``, ``r = pi_ref / pi_theta``, per token ``(N, T)``; unbiased and >= 0.
+def kl_k3(logp: Tensor, ref_logp: Tensor, old_logp: Tensor | None = None) -> Tensor:
+    """k3 = ``r - 1 - log r``, ``r = pi_ref / pi_theta``, per token ``(N, T)``.
 
-    ``expm1`` keeps ``r - 1`` accurate when the policy is still close to the reference.
+    Its value is unbiased for KL(pi || ref) and >= 0, but as a loss its expected gradient is that
+    of the forward KL(ref || pi) (see the section comment). ``expm1`` keeps ``r - 1`` accurate
+    when the policy is still close to the reference.
 
     >>> kl_k3(torch.tensor([0.0]), torch.tensor([0.0]))
     tensor([0.])
@@ -357,6 +382,23 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     log_r = _ref_log_ratio(logp, ref_logp)
     # r - 1 - log r >= 0 mathematically; clamp away the last-ulp negatives rounding can produce.
     return (torch.expm1(log_r) - log_r).clamp(min=0.0)
+
+
+def kl_k3_iw(logp: Tensor, ref_logp: Tensor, old_logp: Tensor | None = None) -> Tensor:
+    """DeepSeek-V3.2's unbiased KL estimate: ``(pi_theta / pi_old) * k3`` per token ``(N, T)``.
+
+    The importance weight corrects for sampling from pi_old (mu > 1 inner updates), and its own
+    gradient turns k3's forward-KL gradient into the reverse KL's: the loss's expected gradient is
+    grad KL(pi || ref). ``old_logp`` None: on-policy, the weight is 1 in value but still carries
+    gradient.
+
+    >>> kl_k3_iw(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([-1.0]))
+    tensor([0.])
+    """
+    lp = _upcast(logp)
+    old = lp.detach() if old_logp is None else _upcast(old_logp.detach())
+    w = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return w * kl_k3(logp, ref_logp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +450,16 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Stats]]] = {
     "gspo": gspo_sequence_loss,
 }
 
+# The aggregation each policy loss's paper defines, used when a recipe says aggregation = "auto".
+# PPO's surrogate (and DAPO's clip-higher form of it, and dual clip) is an expectation over tokens;
+# GSPO's objective is a mean over sequences of a sequence-level term: 1/G sum_i, each sequence
+# weighing the same, which token_mean would silently turn into a token-weighted mean.
+LOSS_AGGREGATION: dict[str, str] = {
+    "clipped": "token_mean",
+    "dual_clip": "token_mean",
+    "gspo": "seq_mean_token_mean",
+}
+
 # seq_mean_token_sum_norm needs its constant: bind it with functools.partial(..., norm=L).
 AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
     "seq_mean_token_mean": seq_mean_token_mean,
@@ -415,8 +467,9 @@ AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
 }
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+KL_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "k1": kl_k1,
     "k2": kl_k2,
     "k3": kl_k3,
+    "k3_iw": kl_k3_iw,
 }

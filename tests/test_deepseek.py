@@ -226,8 +226,8 @@ def test_training_loss_parts_and_reductions():
     loss.backward()
     assert m.layers[3].eh_proj.weight.grad is not None and m.layers[1].ffn.gate.weight.grad is not None
     load = m.after_optimizer_step()
-    # 2 main MoE layers see 2×16 tokens, MTP depths 2×15 and 2×14; k = 2 experts each
-    assert load.shape == (4, 8) and load.sum(1).tolist() == [64, 64, 60, 56]
+    # only tokens with a target count: 2 main MoE layers see 2×15, MTP depths 2×14 and 2×13; k = 2 experts each
+    assert load.shape == (4, 8) and load.sum(1).tolist() == [60, 60, 56, 52]
     nll = m(idx, targets, loss_reduction="none")
     assert nll.shape == (2, 16) and nll[:, -1].eq(0).all()
     m.eval()

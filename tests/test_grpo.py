@@ -71,10 +71,13 @@ def uninterrupted(tmp_path_factory):
 def test_run_writes_metrics_and_summary(uninterrupted):
     m = metrics(uninterrupted / "grpo" / "metrics.jsonl")
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
-    for key in ("reward_mean", "reward_std", "accuracy", "think_rate", "response_length", "kl", "clip_frac",
-                "entropy", "zero_variance_frac", "truncation_rate", "gen_seconds", "train_seconds",
-                "tokens_per_second"):
-        assert key in m[0] or key in ("kl", "clip_frac", "entropy"), key
+    keys = ("reward_mean", "reward_std", "accuracy", "think_rate", "response_length", "kl", "clip_frac", "entropy",
+            "zero_variance_frac", "truncation_rate", "gen_seconds", "train_seconds", "tokens_per_second",
+            "update_skipped", "trained_groups", "sampled_groups", "sampling_rounds")
+    for x in m:  # β > 0: every step updates, so every step reports its KL, clip fraction and entropy
+        assert set(keys) <= set(x), sorted(set(keys) - set(x))
+        assert x["update_skipped"] is False and x["trained_groups"] == x["sampled_groups"] == 4
+        assert x["kl"] >= 0 and 0 <= x["clip_frac"] <= 1 and x["entropy"] > 0
     s = json.loads((uninterrupted / "grpo" / "summary.json").read_text())
     assert {"base_accuracy", "final_accuracy", "rl_seconds", "steps"} <= set(s)
     assert s["steps"] == 6
@@ -211,12 +214,15 @@ def test_gpu_recipe_loads_and_steps_with_a_tiny_stand_in(tmp_path, monkeypatch):
         f"task_args.path={json.dumps(str(tmp_path / 'gsm8k.jsonl'))}", "steps=1", "max_new_tokens=8",
         "prompts_per_step=2", "group_size=4", "micro_batch=3", "eval_problems=2", "overlong_cache=4",
         "device=\"cpu\""], section="grpo")
-    # a random tiny model never answers right: vary the rewards so the step really updates
-    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.rand(len(rollouts)))
+    # a random tiny model never answers right: rewards that vary in the second group only
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: (torch.arange(len(rollouts)) >= 4) *
+                        (torch.arange(len(rollouts)) % 2) * 1.0)
     summary = grpo.run(cfg)
     assert summary["steps"] == 1 and "stopped" not in summary
     m = metrics(tmp_path / "run" / "metrics.jsonl")
-    assert m[0]["trained_groups"] == 2 and "kl" in m[0] and m[0]["grad_norm"] > 0
+    # no dynamic sampling and β > 0: the constant group stays in the batch (its gradient is the KL term's)
+    assert m[0]["zero_variance_frac"] == 0.5 and m[0]["trained_groups"] == 2 and m[0]["update_skipped"] is False
+    assert m[0]["kl"] >= 0 and m[0]["grad_norm"] > 0
 
 
 def test_bare_overrides_go_to_the_stage_being_run(tmp_path):
@@ -237,7 +243,7 @@ def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
     from r1kit.training import ModelSpec
 
     spec = ModelSpec(arch="deepseek", config=dict(
-        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
         num_experts_per_tok=2, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=128))
     pretrain.run(pretrain.PretrainConfig(out_dir=str(tmp_path / "base"), model=spec, steps=4, batch_size=8,
@@ -249,8 +255,15 @@ def test_grpo_runs_on_the_deepseek_v3_style_model(tmp_path, monkeypatch):
     summary = grpo.run(cfg)
     assert summary["steps"] == 2 and "stopped" not in summary
     after, _ = checkpoint.load(tmp_path / "grpo" / "model")
-    bias = "layers.1.ffn.gate.e_score_correction_bias"
-    assert not torch.equal(before.state_dict()[bias], after.state_dict()[bias])  # aux-loss-free update ran
+    gamma = before.config.bias_update_speed
+    for layer in (1, 2, 3):  # two MoE layers of the main model, then the MTP block
+        b0, b1 = (m.state_dict()[f"layers.{layer}.ffn.gate.e_score_correction_bias"] for m in (before, after))
+        steps = (b1 - b0) / gamma  # each update moves each expert by -γ, 0 or +γ
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 2 + 1e-3
+        if layer < 3:  # every routed layer was rebalanced (the balance sums to zero: some up, some down)
+            assert steps.max() > 0.5 and steps.min() < -0.5, (layer, steps)
+        else:  # GRPO never runs MTP: no tokens routed, so its bias must not drift
+            assert torch.equal(b0, b1)
 
 
 def test_resuming_another_stages_run_is_refused(uninterrupted):
@@ -258,3 +271,195 @@ def test_resuming_another_stages_run_is_refused(uninterrupted):
     from r1kit.formats.hf import CheckpointError
     with pytest.raises(CheckpointError, match="this is a pretrain run, not grpo"):
         checkpoint.load_trainer_state(uninterrupted / "base" / "model", stage="grpo")
+
+
+def test_empty_train_split_is_a_one_line_error(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[grpo]\nout_dir = "{tmp_path / "grpo"}"\ntask_args = {{ train_size = 0 }}\n')
+    r = run_cli(recipe)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "ZeroDivisionError" not in r.stderr
+    assert "the train split is empty" in r.stderr + r.stdout
+    assert len((r.stderr + r.stdout).strip().splitlines()) == 1
+
+
+def test_each_loss_defaults_to_its_papers_aggregation():
+    """GSPO's objective is a mean over sequences: by default it must not be token-weighted."""
+    from r1kit import rl
+    from r1kit.stages.grpo import _loss_setup, aggregation_of
+
+    assert set(rl.LOSS_AGGREGATION) == set(rl.POLICY_LOSSES)  # every loss says which aggregation is its own
+    assert aggregation_of(GRPOConfig(loss="gspo")) == "seq_mean_token_mean"
+    assert aggregation_of(GRPOConfig(loss="clipped")) == "token_mean"
+    assert aggregation_of(GRPOConfig(loss="gspo", aggregation="token_mean")) == "token_mean"  # explicit wins
+    # two sequences of 1 and 3 tokens, advantages +1 and -1, on-policy (ratio 1)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    for aggregation, want in (("auto", [-1 / 2, 1 / 6, 1 / 6, 1 / 6]),  # sequence mean: 1/(G |y_i|) per token
+                              ("token_mean", [-1 / 4, 1 / 4, 1 / 4, 1 / 4])):  # token mean: 1/sum|y|
+        loss_fn, kw, agg = _loss_setup(GRPOConfig(loss="gspo", aggregation=aggregation))
+        logp = torch.full((2, 3), -1.0, requires_grad=True)
+        per_tok, _ = loss_fn(logp, logp.detach(), adv, mask, **kw)
+        agg(per_tok, mask).backward()
+        assert torch.allclose(logp.grad[mask], torch.tensor(want)), (aggregation, logp.grad)
+    with pytest.raises(ConfigError, match="grpo.aggregation = 'mean'"):
+        GRPOConfig(aggregation="mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps on a tiny random model: what a step skips, samples and advances
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def tiny(tiny_tok):
+    from r1kit.models.llama import Llama, LlamaConfig
+    from r1kit.tasks import get_task
+    cfg = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=256)
+    task = get_task("arithmetic", digits=2, train_size=200, test_size=10)
+    return Llama(cfg).init_weights(0), tiny_tok, task, task.problems("train")
+
+
+def one_step(cfg, tiny, rewards, step=0, cursor=None):
+    """train_step with `rewards(rollouts)` as the reward; → metrics, cursor, forwards with grad, batches trained."""
+    from r1kit.engine import Engine
+    from r1kit.stages import grpo
+    from r1kit.training import adamw
+    model, tok, task, problems = tiny
+    opt = adamw(model, cfg.lr)
+    calls, batches = [], []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    real_rewards, real_update = grpo.rewards_of, grpo.policy_update
+    grpo.rewards_of = lambda cfg, rollouts: rewards(rollouts)
+    grpo.policy_update = lambda cfg, model, ref, opt, batch, *a: batches.append(batch) or real_update(
+        cfg, model, ref, opt, batch, *a)
+    try:
+        cursor = cursor or grpo.Cursor()
+        m, _ = grpo.train_step(cfg, step, model, None, tok, task, problems, opt, Engine(model, tok), cursor)
+    finally:
+        hook.remove()
+        grpo.rewards_of, grpo.policy_update = real_rewards, real_update
+    return m, cursor, sum(calls), batches, opt
+
+
+def test_a_step_without_signal_does_no_forward_backward_or_update(tiny):
+    model = tiny[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, kl_coef=0.0, lr=1e-2, warmup=5)
+    m, cursor, grad_forwards, batches, opt = one_step(cfg, tiny, lambda rs: torch.ones(len(rs)))
+    assert m["update_skipped"] is True and m["trained_groups"] == 0 and not batches
+    assert grad_forwards == 0  # generation only: no training forward, hence no backward
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not opt.state  # AdamW never stepped (its moments would otherwise exist)
+    assert (cursor.prompts, cursor.updates) == (3, 0)  # the data moves on; the LR schedule waits
+    assert m["lr"] == pytest.approx(1e-2 / 5)  # still warm-up step 1 for the next update
+    # the same step with varied rewards does train, and only then advances the schedule
+    m, cursor, grad_forwards, batches, _ = one_step(cfg, tiny, lambda rs: torch.arange(len(rs)) % 2 * 1.0)
+    assert m["update_skipped"] is False and m["trained_groups"] == 3 and grad_forwards >= 1
+    assert (cursor.prompts, cursor.updates) == (3, 1)
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_equal_rewards_with_a_kl_term_still_update(tiny):
+    import copy
+    from r1kit.engine import Engine
+    from r1kit.stages import grpo
+    from r1kit.training import adamw
+    model, tok, task, problems = tiny
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)  # the policy has moved away from the reference: KL has a gradient
+    cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, kl_coef=0.1)
+    real = grpo.rewards_of
+    grpo.rewards_of = lambda cfg, rs: torch.zeros(len(rs))
+    try:
+        m, _ = grpo.train_step(cfg, 0, model, ref, tok, task, problems, adamw(model, 1e-3), Engine(model, tok),
+                               grpo.Cursor())
+    finally:
+        grpo.rewards_of = real
+    assert m["update_skipped"] is False and m["kl"] > 0 and m["grad_norm"] > 0
+
+
+def test_no_signal_warns_from_the_first_step(uninterrupted, tmp_path, monkeypatch, capsys):
+    from r1kit.stages import grpo
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.zeros(len(rollouts)))
+    cfg = grpo.GRPOConfig(base=str(uninterrupted / "base"), out_dir=str(tmp_path / "grpo"), steps=2,
+                          prompts_per_step=2, group_size=2, max_new_tokens=6, save_every=2, eval_problems=2)
+    grpo.run(cfg)
+    out = capsys.readouterr().out
+    assert "step 1: no group's rewards varied and β = 0" in out and "update was skipped" in out
+    assert out.count("no learning signal") == 1  # once per run, not every step
+    assert [x["update_skipped"] for x in metrics(tmp_path / "grpo" / "metrics.jsonl")] == [True, True]
+    state = json.loads((tmp_path / "grpo" / "model" / "trainer_state" / "state.json").read_text())
+    assert state["cursor"] == {"prompts": 4, "updates": 0}
+
+
+def half_constant(rollouts):
+    """Reward 0 for every sample of prompts with an even first operand; else the first token's parity."""
+    return torch.tensor([0.0 if int(r.problem.prompt.split("+")[0].split()[-1]) % 2 == 0
+                         else float(r.sample.tokens[0] % 2) for r in rollouts])
+
+
+def test_dynamic_sampling_fills_the_batch_with_varied_groups(tiny):
+    from r1kit import rl
+    cfg = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=4, dynamic_sampling=True,
+                     dynamic_sampling_max_rounds=6)
+    m, cursor, _, batches, _ = one_step(cfg, tiny, half_constant)
+    (batch,) = batches
+    assert len(batch) == 4 * 4 and m["trained_groups"] == 4
+    assert not rl.zero_variance_groups(half_constant(batch), 4).any()  # every trained group carries signal
+    assert m["sampling_rounds"] >= 2 and m["sampled_groups"] == cursor.prompts > 4  # it sampled more, and counted it
+    assert cursor.updates == 1
+    # one round only (the cap): the batch shrinks to the varied groups of that round, and says so
+    cfg.dynamic_sampling_max_rounds = 1
+    m, cursor, _, batches, _ = one_step(cfg, tiny, half_constant)
+    assert m["sampling_rounds"] == 1 and m["sampled_groups"] == 4 and m["trained_groups"] == len(batches[0]) // 4 < 4
+
+
+def test_dynamic_sampling_that_drops_everything_does_not_advance_the_schedule(tiny):
+    cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, dynamic_sampling=True,
+                     dynamic_sampling_max_rounds=2, kl_coef=0.0, lr=1e-2, warmup=4)
+    from r1kit.stages.grpo import Cursor
+    m, cursor, grad_forwards, batches, _ = one_step(cfg, tiny, lambda rs: torch.zeros(len(rs)), step=3,
+                                                    cursor=Cursor(prompts=6, updates=1))
+    assert m["update_skipped"] and m["trained_groups"] == 0 and not batches and grad_forwards == 0
+    assert m["sampling_rounds"] == 2 and m["sampled_groups"] == 4 and cursor.prompts == 6 + 4
+    assert cursor.updates == 1 and m["lr"] == pytest.approx(1e-2 * 2 / 4)
+
+
+def test_grpo_learns_to_emit_the_rewarded_token():
+    """The default suite's proof that GRPO learns: reward = share of completion tokens that are "7".
+
+    A random 1-layer model emits it ~5% of the time; ten seeded steps of the real train_step (sampling,
+    group advantages, clipped loss, AdamW) take that near 1, while the same steps at lr 0 do not.
+    """
+    from r1kit.engine import Engine
+    from r1kit.models.llama import Llama, LlamaConfig
+    from r1kit.stages import grpo
+    from r1kit.tasks import get_task
+    from r1kit.tokenizer import build_bpe_tokenizer
+    from r1kit.training import adamw
+
+    task = get_task("arithmetic", digits=2, train_size=200, test_size=10)
+    problems = task.problems("train")
+    tok = build_bpe_tokenizer([p.prompt for p in problems] * 2, vocab_size=40, all_bytes=False)
+    seven = tok.encode("7")[0]
+
+    def share_of_sevens(cfg, rollouts):
+        return torch.tensor([sum(t == seven for t in r.sample.tokens) / max(len(r.sample.tokens), 1)
+                             for r in rollouts])
+
+    curves = {}
+    for lr in (3e-2, 0.0):
+        model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=128)).init_weights(0)
+        cfg = grpo.GRPOConfig(prompts_per_step=8, group_size=8, max_new_tokens=8, lr=lr, kl_coef=0.0)
+        opt, engine, cursor = adamw(model, cfg.lr), Engine(model, tok), grpo.Cursor()
+        real, grpo.rewards_of = grpo.rewards_of, share_of_sevens
+        try:
+            curves[lr] = [grpo.train_step(cfg, s, model, None, tok, task, problems, opt, engine, cursor)[0]["reward_mean"]
+                          for s in range(10)]
+        finally:
+            grpo.rewards_of = real
+    learned, frozen = curves[3e-2], curves[0.0]
+    assert learned[0] < 0.15 and min(learned[-3:]) > 0.9, learned
+    assert max(frozen) < 0.15, frozen  # the rise is the updates', not the sampler's

@@ -338,6 +338,70 @@ def test_k1_and_k3_are_unbiased_for_kl_policy_to_ref():
         close((pi * k(pi.log(), ref.log())).sum(), kl)
 
 
+# A small categorical policy pi = softmax(theta) far from its reference, and the exact gradients
+# (w.r.t. theta) of the two KLs an estimator can claim.
+THETA = [1.0, -0.5, 0.3, 2.0, -1.2]
+REF = [0.1, 0.3, 0.25, 0.05, 0.3]
+
+
+def kl_gradients():
+    theta = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
+    logpi, logref = torch.log_softmax(theta, 0), torch.tensor(REF, dtype=torch.float64).log()
+    reverse = torch.autograd.grad((logpi.exp() * (logpi - logref)).sum(), theta, retain_graph=True)[0]  # KL(pi || ref)
+    forward = torch.autograd.grad((logref.exp() * (logref - logpi)).sum(), theta)[0]  # KL(ref || pi)
+    return reverse, forward
+
+
+def estimator_gradient(name, n=None, sample_from=None, seed=0):
+    """E_{x ~ q}[grad_theta k(x)]: exactly over the support (n None) or by Monte Carlo over n draws.
+
+    q is the policy itself (on-policy) or `sample_from` (an old policy; log-probs passed as old_logp).
+    """
+    theta = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
+    logpi, logref = torch.log_softmax(theta, 0), torch.tensor(REF, dtype=torch.float64).log()
+    logq = logpi.detach() if sample_from is None else torch.tensor(sample_from, dtype=torch.float64).log()
+    old = None if sample_from is None else logq
+    if n is None:  # exact: weight every outcome by its sampling probability
+        expected = (logq.exp() * rl.KL_ESTIMATORS[name](logpi, logref, old)).sum()
+        return torch.autograd.grad(expected, theta)[0], expected.detach()
+    x = torch.multinomial(logq.exp(), n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    mean = rl.KL_ESTIMATORS[name](logpi[x], logref[x], None if old is None else old[x]).mean()
+    return torch.autograd.grad(mean, theta)[0], mean.detach()
+
+
+@pytest.mark.parametrize("name,claim", [("k1", "reverse"), ("k2", "reverse"), ("k3", "forward"),
+                                        ("k3_iw", "reverse")])
+def test_kl_estimator_gradients_are_those_of_the_kl_they_claim(name, claim):
+    reverse, forward = kl_gradients()
+    want, other = (reverse, forward) if claim == "reverse" else (forward, reverse)
+    assert (want - other).norm() > 0.4 * want.norm()  # the setting tells the two KLs apart
+    exact, _ = estimator_gradient(name)
+    close(exact, want, tol=1e-9)
+    mc, _ = estimator_gradient(name, n=200_000)  # what a training batch actually differentiates
+    assert (mc - want).norm() < 0.05 * want.norm() < (mc - other).norm(), (mc, want, other)
+
+
+def test_raw_k1_as_a_loss_has_zero_expected_gradient():
+    """Why kl_k1 is the score-function form: differentiating log pi - log ref itself is noise."""
+    theta = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
+    logpi, logref = torch.log_softmax(theta, 0), torch.tensor(REF, dtype=torch.float64).log()
+    raw = logpi - logref
+    close(torch.autograd.grad((logpi.exp().detach() * raw).sum(), theta)[0], torch.zeros(5), tol=1e-12)
+
+
+def test_importance_weighted_k3_is_unbiased_off_policy():
+    """DeepSeek-V3.2: samples from pi_old, (pi/pi_old) k3 still estimates KL(pi || ref) and its gradient."""
+    reverse, _ = kl_gradients()
+    pi = torch.softmax(torch.tensor(THETA, dtype=torch.float64), 0)
+    kl = (pi * (pi / torch.tensor(REF, dtype=torch.float64)).log()).sum()
+    old = [0.3, 0.1, 0.2, 0.25, 0.15]
+    g, value = estimator_gradient("k3_iw", sample_from=old)
+    close(g, reverse, tol=1e-9)
+    close(value, kl, tol=1e-9)
+    _, plain = estimator_gradient("k3", sample_from=old)  # without the weight: biased off-policy
+    assert abs(float(plain - kl)) > 0.1
+
+
 def test_k3_nonnegative_zero_at_equality_finite_and_pulls_toward_ref():
     torch.manual_seed(2)
     logp, ref = torch.randn(64, 16) * 5, torch.randn(64, 16) * 5

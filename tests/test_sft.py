@@ -98,13 +98,17 @@ def test_document_packing_equals_separate_sequences(tok, arch, conf):
     """A packed row with the document mask computes exactly what each conversation alone would."""
     examples = [tok.render_chat(t["messages"]) for t in traces(3)]
     model = build_model(ModelSpec(arch, conf), tok.vocab_size, 0).eval()
-    idx, targets, docmask = make_batch(examples, [[0, 1, 2]], SFTConfig(max_len=128), tok.pad_id)
+    idx, targets, packing = make_batch(examples, [[0, 1, 2]], SFTConfig(max_len=128), tok.pad_id)
+    assert set(packing) == {"positions", "attn_mask"}  # passed explicitly: no stand-in cache
     with torch.no_grad():
-        packed = model(idx, kv_cache=docmask)[0]
+        packed = model(idx, **packing)[0]
+        nll = model(idx, targets, loss_reduction="none", **packing)[0]
         at = 0
-        for ids, _ in examples:
-            alone = model(torch.tensor([ids]))[0]
-            assert torch.allclose(packed[at: at + len(ids)], alone, atol=1e-5)
+        for ids, mask in examples:
+            alone_idx, alone_tgt, _ = make_batch([(ids, mask)], [[0]], SFTConfig(max_len=128), tok.pad_id)
+            assert torch.allclose(packed[at: at + len(ids)], model(alone_idx)[0], atol=1e-5)
+            assert torch.allclose(nll[at: at + len(ids)], model(alone_idx, alone_tgt, loss_reduction="none")[0],
+                                  atol=1e-5)
             at += len(ids)
 
 
@@ -165,11 +169,16 @@ def test_fine_tunes_a_deepseek_checkpoint(tmp_path, tok):
     ckpt = tmp_path / "ds"
     checkpoint.save(build_model(ModelSpec("deepseek", DEEPSEEK), tok.vocab_size, 0), tok, ckpt)
     data = write_jsonl(tmp_path / "t.jsonl", traces(12))
-    s = sft.run(SFTConfig(data=[str(data)], base=str(ckpt), out_dir=str(tmp_path / "o"), steps=2, batch_size=2,
-                          max_len=128, eval_problems=0))
-    assert s["steps"] == 2 and s["final_loss"] == s["final_loss"]  # finite, not NaN
+    s = sft.run(SFTConfig(data=[str(data)], base=str(ckpt), out_dir=str(tmp_path / "o"), steps=8, batch_size=2,
+                          max_len=128, lr=3e-3, warmup=1, eval_problems=0))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert s["steps"] == 8 and losses[-1] < losses[0] - 0.5, losses  # it learns (finite is not enough)
     model, _ = checkpoint.load(tmp_path / "o" / "model")
+    before, _ = checkpoint.load(ckpt)
     assert type(model).__name__ == "DeepseekV3"
+    mtp = [k for k in model.state_dict() if k.startswith("layers.2.") and "experts" not in k and "weight" in k]
+    assert mtp and all(not torch.equal(model.state_dict()[k], before.state_dict()[k]) for k in mtp
+                       if not k.endswith(("embed.weight", "head.weight")))  # the MTP block trained
 
 
 def test_needs_a_base_or_a_tokenizer(tmp_path):

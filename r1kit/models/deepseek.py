@@ -21,10 +21,15 @@ Hugging Face's, so config.json translates one to one; a few r1kit training knobs
 
 Uncached forwards (training) run the `attn_impl` path; a cached forward runs the path of its cache,
 and new_cache builds the cache `attn_impl` names. The model keeps the r1kit contract (see llama.py):
-    forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None)
+    forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None,
+            positions=None, attn_mask=None, token_mask=None)
 With targets, in training mode and reduction "mean"/"sum": main loss + mtp_lambda · mean MTP loss +
 sequence-wise balance loss; the parts are kept in `model.last_losses`. In eval mode, or with
-reduction "none" (per-token NLL for SFT/GRPO), only the main next-token loss.
+reduction "none" (per-token NLL for SFT/GRPO), only the main next-token loss. Packed documents
+(positions + a block-diagonal attn_mask) are honoured by every layer, the MTP blocks included; an
+MTP target whose input token lies in another document than its hidden state is ignored. Only the
+tokens of `token_mask` (default targets != -100) count in the MoE load statistics (the
+aux-loss-free bias) and the sequence-wise balance loss: padding and prompts steer neither.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r1kit.models.llama import MLP, KVCache, RMSNorm, init_weights_, select_positions, token_loss
+from r1kit.models.llama import (IGNORE_INDEX, MLP, KVCache, RMSNorm, init_weights_, positions_and_mask,
+                                select_positions, token_loss)
 from r1kit.models.lora import weight_of
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")
@@ -232,10 +238,12 @@ class MLACache(_Measured, KVCache):
 # ---------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
 # ---------------------------------------------------------------------------------------------
-def attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale where mask) · v in plain matmuls: (…, Tq, D) × (…, Tk, D) → (…, Tq, Dv).
+def latent_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale where mask) · v in plain matmuls: (B, Tq, D) × (B, Tk, D) → (B, Tq, Dv).
 
-    On CPU, SDPA given an explicit mask falls back to a math path about half as fast as this.
+    The absorbed path's single-head attention over the latent (D = r + rope, Dv = r): here SDPA
+    with a mask is no faster on CPU (bench/attention.py, torch 2.13, one thread: 1.0–1.1× at prefill,
+    1.3–1.6× slower at decode, the engine's hot loop); the naive path uses SDPA.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (…, Tq, Tk)
     scores = scores.float().masked_fill(~mask, float("-inf"))
@@ -283,9 +291,9 @@ class MLA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, ·)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, H, Tk, ·)
-            y = attention(q, k, v, mask, self.softmax_scale)  # mask (B, 1, T, Tk) broadcasts over heads
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
+        # mask (B, 1, T, Tk) broadcasts over heads; None: plain causal
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=self.softmax_scale)
         return y.transpose(1, 2)  # (B, T, H, d_v)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask):
@@ -299,12 +307,13 @@ class MLA(nn.Module):
         latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, T, r + rope)
         if cache is not None:
             latent = cache.write(layer, latent, pos, mask.shape[-1])  # (B, Tk, r + rope)
-            mask = mask[:, 0]  # (B, T, Tk)
-        else:
+        if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=q_nope.device).tril()[None]  # (1, T, T)
+        else:
+            mask = mask[:, 0]  # (B, T, Tk): a cache's, or a packed forward's document mask
         Tk = latent.shape[1]
         mask = mask[:, :, None].expand(mask.shape[0], T, H, Tk).reshape(-1, T * H, Tk)  # a row per (t, h)
-        o = attention(query, latent, latent[..., : self.rank], mask, self.softmax_scale)  # value = c_kv
+        o = latent_attention(query, latent, latent[..., : self.rank], mask, self.softmax_scale)  # value = c_kv
         o = o.view(B, T, H, self.rank)  # (B, T·H, r) → (B, T, H, r)
         return torch.einsum("bthc,hdc->bthd", o, w[:, self.nope:])  # W_UV: (B, T, H, d_v)
 
@@ -329,8 +338,11 @@ class Gate(nn.Module):
         self.e_score_correction_bias = self.e_score_correction_bias.float()
         return self
 
-    def forward(self, x: torch.Tensor):
-        """x (N, d) → weights (N, k) fp32, expert indices (N, k), affinities (N, E)."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """x (N, d) → weights (N, k) fp32, expert indices (N, k), affinities (N, E).
+
+        token_mask (N,) bool: the tokens whose routing counts in `load` (None: all of them).
+        """
         c, N = self.cfg, x.shape[0]
         E, G = c.n_routed_experts, c.n_group
         scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E): s_{i,t}, routing in fp32
@@ -345,7 +357,8 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if self.training and torch.is_grad_enabled():  # count only forwards that will take a step
-            self.load += torch.bincount(idx.flatten(), minlength=E)
+            counted = idx if token_mask is None else idx[token_mask]  # (n, k): padding and prompts never steer b
+            self.load += torch.bincount(counted.flatten(), minlength=E)
         return weights * c.routed_scaling_factor, idx, scores
 
     @torch.no_grad()
@@ -354,18 +367,27 @@ class Gate(nn.Module):
         load = self.load.float()
         self.e_score_correction_bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
 
-    def balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
+    def balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, batch: int,
+                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's sequence-wise loss α Σ_i f_i P_i, averaged over sequences.
 
         f_i = E/(k·T) · (times expert i is picked in the sequence), P_i = mean over the sequence of
-        the normalised affinity s_i / Σ_j s_j. Only P carries gradient (to the gate weights).
+        the normalised affinity s_i / Σ_j s_j, with T the sequence's real tokens (token_mask (N,),
+        None: all): padding neither counts nor dilutes. Sequences with no real token are left out of
+        the mean. Only P carries gradient (to the gate weights).
         """
         E, k = scores.shape[1], idx.shape[1]
         T = scores.shape[0] // batch
-        P = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E).mean(1)  # (B, E)
+        real = (torch.ones(batch, T, device=scores.device) if token_mask is None
+                else token_mask.view(batch, T).to(scores.dtype))  # (B, T)
+        n = real.sum(1)  # (B,) real tokens per sequence
+        share = (scores / scores.sum(-1, keepdim=True)).view(batch, T, E)  # (B, T, E)
+        P = (share * real[..., None]).sum(1) / n.clamp(min=1)[:, None]  # (B, E)
         hits = torch.zeros(batch, E, device=scores.device).scatter_add_(
-            1, idx.view(batch, T * k), torch.ones(batch, T * k, device=scores.device))  # (B, E)
-        return self.cfg.seq_aux_alpha * (hits * (E / (k * T)) * P).sum(-1).mean()
+            1, idx.view(batch, T * k), real[:, :, None].expand(batch, T, k).reshape(batch, T * k))  # (B, E)
+        per_seq = (hits * E / (k * n.clamp(min=1)[:, None]) * P).sum(-1)  # (B,)
+        used = n > 0
+        return self.cfg.seq_aux_alpha * (per_seq * used).sum() / used.sum().clamp(min=1)
 
 
 class MoE(nn.Module):
@@ -379,16 +401,18 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)  # always on: common knowledge lives here
         self.balance_loss: torch.Tensor | None = None  # set by each training forward, summed by the model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) → (B, T, d); token_mask (B, T) bool: the tokens that steer load balancing."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)  # (N, d)
-        weights, idx, scores = self.gate(flat)
+        real = None if token_mask is None else token_mask.reshape(B * T)  # (N,)
+        weights, idx, scores = self.gate(flat, real)
         y = self.dispatch(flat, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         c = self.cfg
         on = self.training and c.balance != "none" and c.seq_aux_alpha > 0
-        self.balance_loss = self.gate.balance_loss(scores, idx, B) if on else None
+        self.balance_loss = self.gate.balance_loss(scores, idx, B, real) if on else None
         return y.view(B, T, d)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -415,9 +439,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, pos, mask, absorb):
+    def forward(self, x, cos, sin, cache, layer, pos, mask, absorb, token_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos, mask, absorb)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, token_mask) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class SharedWeight(nn.Module):
@@ -457,9 +482,9 @@ class MTPLayer(Block):
         self.head_norm = RMSNorm(d, cfg.rms_norm_eps)  # shared_head.norm
         self.embed, self.head = SharedWeight(embed), SharedWeight(head)
 
-    def forward(self, h_prev, emb, cos, sin, cache, layer, pos, mask, absorb):
+    def forward(self, h_prev, emb, cos, sin, cache, layer, pos, mask, absorb, token_mask=None):
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))  # (B, T, 2d) → (B, T, d)
-        return self.head_norm(super().forward(x, cos, sin, cache, layer, pos, mask, absorb))
+        return self.head_norm(super().forward(x, cos, sin, cache, layer, pos, mask, absorb, token_mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,53 +550,58 @@ class DeepseekV3(nn.Module):
             return MLACache(L, batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, dtype, device)
         return NaiveMLACache(L, batch, c.num_attention_heads, max_len, c.qk_head_dim, c.v_head_dim, dtype, device)
 
-    def _prepare(self, T: int, cache, device):
-        """→ (cos, sin, positions, mask, absorb) for T new tokens; a cache decides the path by its type."""
-        if cache is not None:
-            pos = cache.positions(T)  # (B, T)
-            mask = cache.attn_mask(pos)  # (B, 1, T, Tk)
-            absorb = isinstance(cache, MLACache)
-        else:
-            pos, mask, absorb = torch.arange(T, device=device), None, self.attn_impl == "absorb"
+    def _prepare(self, tokens: torch.Tensor, cache, positions=None, attn_mask=None):
+        """→ (cos, sin, positions, mask, absorb) for tokens (B, T); a cache decides the path by its type."""
+        B, T = tokens.shape
+        pos, mask = positions_and_mask(B, T, tokens.device, cache, positions, attn_mask)
+        absorb = isinstance(cache, MLACache) if cache is not None else self.attn_impl == "absorb"
         freqs = pos.float()[..., None] * self.inv_freq  # (…, T, rope/2)
         dtype = self.embed.weight.dtype
         cos = (freqs.cos() * self.rope_factor).to(dtype)
         sin = (freqs.sin() * self.rope_factor).to(dtype)
         return cos, sin, pos, mask, absorb
 
-    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) → the main model's final, normed hidden states (B, T, d)."""
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None, positions=None, attn_mask=None,
+               token_mask=None) -> torch.Tensor:
+        """idx (B, T) → the main model's final, normed hidden states (B, T, d). Arguments as forward's."""
         x = self.embed(idx)  # (B, T, d)
-        cos, sin, pos, mask, absorb = self._prepare(idx.shape[1], kv_cache, idx.device)
+        cos, sin, pos, mask, absorb = self._prepare(idx, kv_cache, positions, attn_mask)
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            x = layer(x, cos, sin, kv_cache, i, pos, mask, absorb)
+            x = layer(x, cos, sin, kv_cache, i, pos, mask, absorb, token_mask)
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
         return self.norm(x)
 
-    def mtp(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor,
-            kv_cache: KVCache | None = None) -> torch.Tensor:
+    def mtp(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, kv_cache: KVCache | None = None,
+            positions=None, attn_mask=None, token_mask=None) -> torch.Tensor:
         """MTP depth `depth` (1-based): h_prev (B, T, d) at positions i, tokens (B, T) = t_{i+depth}
         → normed hidden (B, T, d), whose head logits predict t_{i+depth+1}.
 
         Without a cache the T entries take RoPE positions 0..T-1 (transformers counts from `depth`;
-        RoPE is relative, so the scores agree). A cache from new_cache(..., mtp=True) holds the depth's
+        RoPE is relative, so the scores agree), or `positions` (B, T), attending as `attn_mask`
+        (B, 1, T, T) allows (default causal). A cache from new_cache(..., mtp=True) holds the depth's
         block at layer depth-1.
         """
         layer = self.layers[self.config.num_hidden_layers + depth - 1]
-        cos, sin, pos, mask, absorb = self._prepare(tokens.shape[1], kv_cache, tokens.device)
-        h = layer(h_prev, self.embed(tokens), cos, sin, kv_cache, depth - 1, pos, mask, absorb)
+        cos, sin, pos, mask, absorb = self._prepare(tokens, kv_cache, positions, attn_mask)
+        h = layer(h_prev, self.embed(tokens), cos, sin, kv_cache, depth - 1, pos, mask, absorb, token_mask)
         if kv_cache is not None:
             kv_cache.advance(tokens.shape[1])
         return h
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None):
+                loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None):
         """idx (B, T) → logits (B, T, V), or a loss (see the module docstring).
 
         logit_pos (B,) or (B, T'): logits only at these positions of each row (see llama.select_positions).
+        positions (B, T), attn_mask (B, 1, T, T) bool: packed documents (see llama.py's docstring).
+        token_mask (B, T) bool: the tokens that steer MoE balancing; default targets != -100, else all.
         """
-        h = self.hidden(idx, kv_cache)  # (B, T, d)
+        if token_mask is None and targets is not None and logit_pos is None:
+            token_mask = targets != IGNORE_INDEX
+        h = self.hidden(idx, kv_cache, positions, attn_mask, token_mask)  # (B, T, d)
         out = h if logit_pos is None else select_positions(h, logit_pos)
         logits = self.head(out)
         if targets is None:
@@ -580,9 +610,9 @@ class DeepseekV3(nn.Module):
         self.last_losses = {"main": main.detach()}
         if loss_reduction == "none" or not self.training:
             return main
-        return self._training_loss(main, h, idx, targets, loss_reduction)
+        return self._training_loss(main, h, idx, targets, loss_reduction, positions, attn_mask)
 
-    def _training_loss(self, main, h, idx, targets, reduction: str) -> torch.Tensor:
+    def _training_loss(self, main, h, idx, targets, reduction: str, positions, attn_mask) -> torch.Tensor:
         """main + λ · mean over depths of the MTP losses + the MoE layers' balance losses."""
         c, T = self.config, idx.shape[1]
         total, mtp_losses = main, []
@@ -591,8 +621,18 @@ class DeepseekV3(nn.Module):
                 if T - k < 1:
                     break
                 # depth k at position i: h_{k-1,i} and token t_{i+k} = idx[i+k] → predict t_{i+k+1} = targets[i+k]
-                h = self.mtp(k, h[:, : T - k], idx[:, k:])  # (B, T-k, d)
-                mtp_losses.append(token_loss(self.head(h), targets[:, k:], reduction))
+                tgt = targets[:, k:]  # (B, T-k)
+                pos = None if positions is None else positions[:, : T - k]
+                mask = None if attn_mask is None else attn_mask[:, :, : T - k, : T - k]
+                if attn_mask is not None:  # token i+k must share i's document: mask[i+k, i] (causal, same doc)
+                    same_doc = attn_mask[:, 0].diagonal(offset=-k, dim1=1, dim2=2)  # (B, T-k)
+                    tgt = tgt.masked_fill(~same_doc, IGNORE_INDEX)
+                h = self.mtp(k, h[:, : T - k], idx[:, k:], positions=pos, attn_mask=mask,
+                             token_mask=tgt != IGNORE_INDEX)  # (B, T-k, d)
+                mtp = token_loss(self.head(h), tgt, "sum" if reduction == "mean" else reduction)
+                if reduction == "mean":  # a depth with no target left (tiny documents) adds 0, not NaN
+                    mtp = mtp / (tgt != IGNORE_INDEX).sum().clamp(min=1)
+                mtp_losses.append(mtp)
             if mtp_losses:
                 total = total + c.mtp_lambda * torch.stack(mtp_losses).mean()
         balance = [m.balance_loss for m in self.modules() if isinstance(m, MoE) and m.balance_loss is not None]

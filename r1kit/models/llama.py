@@ -10,10 +10,16 @@ mapping to Hugging Face names lives in formats/hf.py. Config field names are Hug
 `config.json` translates one to one.
 
 The contract every r1kit model keeps:
-    forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None)
+    forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None,
+            positions=None, attn_mask=None, token_mask=None)
 idx (B, T) → logits (B, T, V); with targets → loss ("mean", "sum") or per-token NLL (B, T)
 ("none", 0 where targets == -100). With a kv_cache, the new tokens of row b sit at positions
-cache.lens[b] + 0..T-1 and may attend to everything the row has cached before them.
+cache.lens[b] + 0..T-1 and may attend to everything the row has cached before them. Without one,
+`positions` (B, T) are the RoPE positions (default 0..T-1) and `attn_mask` (B, 1, T, T) bool says
+which keys each query may attend (True = may; default causal) — packed documents pass
+document_mask(doc) and per-document positions, and every sub-module honours both. `token_mask`
+(B, T) bool marks the tokens a training forward learns from (default targets != -100); only the
+MoE family reads it (its load statistics), the dense family accepts it so call sites stay shared.
 """
 from __future__ import annotations
 
@@ -103,6 +109,44 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torc
     if pos.dim() == 2:  # per-row positions: add the head axis
         return cos[:, None], sin[:, None]
     return cos, sin
+
+
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """Per-token document ids (B, T) → block-diagonal causal mask (B, 1, T, T), True = may attend.
+
+    A token sees the tokens before it (and itself) in its own document only.
+
+    >>> document_mask(torch.tensor([[0, 0, 1]]))[0, 0].int()
+    tensor([[1, 0, 0],
+            [1, 1, 0],
+            [0, 0, 1]], dtype=torch.int32)
+    """
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()  # (T, T)
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, T, T) → (B, 1, T, T)
+
+
+def positions_and_mask(B: int, T: int, device, kv_cache, positions, attn_mask):
+    """The RoPE positions ((T,) or (B, T)) and the attention mask ((B, 1, T, Tk) bool, or None for
+    plain causal) of a forward over T new tokens — the one place both families decide them.
+
+    A cache decides both itself (a row's new tokens follow what it holds), so passing either
+    with one is refused rather than silently ignored.
+    """
+    if kv_cache is not None:
+        if positions is not None or attn_mask is not None:
+            raise ValueError("positions / attn_mask cannot be combined with a kv_cache: the cache places new "
+                             "tokens after what each row holds")
+        pos = kv_cache.positions(T)  # (B, T)
+        return pos, kv_cache.attn_mask(pos)  # (B, 1, T, Tk)
+    if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (B, 1, T, T)):
+        raise ValueError(f"attn_mask must be a bool tensor of shape (B, 1, T, T) = {(B, 1, T, T)}, "
+                         f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+    if positions is None:
+        return torch.arange(T, device=device), attn_mask
+    if tuple(positions.shape) != (B, T):
+        raise ValueError(f"positions must have shape (B, T) = {(B, T)}, got {tuple(positions.shape)}")
+    return positions, attn_mask
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -204,27 +248,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, Hkv, Tk, D)
-            if T <= 4:  # decoding: plain matmuls beat the fused CPU kernel at one query per row
-                y = decode_attention(q, k, v, mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        # one path for training, packing, prefill and decode: SDPA takes the boolean mask (torch 2.13 on
+        # CPU: as fast as hand-written matmuls at one query per row, faster above), or is causal without one
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) → (B, T, d)
-
-
-def decode_attention(q, k, v, mask):
-    """Attention for a few new queries per row. q (B, H, T, D); k, v (B, Hkv, Tk, D); mask (B, 1, T, Tk).
-
-    Query heads sharing a KV head are stacked into one matrix, so GQA needs no copy of K/V.
-    """
-    B, H, T, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    qg = q.reshape(B, Hkv, (H // Hkv) * T, D)  # (B, Hkv, G*T, D), rows ordered (head, t)
-    s = torch.matmul(qg, k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, G*T, Tk)
-    s = s.view(B, Hkv, H // Hkv, T, Tk).masked_fill(~mask[:, :, None], float("-inf"))
-    y = torch.matmul(s.softmax(-1).view(B, Hkv, -1, Tk), v)  # (B, Hkv, G*T, D)
-    return y.view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -286,19 +314,19 @@ class Llama(nn.Module):
         return self.config.max_position_embeddings
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None):
+                loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None):
         """idx (B, T) → logits (B, T, V), or loss (see module docstring).
 
         logit_pos (B,) or (B, T'): compute logits only at these positions of each row → (B, 1, V)
         or (B, T', V); prefill and GRPO use it to skip the vocabulary projection of prompt tokens.
+        positions (B, T), attn_mask (B, 1, T, T) bool: see the module docstring (no kv_cache then).
+        token_mask: unused by the dense family (no load statistics).
         """
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, d)
-        if kv_cache is not None:
-            pos = kv_cache.positions(T)  # (B, T)
-            mask = kv_cache.attn_mask(pos)  # (B, 1, T, Tk)
-        else:
-            pos, mask = torch.arange(T, device=idx.device), None
+        pos, mask = positions_and_mask(B, T, idx.device, kv_cache, positions, attn_mask)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache, i, pos, mask)

@@ -8,12 +8,19 @@ advantages → μ inner updates of a clipped policy loss against the rollout's o
 writes DIR/model (latest checkpoint + trainer_state), DIR/metrics.jsonl (one line per step),
 DIR/rollouts.jsonl (samples), DIR/summary.json. Killed at any point, the same command resumes
 from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the
-rollouts of step s are seeded by (seed, s) and the prompt order by the seed alone.
+rollouts of step s (round r, with dynamic sampling) are seeded by (seed, s, r), the prompt order by
+the seed alone, and the checkpoint keeps the data cursor and the number of updates taken.
+
+A step with no learning signal — β = 0 and no group whose rewards vary, or (dynamic sampling) no
+group left — costs generation only: its update would be exactly zero, so the forward, backward and
+optimizer step are skipped (`update_skipped` in metrics.jsonl, a warning from the first one), the
+data cursor moves on, and the LR schedule, indexed by updates taken, waits for the next real update.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,10 +69,15 @@ class GRPOConfig:
     dual_clip_c: float = 3.0  # dual-clip bound c on negative-advantage tokens (loss = dual_clip)
     gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
     gspo_eps_high: float = 4e-4  # GSPO's upper clip of the sequence-level ratio
-    aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    # auto = the loss's own (rl.LOSS_AGGREGATION: token_mean for clipped/dual_clip, seq_mean_token_mean for
+    # gspo) | seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
+    aggregation: str = "auto"
     kl_coef: float = 0.0  # β, the KL penalty to the start model: 0.001 (R1), 0.04 (DeepSeekMath); 0 = none
-    kl_estimator: str = "k3"  # KL estimator: k1 | k2 | k3 (Schulman's)
-    dynamic_sampling: bool = False  # drop zero-variance groups from the batch (DAPO)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 | k3_iw (DeepSeek-V3.2); rl.py documents the gradient each gives
+    # DAPO dynamic sampling: drop groups whose rewards are all equal and draw more prompts until the batch holds
+    # prompts_per_step groups with reward variance, in at most dynamic_sampling_max_rounds generation rounds
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3  # rounds in all, the first included (1 = drop without resampling)
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
     eval_every: int = 10  # held-out greedy accuracy every this many steps (and at the end)
     eval_problems: int = 200  # held-out (test split) problems for that accuracy
@@ -76,10 +88,15 @@ class GRPOConfig:
     generation_config: str = "source"  # saved sampling defaults: source (the base's own) | r1 (T 0.6, top-p 0.95)
 
     def __post_init__(self):
-        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES), ("aggregation", rl.AGGREGATIONS),
-                           ("kl_estimator", rl.KL_ESTIMATORS)):
+        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES),
+                           ("aggregation", {"auto": None, **rl.AGGREGATIONS}), ("kl_estimator", rl.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
+        if self.aggregation == "auto" and self.loss not in rl.LOSS_AGGREGATION:
+            raise ConfigError(f"grpo.loss = {self.loss!r} names no aggregation of its own (rl.LOSS_AGGREGATION); "
+                              f"set grpo.aggregation to one of {sorted(rl.AGGREGATIONS)}")
+        if self.dynamic_sampling_max_rounds < 1:
+            raise ConfigError("grpo.dynamic_sampling_max_rounds must be ≥ 1 (the first round counts)")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
@@ -113,10 +130,19 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
     return idx, mask, starts
 
 
-def completion_logits(model, idx, starts, T: int, temperature: float):
-    """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler."""
-    pos = starts[:, None] - 1 + torch.arange(T, device=idx.device)  # (N, T): predicts completion token t
-    logits = model(idx, logit_pos=pos.clamp(max=idx.shape[1] - 1))  # (N, T, V): no logits for the prompt
+def completion_logits(model, idx, starts, mask, temperature: float):
+    """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler.
+
+    Only the positions that predict a real completion token (mask (N, T)) are the forward's
+    `token_mask`: prompts and padding never steer an MoE model's load balancing.
+    """
+    T = mask.shape[1]
+    pos = (starts[:, None] - 1 + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (N, T)
+    real = mask.bool()
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(pos)  # (N, T)
+    learn = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)  # (N, L)
+    learn[rows[real], pos[real]] = True
+    logits = model(idx, logit_pos=pos, token_mask=learn)  # (N, T, V): no logits for the prompt
     return logits / temperature if temperature > 0 else logits
 
 
@@ -164,10 +190,15 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
         with torch.no_grad():
             for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
                 if m is not None:
-                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, T, cfg.temperature), targets)
+                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, mask, cfg.temperature), targets)
         out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
                               logp.get("ref")))
     return out
+
+
+def aggregation_of(cfg: GRPOConfig) -> str:
+    """The aggregation in force: the recipe's, or ("auto") the one the loss's paper defines."""
+    return rl.LOSS_AGGREGATION[cfg.loss] if cfg.aggregation == "auto" else cfg.aggregation
 
 
 def _loss_setup(cfg: GRPOConfig):
@@ -177,8 +208,8 @@ def _loss_setup(cfg: GRPOConfig):
         kw = {"eps_low": cfg.gspo_eps_low, "eps_high": cfg.gspo_eps_high}
     if cfg.loss == "dual_clip":
         kw["clip_c"] = cfg.dual_clip_c
-    agg = rl.AGGREGATIONS[cfg.aggregation]
-    if cfg.aggregation == "seq_mean_token_sum_norm":
+    agg = rl.AGGREGATIONS[aggregation_of(cfg)]
+    if aggregation_of(cfg) == "seq_mean_token_sum_norm":
         agg = functools.partial(agg, norm=cfg.max_new_tokens)
     return rl.POLICY_LOSSES[cfg.loss], kw, agg
 
@@ -192,13 +223,12 @@ def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int)
 
 def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
-    T = mb.mask.shape[1]
-    logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
+    logits = completion_logits(model, mb.idx, mb.starts, mb.mask, cfg.temperature)
     logp = rl.token_logprobs(logits, mb.targets)
     per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
     loss = agg(per_tok, mb.mask)
     if mb.ref_logp is not None:
-        kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp), mb.mask)
+        kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp, mb.old), mb.mask)
         loss = loss + cfg.kl_coef * kl
         s["kl"] = kl.detach()
     if not torch.isfinite(loss):
@@ -222,7 +252,7 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
     for _ in range(cfg.mu):
         opt.zero_grad(set_to_none=True)
         for mb in mbs:
-            w = chunk_weight(cfg.aggregation, mb, n_tokens, len(rollouts))
+            w = chunk_weight(aggregation_of(cfg), mb, n_tokens, len(rollouts))
             with autocast(device, amp):
                 step_stats = micro_step(cfg, model, mb, loss_fn, kw, agg, w)
             for k, v in step_stats.items():
@@ -253,11 +283,18 @@ class Alarms:
     """Health checks that say what is wrong instead of letting a run silently go nowhere."""
 
     def __init__(self, cfg: GRPOConfig):
-        self.cfg, self.equal_run = cfg, 0
+        self.cfg, self.equal_run, self.skipped = cfg, 0, 0
 
     def check(self, step: int, m: dict) -> list[str]:
         out = []
         self.equal_run = self.equal_run + 1 if m["reward_std"] == 0 else 0
+        self.skipped += m["update_skipped"]
+        if m["update_skipped"] and self.skipped == 1:  # from the first one: a run of these costs only generation
+            why = ("every group was dropped by dynamic sampling" if self.cfg.dynamic_sampling
+                   else "no group's rewards varied and β = 0")
+            out.append(f"step {step}: {why} (reward {m['reward_mean']:.3f}), so there is no learning signal; "
+                       "the update was skipped (the LR schedule waits). If this persists, the task is too hard "
+                       "or too easy for this model, or the answer format does not match")
         if self.equal_run == self.cfg.alarm_equal_steps:
             out.append(f"step {step}: every reward was equal for {self.equal_run} steps — no learning signal "
                        f"(reward {m['reward_mean']:.3f}); the task may be too hard or too easy for this model")
@@ -267,12 +304,25 @@ class Alarms:
         return out
 
 
-def batch_problems(cfg: GRPOConfig, problems: list, step: int) -> list:
-    """Prompts of `step`: consecutive slices of one seeded permutation per epoch (the data cursor)."""
-    per, n = cfg.prompts_per_step, len(problems)
+@dataclass
+class Cursor:
+    """What a run advances besides its step number, saved with every checkpoint.
+
+    prompts: prompts drawn so far (the data cursor; dynamic sampling draws more than one batch's worth).
+    updates: optimizer updates taken. The LR schedule is indexed by updates, not steps: a step that
+    trains nothing (no reward variance with β = 0, or every group dropped) is a zero update, so it
+    consumes neither warm-up nor decay.
+    """
+    prompts: int = 0
+    updates: int = 0
+
+
+def batch_problems(cfg: GRPOConfig, problems: list, start: int, count: int) -> list:
+    """Prompts start .. start+count-1 of the data stream: consecutive slices of one seeded permutation per epoch."""
+    n = len(problems)
     orders: dict[int, list[int]] = {}
     out = []
-    for j in range(step * per, (step + 1) * per):
+    for j in range(start, start + count):
         epoch, pos = divmod(j, n)
         if epoch not in orders:
             orders[epoch] = list(range(n))
@@ -281,32 +331,65 @@ def batch_problems(cfg: GRPOConfig, problems: list, step: int) -> list:
     return out
 
 
-def train_step(cfg, step, model, ref, tok, task, problems, opt, engine) -> tuple[dict, list[Rollout]]:
+def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine, cursor: Cursor):
+    """→ (groups to train on, every group sampled, generation rounds); advances cursor.prompts.
+
+    Without dynamic sampling: one round of prompts_per_step groups, all of them trained. With it (DAPO):
+    groups whose rewards are all equal carry no policy gradient and are dropped; more prompts are drawn
+    (as many as the kept fraction so far says are needed, at most a batch) until prompts_per_step varied
+    groups are held or dynamic_sampling_max_rounds rounds are spent. The batch is cut to exactly
+    prompts_per_step groups; a spent cap trains on what it holds. Round r of step s is seeded by (seed, s, r).
+    """
+    want, G = cfg.prompts_per_step, cfg.group_size
+    kept, sampled = [], []
+    for rnd in range(cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1):
+        n = want if not kept else min(want, math.ceil((want - len(kept)) * len(sampled) / len(kept)))
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                n=G, seed=cfg.seed * 100_003 + step + rnd * 1_000_003)
+        groups = rollout(model, tok, task, batch_problems(cfg, problems, cursor.prompts, n), params, engine,
+                         cfg.system)
+        cursor.prompts += n
+        sampled += groups
+        if not cfg.dynamic_sampling:
+            return groups, sampled, 1
+        varied = rl.groups_to_keep(rewards_of(cfg, [r for g in groups for r in g]), G)
+        kept += [g for g, v in zip(groups, varied.tolist()) if v]
+        if len(kept) >= want:
+            break
+    return kept[:want], sampled, rnd + 1
+
+
+def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
+               cursor: Cursor) -> tuple[dict, list[Rollout]]:
     t0 = time.perf_counter()
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            n=cfg.group_size, seed=cfg.seed * 100_003 + step)
-    groups = rollout(model, tok, task, batch_problems(cfg, problems, step), params, engine, cfg.system)
+    trained, sampled, rounds = sample_groups(cfg, step, model, tok, task, problems, engine, cursor)
     gen_s = time.perf_counter() - t0
-    rollouts = [r for g in groups for r in g]
+    rollouts = [r for g in sampled for r in g]
     rewards = rewards_of(cfg, rollouts)
-    adv = rl.ADVANTAGES[cfg.advantage](rewards, cfg.group_size, **({"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}))
     zero_var = rl.zero_variance_groups(rewards, cfg.group_size)
-    # groups whose rewards are all equal have zero advantage: dynamic sampling (DAPO) drops them,
-    # so they neither dilute the loss normaliser nor cost a backward pass; otherwise they stay
-    # (their only gradient is then the KL term, and they count in the aggregation, as in GRPO)
-    keep = ~rl.expand_group_mask(zero_var, cfg.group_size) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
-    m = step_metrics(cfg, rollouts, rewards, zero_var)
+    m = step_metrics(cfg, rollouts, rewards, zero_var)  # over everything sampled: the policy's own statistics
+    batch = [r for g in trained for r in g]
+    b_rewards = rewards_of(cfg, batch) if batch else rewards[:0]
+    # no group with reward variance and no KL term: every advantage is 0, so the update would be exactly
+    # zero — skip its forward, backward and optimizer step (and the schedule: see Cursor)
+    skip = not batch or (cfg.kl_coef == 0 and bool(rl.zero_variance_groups(b_rewards, cfg.group_size).all()))
     t1 = time.perf_counter()
-    set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
-    if keep.any():
-        kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
-        m.update(policy_update(cfg, model, ref, opt, kept, adv[keep], tok.pad_id))
+    if not skip:
+        adv_kw = {"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}
+        adv = rl.ADVANTAGES[cfg.advantage](b_rewards, cfg.group_size, **adv_kw)
+        set_lr(opt, lr_at(cursor.updates, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
+        m.update(policy_update(cfg, model, ref, opt, batch, adv, tok.pad_id))
         if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
             model.after_optimizer_step()
+        cursor.updates += 1
     train_s = time.perf_counter() - t1
     ntok = sum(len(r.sample.tokens) for r in rollouts)
-    m.update(step=step + 1, lr=opt.param_groups[0]["lr"], gen_seconds=gen_s, train_seconds=train_s,
-             tokens_per_second=ntok / max(gen_s, 1e-9), trained_groups=int((~zero_var).sum()))
+    # lr: the update's, or (skipped) the one the schedule stands at for the next update
+    m.update(step=step + 1, lr=lr_at(max(cursor.updates - (not skip), 0), cfg.steps, cfg.lr, cfg.warmup,
+                                     cfg.schedule),
+             gen_seconds=gen_s, train_seconds=train_s, tokens_per_second=ntok / max(gen_s, 1e-9),
+             update_skipped=skip, trained_groups=0 if skip else len(trained), sampled_groups=len(sampled),
+             sampling_rounds=rounds, updates=cursor.updates)
     return m, rollouts
 
 
@@ -316,7 +399,10 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.task, **cfg.task_args)
     problems, test = task.problems("train"), task.problems("test", cfg.eval_problems)
-    model, ref, tok, opt, start, summary = _setup(cfg, out, task, test, pretrain_cfg)
+    if not problems:  # batch_problems would divide by zero; say what is empty instead
+        raise ConfigError(f"grpo.task = {cfg.task!r} (task_args {cfg.task_args}): the train split is empty, "
+                          "nothing to sample prompts from")
+    model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
     engine, alarms = Engine(model, tok), Alarms(cfg)
@@ -328,7 +414,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
         for step in range(start, start if spent else cfg.steps):
             t0 = time.perf_counter()
             try:
-                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine)
+                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, cursor)
             except FloatingPointError as e:
                 print0(f"grpo: stopping at step {step + 1}: {e}; the last good checkpoint is {out / 'model'}")
                 return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step, failed=str(e))
@@ -345,7 +431,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
             done = step + 1 == cfg.steps or (cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s)
             if (step + 1) % cfg.save_every == 0 or done:
                 summary["rl_seconds"] = rl_seconds
-                _save(cfg, out, model, tok, opt, step + 1, summary)
+                _save(cfg, out, model, tok, opt, step + 1, summary, cursor)
             if done:
                 break
     return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step + 1)
@@ -356,8 +442,8 @@ def _info(m: dict) -> str:
     return s + (f" eval {m['eval_greedy_accuracy']:.2f}" if "eval_greedy_accuracy" in m else "")
 
 
-def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict) -> None:
-    state = {"stage": "grpo", "step": step, "summary": summary, "config": asdict(cfg)}
+def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict, cursor: Cursor) -> None:
+    state = {"stage": "grpo", "step": step, "summary": summary, "cursor": asdict(cursor), "config": asdict(cfg)}
     checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state},
                     generation=cfg.generation_config)
 
@@ -386,10 +472,13 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
     if resuming:
         state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo")
         print0(f"grpo: resuming {ckpt} at step {state['step']}")
-        return model, ref, tok, opt, state["step"], state["summary"]
+        # a checkpoint from before the cursor existed: one batch per step, one update per step
+        cursor = Cursor(**state.get("cursor", {"prompts": state["step"] * cfg.prompts_per_step,
+                                               "updates": state["step"]}))
+        return model, ref, tok, opt, state["step"], state["summary"], cursor
     base_acc = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
     print0(f"grpo: base {base} held-out greedy accuracy {base_acc:.3f}")
-    return model, ref, tok, opt, 0, {"base": str(base), "base_accuracy": base_acc}
+    return model, ref, tok, opt, 0, {"base": str(base), "base_accuracy": base_acc}, Cursor()
 
 
 def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed=None) -> dict:

@@ -7,11 +7,11 @@ an optional "system" string). Loss is on assistant tokens only (the tokenizer's 
 
 Sequence packing: conversations are packed several to a row, up to `max_len` tokens. With
 `packing = "document"` (default) each packed conversation gets its own RoPE positions from 0
-and a block-diagonal causal mask, so attention never crosses documents and a packed row
-computes exactly what the separate conversations would. The models take no mask argument;
-their KV-cache protocol (positions / attn_mask / write) carries one, so `DocumentMask` stands in
-for a cache that stores nothing. `packing = "concat"` is plain concatenation (positions run on,
-attention crosses documents, the end-of-turn token separates them); `"none"`: one per row.
+and a block-diagonal causal mask, passed to the model as `positions` and `attn_mask` (every
+layer honours them, DeepSeek's MTP blocks included), so attention never crosses documents and a
+packed row computes exactly what the separate conversations would. `packing = "concat"` is plain
+concatenation (positions run on, attention crosses documents, the end-of-turn token separates
+them); `"none"`: one per row.
 
     r1kit sft --config recipe.toml [--set sft.data=traces.jsonl] [--out DIR]
 writes DIR/model (checkpoint + trainer_state), DIR/metrics.jsonl, DIR/summary.json; killed at any
@@ -32,7 +32,7 @@ import torch
 from r1kit import checkpoint
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config
-from r1kit.models.llama import IGNORE_INDEX
+from r1kit.models.llama import IGNORE_INDEX, document_mask
 from r1kit.tokenizer import Tokenizer, TokenizerError
 from r1kit.training import MetricsLog, ModelSpec, Progress, adamw, build_model, lr_at, resolve_ckpt, set_lr
 
@@ -194,33 +194,9 @@ def plan_rows(cfg: SFTConfig, lengths: list[int], n_rows_needed: int) -> list[li
     return rows
 
 
-class DocumentMask:
-    """A stand-in KV cache for one packed training forward: it stores nothing, but hands the
-    model per-document positions and a block-diagonal causal mask through the cache protocol
-    (positions → attn_mask → write → advance) that both model families already follow."""
-
-    def __init__(self, doc: torch.Tensor, pos: torch.Tensor):
-        self.pos = pos  # (B, T) position inside each token's own document
-        same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
-        causal = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril()
-        self.mask = (same & causal)[:, None]  # (B, 1, T, T)
-        self.lens = torch.zeros(doc.shape[0], dtype=torch.long, device=doc.device)
-
-    def positions(self, T: int) -> torch.Tensor:
-        return self.pos
-
-    def attn_mask(self, pos) -> torch.Tensor:
-        return self.mask
-
-    def write(self, layer, k, v, pos, Tk):
-        return k, v  # attend to this forward's own keys and values only
-
-    def advance(self, T: int) -> None:
-        pass
-
-
 def make_batch(examples, rows: list[list[int]], cfg: SFTConfig, pad_id: int, device=None):
-    """Packed rows → idx, targets (B, T) and, for document packing, a DocumentMask.
+    """Packed rows → idx, targets (B, T) and the model's keyword arguments: for document packing
+    positions (B, T) from 0 in each document and its block-diagonal attn_mask (B, 1, T, T); none else.
 
     Targets are computed per document, so no document predicts the first token of the next.
     """
@@ -244,7 +220,9 @@ def make_batch(examples, rows: list[list[int]], cfg: SFTConfig, pad_id: int, dev
             at += n
         pos[b, at:] = torch.arange(T - at)
     idx, targets, doc, pos = (t.to(device) for t in (idx, targets, doc, pos))
-    return idx, targets, (DocumentMask(doc, pos) if cfg.packing == "document" else None)
+    if cfg.packing != "document":
+        return idx, targets, {}
+    return idx, targets, {"positions": pos, "attn_mask": document_mask(doc)}  # padding: a "document" of its own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +274,9 @@ def run(cfg: SFTConfig) -> dict:
 def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[float, int]:
     set_lr(opt, lr_at(step, steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio))
     device = model.embed.weight.device
-    idx, targets, docmask = make_batch(examples, rows, cfg, pad_id, device)
+    idx, targets, packed = make_batch(examples, rows, cfg, pad_id, device)
     with autocast(device, resolve_dtype(cfg.dtype, device)):  # fp32 master weights, bf16 matmuls on a GPU
-        loss = model(idx, targets=targets, kv_cache=docmask)
+        loss = model(idx, targets=targets, **packed)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"sft: loss is {loss.item()} at step {step + 1}; lower sft.lr")
     opt.zero_grad(set_to_none=True)
