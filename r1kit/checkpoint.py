@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from r1kit.common import is_main_process
-from r1kit.formats import hf
+from r1kit.formats import hf, peft
+from r1kit.models import lora
 from r1kit.tokenizer import Tokenizer
 
 # What a stage's `generation_config` option adds to the checkpoint's generation_config.json:
@@ -42,7 +43,10 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
         return path
     gen = generation_config(model, tok, generation)
     with hf.atomic_dir(path) as tmp:
-        hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
+        if lora.has_lora(model):  # a LoRA run: only the adapter, in PEFT's format, pointing at its base
+            peft.save_adapter(model, tmp, base=model.lora.get("base"))
+        else:
+            hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
         tok.save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if trainer_state is not None:
@@ -79,8 +83,11 @@ def has_trainer_state(path) -> bool:
 
 
 def load(path, device=None, dtype=None):
-    """→ (model, tokenizer) from a checkpoint directory (ours or a Hugging Face one)."""
+    """→ (model, tokenizer) from a checkpoint directory (ours or a Hugging Face one), or a LoRA
+    adapter directory in PEFT's format (its base, named by base_model_name_or_path, plus the adapter)."""
     hf.recover_swap(path)
+    if peft.is_adapter_dir(path):
+        return load_adapter_dir(path, device, dtype)
     from r1kit.common import resolve_device, resolve_dtype
     device = resolve_device(device)
     model = hf.load_model(path, device=device, dtype=resolve_dtype(dtype, device))
@@ -88,6 +95,25 @@ def load(path, device=None, dtype=None):
     if tok.vocab_size > model.config.vocab_size:
         raise hf.CheckpointError(f"{Path(path) / 'tokenizer.json'}: {tok.vocab_size} tokens but config.json "
                                  f"has vocab_size {model.config.vocab_size}")
+    return model, tok
+
+
+def load_adapter_dir(path, device=None, dtype=None):
+    """Base checkpoint + the adapter in `path`; the tokenizer is the adapter dir's when it has one."""
+    path = Path(path)
+    base = peft.read_adapter_config(path)["base"]
+    if not base:
+        raise hf.CheckpointError(f"{path / peft.CONFIG}: no base_model_name_or_path; r1kit needs the base "
+                                 "checkpoint's local path there")
+    base_path = Path(base) if Path(base).is_absolute() else (path / base)
+    if not base_path.exists():
+        raise hf.CheckpointError(f"{path / peft.CONFIG}: base_model_name_or_path {base!r} is not a local "
+                                 "checkpoint (r1kit downloads nothing); point it at the base directory")
+    model, tok = load(base_path, device=device, dtype=dtype)
+    peft.load_adapter(model, path)
+    model.lora["base"] = str(base_path.resolve())
+    if (path / "tokenizer.json").exists():
+        tok = Tokenizer.load(path)
     return model, tok
 
 

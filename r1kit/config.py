@@ -171,7 +171,16 @@ def _merge(a: dict, b: dict) -> dict:
 @functools.cache
 def field_meanings(cls) -> dict[str, str]:
     """Field name → one line of meaning, read from the class source: the `# ...` comment(s) on the
-    field's own lines, else the block of comment lines directly above it ("" when it has none)."""
+    field's own lines, else the block of comment lines directly above it ("" when it has none).
+    Fields a config inherits (e.g. training.MemoryOptions) take their meaning from the base class."""
+    out = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base) and base is not cls:
+            out.update(_own_meanings(base))
+    return {**out, **_own_meanings(cls)}
+
+
+def _own_meanings(cls) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     comments: dict[int, tuple[str, bool]] = {}  # line → (text, whether the line is only a comment)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):

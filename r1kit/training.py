@@ -112,7 +112,49 @@ def _parse(line: str) -> dict | None:
 def resolve_ckpt(path) -> Path:
     """A stage directory (holding model/) or a checkpoint directory itself → the checkpoint dir."""
     p = Path(path)
-    return p / "model" if (p / "model" / "config.json").exists() else p
+    return p / "model" if is_checkpoint(p / "model") else p
+
+
+def is_checkpoint(path) -> bool:
+    """A full checkpoint (config.json) or a LoRA adapter directory (adapter_config.json)."""
+    return (Path(path) / "config.json").exists() or (Path(path) / "adapter_config.json").exists()
+
+
+@dataclass
+class MemoryOptions:
+    """What trades compute for memory, the same keys in every training stage (GRPO, SFT, distill)."""
+    lora_rank: int = 0  # LoRA adapter rank; 0 = full fine-tuning (with LoRA the KL reference is the base, adapters off)
+    lora_alpha: float = 0.0  # LoRA scale α: the update is (α / rank)·BA; 0 → 2·rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    # modules to adapt: q k v o gate up down (both families; MLA's wq_a/wq_b/wkv_a/wkv_b through q, k, v), or r1kit /
+    # Hugging Face module names (wkv_b, kv_b_proj, ...)
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    grad_checkpointing: bool = False  # activation checkpointing per block: keep block inputs, recompute in backward
+    logprob_chunk: int = 0  # > 0: losses and log-probs project this many tokens onto the vocabulary at a time
+
+    def check_memory_options(self, section: str) -> None:
+        if self.lora_rank < 0 or self.logprob_chunk < 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"{section}.lora_rank and {section}.logprob_chunk must be ≥ 0, "
+                              f"{section}.lora_dropout in [0, 1)")
+        if self.lora_rank:
+            from r1kit.models.lora import resolve_targets
+            try:
+                resolve_targets(self.lora_targets)
+            except ValueError as e:
+                raise ConfigError(f"{section}.{e}") from None
+
+
+def apply_memory_options(model, opts: MemoryOptions, base: Path | None = None, seed: int = 0) -> None:
+    """Switch on checkpointing / chunked log-probs, and wrap LoRA adapters unless the model has them
+    already (a resumed adapter checkpoint). `base`: the checkpoint the adapters sit on, saved with them."""
+    from r1kit.models import lora
+    model.grad_checkpointing = opts.grad_checkpointing
+    model.logprob_chunk = opts.logprob_chunk
+    if opts.lora_rank and not lora.has_lora(model):
+        lora.apply_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha or None, dropout=opts.lora_dropout,
+                        targets=opts.lora_targets, seed=seed)
+        if base is not None:
+            model.lora["base"] = str(Path(base).resolve())
 
 
 class Progress:

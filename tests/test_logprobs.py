@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from r1kit.logprobs import chunked_logprobs
+from r1kit.models.logprobs import chunked_logprobs
 
 
 def reference(h, w, b, y, temperature):

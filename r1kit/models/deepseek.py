@@ -33,6 +33,7 @@ aux-loss-free bias) and the sequence-wise balance loss: padding and prompts stee
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -40,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r1kit.models.llama import (IGNORE_INDEX, MLP, KVCache, RMSNorm, init_weights_, positions_and_mask,
-                                select_positions, token_loss)
+from r1kit.models.llama import (IGNORE_INDEX, MLP, KVCache, RMSNorm, checkpointed, head_loss, init_weights_,
+                                positions_and_mask, select_positions)
 from r1kit.models.lora import weight_of
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")
@@ -331,6 +332,7 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(E))  # b_i: steers selection only
         self.register_buffer("load", torch.zeros(E, dtype=torch.long), persistent=False)  # tokens since last step
+        self.counting = True  # off while activation checkpointing recomputes a block: a token counts once
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -356,7 +358,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, idx)  # (N, k): unbiased, so the bias never scales an expert's output
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if self.training and torch.is_grad_enabled():  # count only forwards that will take a step
+        if self.training and torch.is_grad_enabled() and self.counting:  # only forwards that will take a step
             counted = idx if token_mask is None else idx[token_mask]  # (n, k): padding and prompts never steer b
             self.load += torch.bincount(counted.flatten(), minlength=E)
         return weights * c.routed_scaling_factor, idx, scores
@@ -507,6 +509,8 @@ class DeepseekV3(nn.Module):
             self.head.weight = self.embed.weight
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.last_losses: dict[str, torch.Tensor] = {}  # parts of the last training loss, detached
+        self.grad_checkpointing = False  # training forwards keep only each block's input (llama.checkpointed)
+        self.logprob_chunk = 0  # > 0: losses project this many tokens onto the vocabulary at a time (llama.head_loss)
         self.last_expert_load: torch.Tensor | None = None  # (MoE layers, E) tokens per expert, last step
 
     @property
@@ -566,11 +570,24 @@ class DeepseekV3(nn.Module):
         """idx (B, T) → the main model's final, normed hidden states (B, T, d). Arguments as forward's."""
         x = self.embed(idx)  # (B, T, d)
         cos, sin, pos, mask, absorb = self._prepare(idx, kv_cache, positions, attn_mask)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            x = layer(x, cos, sin, kv_cache, i, pos, mask, absorb, token_mask)
+            args = (x, cos, sin, kv_cache, i, pos, mask, absorb, token_mask)
+            x = checkpointed(layer, *args, on_recompute=self._not_counting) if ckpt else layer(*args)
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
         return self.norm(x)
+
+    @contextlib.contextmanager
+    def _not_counting(self):
+        gates = self.gates()
+        for g in gates:
+            g.counting = False
+        try:
+            yield
+        finally:
+            for g in gates:
+                g.counting = True
 
     def mtp(self, depth: int, h_prev: torch.Tensor, tokens: torch.Tensor, kv_cache: KVCache | None = None,
             positions=None, attn_mask=None, token_mask=None) -> torch.Tensor:
@@ -592,7 +609,7 @@ class DeepseekV3(nn.Module):
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None):
+                token_mask: torch.Tensor | None = None, return_hidden: bool = False):
         """idx (B, T) → logits (B, T, V), or a loss (see the module docstring).
 
         logit_pos (B,) or (B, T'): logits only at these positions of each row (see llama.select_positions).
@@ -603,10 +620,11 @@ class DeepseekV3(nn.Module):
             token_mask = targets != IGNORE_INDEX
         h = self.hidden(idx, kv_cache, positions, attn_mask, token_mask)  # (B, T, d)
         out = h if logit_pos is None else select_positions(h, logit_pos)
-        logits = self.head(out)
+        if return_hidden:  # normed hidden states for a chunked vocabulary projection (llama.py's forward)
+            return out
         if targets is None:
-            return logits
-        main = token_loss(logits, targets, loss_reduction)
+            return self.head(out)
+        main = head_loss(out, self.head, targets, loss_reduction, self.logprob_chunk)
         self.last_losses = {"main": main.detach()}
         if loss_reduction == "none" or not self.training:
             return main
@@ -629,7 +647,7 @@ class DeepseekV3(nn.Module):
                     tgt = tgt.masked_fill(~same_doc, IGNORE_INDEX)
                 h = self.mtp(k, h[:, : T - k], idx[:, k:], positions=pos, attn_mask=mask,
                              token_mask=tgt != IGNORE_INDEX)  # (B, T-k, d)
-                mtp = token_loss(self.head(h), tgt, "sum" if reduction == "mean" else reduction)
+                mtp = head_loss(h, self.head, tgt, "sum" if reduction == "mean" else reduction, self.logprob_chunk)
                 if reduction == "mean":  # a depth with no target left (tiny documents) adds 0, not NaN
                     mtp = mtp / (tgt != IGNORE_INDEX).sum().clamp(min=1)
                 mtp_losses.append(mtp)

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from r1kit.models.logprobs import chunked_logprobs
 
 IGNORE_INDEX = -100
 
@@ -295,6 +298,8 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False  # training forwards keep only each block's input (see checkpointed)
+        self.logprob_chunk = 0  # > 0: losses project this many tokens onto the vocabulary at a time (logprobs.py)
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
@@ -316,29 +321,54 @@ class Llama(nn.Module):
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None):
+                token_mask: torch.Tensor | None = None, return_hidden: bool = False):
         """idx (B, T) → logits (B, T, V), or loss (see module docstring).
 
         logit_pos (B,) or (B, T'): compute logits only at these positions of each row → (B, 1, V)
         or (B, T', V); prefill and GRPO use it to skip the vocabulary projection of prompt tokens.
         positions (B, T), attn_mask (B, 1, T, T) bool: see the module docstring (no kv_cache then).
         token_mask: unused by the dense family (no load statistics).
+        return_hidden: the final normed hidden states (at logit_pos) instead of logits, for
+        trainers that project onto the vocabulary a chunk at a time (r1kit/logprobs.py).
         """
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, d)
         pos, mask = positions_and_mask(B, T, idx.device, kv_cache, positions, attn_mask)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache, i, pos, mask)
+            args = (x, cos, sin, kv_cache, i, pos, mask)
+            x = checkpointed(layer, *args) if ckpt else layer(*args)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm(x)
         if logit_pos is not None:
             x = select_positions(x, logit_pos)
-        logits = self.head(x)
+        if return_hidden:
+            return x
         if targets is None:
-            return logits
-        return token_loss(logits, targets, loss_reduction)
+            return self.head(x)
+        return head_loss(x, self.head, targets, loss_reduction, self.logprob_chunk)
+
+
+def checkpointed(block: nn.Module, *args, on_recompute=None):
+    """block(*args) under activation checkpointing: autograd keeps only the inputs, and backward
+    runs the block again to get its activations — one more forward for ~L× less activation memory.
+
+    on_recompute: a context manager entered for that second run, for blocks with side effects a
+    repeat must not double (MoE load counting).
+    """
+    calls = 0
+
+    def run(*a):
+        nonlocal calls
+        calls += 1
+        if calls > 1 and on_recompute is not None:
+            with on_recompute():
+                return block(*a)
+        return block(*a)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def select_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -361,6 +391,20 @@ def init_weights_(model: nn.Module, n_layers: int, seed: int, std: float) -> Non
             else:
                 s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+def head_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str, chunk: int = 0):
+    """Next-token loss from final hidden states h (B, T, d): through full logits, or (chunk > 0)
+    a chunk of tokens at a time so (B, T, V) logits never exist (models/logprobs.py)."""
+    if not chunk:
+        return token_loss(head(h), targets, reduction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    logp, _ = chunked_logprobs(h, head.weight, targets, bias=head.bias, chunk=chunk)
+    nll = -logp  # (B, T), 0 where targets == -100
+    if reduction == "none":
+        return nll
+    return nll.sum() if reduction == "sum" else nll.sum() / (targets != IGNORE_INDEX).sum()
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -7,8 +7,9 @@ nothing; A starts like nn.Linear's own weights (Kaiming-uniform), as PEFT initia
 `LoRALinear` *is* an nn.Linear (same `weight`/`bias` names), so checkpoints, name maps and the
 absorbed MLA path still find the base weight where they expect it; the adapter adds `lora_A` and
 `lora_B`. Three switches, all exact:
-    merge(model)      W ← W + s·BA, the adapter path is skipped (fast rollouts, export)
-    unmerge(model)    W ← W − s·BA, back to training
+    merge(model)      W ← W + s·BA, the adapter path is skipped (fast rollouts, export); the base
+                      weight is kept aside meanwhile (memory: one copy of the adapted weights)
+    unmerge(model)    the base weight restored bit for bit, back to training
     adapters_off(model)  a context in which every adapter is ignored: the frozen base, i.e. the
                       KL reference of a LoRA run with no second model in memory.
 
@@ -59,6 +60,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        self._base: torch.Tensor | None = None  # the unmerged weight while merged
 
     @classmethod
     def wrap(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
@@ -89,14 +91,18 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """W ← W + s·BA. The base is kept aside and restored bit for bit by unmerge: subtracting s·BA
+        again would leave rounding error in the frozen base after every rollout (bf16: a lot of it)."""
         if not self.merged:
+            self._base = self.weight.detach().clone()
             self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
+            self.weight.copy_(self._base)
+            self._base = None
             self.merged = False
 
     def to_linear(self) -> nn.Linear:

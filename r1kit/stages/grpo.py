@@ -18,6 +18,7 @@ data cursor moves on, and the LR schedule, indexed by updates taken, waits for t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,14 +33,17 @@ from r1kit import checkpoint, rl
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config, read_toml
 from r1kit.engine import Engine, SamplingParams
+from r1kit.models import lora
+from r1kit.models.logprobs import chunked_logprobs
 from r1kit.rewards import overlong_penalty
 from r1kit.rollout import Rollout, greedy_accuracy, rollout
 from r1kit.tasks import get_task
-from r1kit.training import MetricsLog, Progress, adamw, lr_at, resolve_ckpt, set_lr
+from r1kit.training import (MemoryOptions, MetricsLog, Progress, adamw, apply_memory_options, is_checkpoint,
+                            lr_at, resolve_ckpt, set_lr)
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(MemoryOptions):
     base: str = "runs/r1_zero_tiny/base"  # checkpoint (or stage dir) to start from
     out_dir: str = "runs/r1_zero_tiny/grpo"  # where the policy, metrics.jsonl and rollouts.jsonl go
     task: str = "arithmetic"  # verifiable task: arithmetic | countdown | math_file
@@ -58,6 +62,7 @@ class GRPOConfig:
     weight_decay: float = 0.0  # AdamW weight decay (matrices only)
     grad_clip: float = 1.0  # clip the gradient's global norm to this (0: off)
     micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches also hold at most this many (padded) tokens
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
@@ -99,6 +104,7 @@ class GRPOConfig:
             raise ConfigError("grpo.dynamic_sampling_max_rounds must be ≥ 1 (the first round counts)")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
+        self.check_memory_options("grpo")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
             raise ConfigError(f"grpo.generation_config = {self.generation_config!r}; "
                               f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
@@ -130,11 +136,14 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
     return idx, mask, starts
 
 
-def completion_logits(model, idx, starts, mask, temperature: float):
-    """Logits (N, T, V) that predict each completion token, scaled like the rollout's sampler.
+def completion_logprobs(model, idx, starts, mask, targets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (N, T) of the completion tokens under the policy scaled like the rollout's sampler, and
+    the entropy (N, T, detached) of that distribution at each position.
 
     Only the positions that predict a real completion token (mask (N, T)) are the forward's
-    `token_mask`: prompts and padding never steer an MoE model's load balancing.
+    `token_mask`: prompts and padding never steer an MoE model's load balancing. With the model's
+    `logprob_chunk` > 0 the forward returns hidden states and the vocabulary projection runs a chunk
+    of tokens at a time (models/logprobs.py): no (N, T, V) logits are ever held.
     """
     T = mask.shape[1]
     pos = (starts[:, None] - 1 + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (N, T)
@@ -142,8 +151,16 @@ def completion_logits(model, idx, starts, mask, temperature: float):
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(pos)  # (N, T)
     learn = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)  # (N, L)
     learn[rows[real], pos[real]] = True
+    chunk = getattr(model, "logprob_chunk", 0)
+    if chunk:
+        h = model(idx, logit_pos=pos, token_mask=learn, return_hidden=True)  # (N, T, d)
+        logp, ent = chunked_logprobs(h, model.head.weight, targets, temperature, bias=model.head.bias, chunk=chunk)
+        return logp, ent.detach()
     logits = model(idx, logit_pos=pos, token_mask=learn)  # (N, T, V): no logits for the prompt
-    return logits / temperature if temperature > 0 else logits
+    logits = logits / temperature if temperature > 0 else logits
+    with torch.no_grad():
+        ent = rl.entropy_from_logits(logits.detach())
+    return rl.token_logprobs(logits, targets), ent
 
 
 def completion_targets(idx, starts, T: int):
@@ -180,20 +197,39 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     differ by a few hundredths per token, and that noise alone would trip the clip. With μ = 1
     the policy has not moved yet, so the current log-probs (detached) are the old ones.
     """
-    size = cfg.micro_batch or len(rollouts)
     out = []
-    for a in range(0, len(rollouts), size):
-        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+    for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
+        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:b], pad_id))
         T = mask.shape[1]
         targets = completion_targets(idx, starts, T)
         logp = {}
         with torch.no_grad():
             for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
-                if m is not None:
-                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, mask, cfg.temperature), targets)
-        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
-                              logp.get("ref")))
+                if m is not None:  # a LoRA run's reference is the policy itself with its adapters off
+                    with lora.adapters_off(m) if name == "ref" and m is model else contextlib.nullcontext():
+                        logp[name] = completion_logprobs(m, idx, starts, mask, targets, cfg.temperature)[0]
+        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:b].to(device), logp.get("ref")))
     return out
+
+
+def micro_batch_bounds(rollouts: list[Rollout], max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [a, b) slices with at most max_rows rows and (padded) rows × longest row ≤ max_tokens
+    (0 = no limit). A single row longer than max_tokens gets a micro-batch of its own.
+
+    >>> class R:  # noqa
+    ...     def __init__(self, n): self.prompt_ids, self.sample = [0] * 2, type("S", (), {"tokens": [0] * n})
+    >>> micro_batch_bounds([R(2), R(2), R(6), R(1)], 0, 8)
+    [(0, 2), (2, 3), (3, 4)]
+    """
+    bounds, a, longest = [], 0, 0
+    for i, r in enumerate(rollouts):
+        n = len(r.prompt_ids) + len(r.sample.tokens)
+        grown = max(longest, n)
+        if i > a and ((max_rows and i - a >= max_rows) or (max_tokens and (i - a + 1) * grown > max_tokens)):
+            bounds.append((a, i))
+            a, grown = i, n
+        longest = grown
+    return bounds + [(a, len(rollouts))] if rollouts else bounds
 
 
 def aggregation_of(cfg: GRPOConfig) -> str:
@@ -223,8 +259,7 @@ def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int)
 
 def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
-    logits = completion_logits(model, mb.idx, mb.starts, mb.mask, cfg.temperature)
-    logp = rl.token_logprobs(logits, mb.targets)
+    logp, entropy = completion_logprobs(model, mb.idx, mb.starts, mb.mask, mb.targets, cfg.temperature)
     per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
     loss = agg(per_tok, mb.mask)
     if mb.ref_logp is not None:
@@ -234,8 +269,7 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}")
     (loss * weight).backward()
-    with torch.no_grad():
-        s["entropy"] = rl.token_mean(rl.entropy_from_logits(logits.detach()), mb.mask)
+    s["entropy"] = rl.token_mean(entropy, mb.mask)
     s["loss"] = loss.detach()
     return {k: float(v) * weight for k, v in s.items()}
 
@@ -362,7 +396,8 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
 def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
                cursor: Cursor) -> tuple[dict, list[Rollout]]:
     t0 = time.perf_counter()
-    trained, sampled, rounds = sample_groups(cfg, step, model, tok, task, problems, engine, cursor)
+    with lora.merged(model):  # LoRA: sample with the adapters folded in (the base comes back bit for bit)
+        trained, sampled, rounds = sample_groups(cfg, step, model, tok, task, problems, engine, cursor)
     gen_s = time.perf_counter() - t0
     rollouts = [r for g in sampled for r in g]
     rewards = rewards_of(cfg, rollouts)
@@ -419,7 +454,8 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
                 print0(f"grpo: stopping at step {step + 1}: {e}; the last good checkpoint is {out / 'model'}")
                 return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step, failed=str(e))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                m["eval_greedy_accuracy"] = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+                with lora.merged(model):
+                    m["eval_greedy_accuracy"] = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
             rl_seconds += time.perf_counter() - t0
             m["rl_seconds"] = rl_seconds
             log.write(m)
@@ -453,7 +489,7 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
     ckpt = out / "model"
     resuming = checkpoint.has_trainer_state(ckpt)
     base = resolve_ckpt(cfg.base)
-    if not resuming and not (base / "config.json").exists():
+    if not resuming and not is_checkpoint(base):
         if pretrain_cfg is None:
             raise ConfigError(f"grpo.base: {cfg.base} has no checkpoint, and the recipe has no [pretrain] section")
         from r1kit.stages import pretrain
@@ -463,9 +499,14 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         base = resolve_ckpt(cfg.base)
     # the policy stays fp32: AdamW steps of ~lr·1 would round away on bf16 weights (lr 1e-6 ≪ bf16's
     # spacing at 0.02); `dtype` is the autocast compute dtype. The frozen reference can be bf16.
-    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device, dtype="float32")
+    # With LoRA only the fp32 adapters train: the frozen base can sit in the compute dtype (bf16 on a GPU).
+    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device,
+                                 dtype=cfg.dtype if cfg.lora_rank else "float32")
+    apply_memory_options(model, cfg, base=base, seed=cfg.seed)
     ref = None
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and cfg.lora_rank:
+        ref = model  # the base is the policy with its adapters switched off: no second model in memory
+    elif cfg.kl_coef > 0:
         ref, _ = checkpoint.load(base, device=cfg.device, dtype=cfg.dtype)
         ref.eval().requires_grad_(False)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -476,14 +517,16 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         cursor = Cursor(**state.get("cursor", {"prompts": state["step"] * cfg.prompts_per_step,
                                                "updates": state["step"]}))
         return model, ref, tok, opt, state["step"], state["summary"], cursor
-    base_acc = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+    with lora.merged(model):
+        base_acc = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
     print0(f"grpo: base {base} held-out greedy accuracy {base_acc:.3f}")
     return model, ref, tok, opt, 0, {"base": str(base), "base_accuracy": base_acc}, Cursor()
 
 
 def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed=None) -> dict:
     # a run stopped by NaN/inf holds broken weights: its final accuracy is the checkpoint's to tell
-    final = None if failed else greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+    with lora.merged(model):
+        final = None if failed else greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
     summary.update(final_accuracy=final, rl_seconds=round(rl_seconds, 1), steps=steps, task=task.name,
                    eval_problems=len(test))
     if failed:
