@@ -185,3 +185,24 @@ def test_needs_a_base_or_a_tokenizer(tmp_path):
     data = write_jsonl(tmp_path / "t.jsonl", traces(2))
     with pytest.raises(Exception, match="sft.base .* or sft.tokenizer"):
         sft.run(SFTConfig(data=[str(data)], out_dir=str(tmp_path / "o")))
+
+
+def test_lora_sft_of_a_deepseek_checkpoint_with_every_memory_switch(tmp_path, tok):
+    """LoRA + checkpointing + chunked losses: the base stays bit-identical, the loss falls, the adapter
+    directory loads back (PEFT format) and SFT resumes from it."""
+    from r1kit.models import lora
+    ckpt = tmp_path / "ds"
+    checkpoint.save(build_model(ModelSpec("deepseek", DEEPSEEK), tok.vocab_size, 0), tok, ckpt)
+    data = write_jsonl(tmp_path / "t.jsonl", traces(12))
+    cfg = dict(data=[str(data)], base=str(ckpt), out_dir=str(tmp_path / "o"), batch_size=2, max_len=128, lr=1e-2,
+               warmup=1, eval_problems=0, lora_rank=8, grad_checkpointing=True, logprob_chunk=32, save_every=4)
+    s = sft.run(SFTConfig(steps=8, **cfg))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert s["steps"] == 8 and losses[-1] < losses[0] - 0.15, losses  # only the rank-8 adapters learn
+    assert (tmp_path / "o" / "model" / "adapter_config.json").exists()
+    model, _ = checkpoint.load(tmp_path / "o" / "model")
+    before, _ = checkpoint.load(ckpt)
+    frozen = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(p, dict(before.named_parameters())[n]) for n, p in frozen.items())
+    assert lora.has_lora(model)
+    assert sft.run(SFTConfig(steps=10, **cfg))["steps"] == 10  # resumes from the adapter checkpoint

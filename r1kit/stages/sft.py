@@ -32,9 +32,11 @@ import torch
 from r1kit import checkpoint
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config
+from r1kit.models import lora
 from r1kit.models.llama import IGNORE_INDEX, document_mask
 from r1kit.tokenizer import Tokenizer, TokenizerError
-from r1kit.training import MetricsLog, ModelSpec, Progress, adamw, build_model, lr_at, resolve_ckpt, set_lr
+from r1kit.training import (MemoryOptions, MetricsLog, ModelSpec, Progress, adamw, apply_memory_options, build_model,
+                            is_checkpoint, lr_at, resolve_ckpt, set_lr)
 
 PACKING = ("document", "concat", "none")
 
@@ -44,7 +46,7 @@ class DataError(ConfigError):
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(MemoryOptions):
     data: list[str] | str = field(default_factory=list)  # chat JSONL file(s): {"messages": [...]} per line
     base: str = ""  # checkpoint (or stage dir) to fine-tune; "" → a fresh model from `model`
     tokenizer: str = ""  # fresh model: checkpoint whose tokenizer it uses (e.g. the teacher's)
@@ -82,6 +84,7 @@ class SFTConfig:
             raise ConfigError(f"sft.packing = {self.packing!r}; choose one of {list(PACKING)}")
         if self.batch_size < 1 or self.max_len < 2:
             raise ConfigError("sft.batch_size must be ≥ 1 and sft.max_len ≥ 2")
+        self.check_memory_options("sft")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
             raise ConfigError(f"sft.generation_config = {self.generation_config!r}; "
                               f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
@@ -290,24 +293,31 @@ def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[f
 
 def _resume_or_init(cfg: SFTConfig, ckpt: Path):
     """→ model, tokenizer, optimizer, start step, saved state (empty when starting fresh)."""
+    # fp32 master weights; with LoRA only the fp32 adapters train and the frozen base keeps the compute dtype
+    dtype = cfg.dtype if cfg.lora_rank else "float32"
     if checkpoint.has_trainer_state(ckpt):
-        model, tok = checkpoint.load(ckpt, device=cfg.device, dtype="float32")
+        model, tok = checkpoint.load(ckpt, device=cfg.device, dtype=dtype)
+        apply_memory_options(model, cfg)
         opt = adamw(model, cfg.lr, cfg.weight_decay)
         state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="sft")
         print0(f"sft: resuming {ckpt} at step {state['step']}")
         return model, tok, opt, state["step"], state
     if cfg.base:
         base = resolve_ckpt(cfg.base)
-        if not (base / "config.json").exists():
+        if not is_checkpoint(base):
             raise ConfigError(f"sft.base: {cfg.base} has no checkpoint (config.json)")
-        model, tok = checkpoint.load(base, device=cfg.device, dtype="float32")
-        print0(f"sft: fine-tuning {base}")
+        model, tok = checkpoint.load(base, device=cfg.device, dtype=dtype)
+        apply_memory_options(model, cfg, base=base, seed=cfg.seed)
+        print0(f"sft: fine-tuning {base}" + (f" with LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
     else:
         if not cfg.tokenizer:
             raise ConfigError("sft: set sft.base (a checkpoint to fine-tune) or sft.tokenizer (a checkpoint whose "
                               "tokenizer a fresh sft.model uses)")
         tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer))
         model = build_model(cfg.model, tok.vocab_size, cfg.seed).to(resolve_device(cfg.device))
+        if cfg.lora_rank:
+            raise ConfigError("sft.lora_rank: a fresh model has nothing frozen worth adapting; set sft.base")
+        apply_memory_options(model, cfg)
         n = sum(p.numel() for p in model.parameters())
         print0(f"sft: fresh {cfg.model.arch} model, {n / 1e6:.2f}M parameters, tokenizer of {cfg.tokenizer}")
     return model, tok, adamw(model, cfg.lr, cfg.weight_decay), 0, {}
@@ -320,7 +330,8 @@ def _evaluate(cfg: SFTConfig, model, tok) -> dict:
     from r1kit.tasks import get_task
     task = get_task(cfg.task, **cfg.task_args)
     model.eval()
-    acc = greedy_accuracy(model, tok, task, task.problems("test", cfg.eval_problems), cfg.max_new_tokens)
+    with lora.merged(model):
+        acc = greedy_accuracy(model, tok, task, task.problems("test", cfg.eval_problems), cfg.max_new_tokens)
     return {"greedy_accuracy": acc, "eval_problems": cfg.eval_problems}
 
 
