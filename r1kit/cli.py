@@ -17,6 +17,7 @@ VERBS = {
     "grpo": ("r1kit.stages.grpo", "R1-Zero style GRPO on verifiable rewards"),
     "distill": ("r1kit.stages.distill", "rejection-sample a teacher and fine-tune a small dense student"),
     "eval": ("r1kit.stages.evaluate", "pass@1 over k samples, cons@k, pass@k, greedy accuracy"),
+    "merge": ("r1kit.merge", "fold a LoRA adapter (PEFT format) into its base as a full checkpoint"),
     "export": ("r1kit.export", "export a checkpoint to GGUF (F32/F16/Q8_0/Q4_K_M/Q5_K_M/Q6_K)"),
     "fit": ("r1kit.plan", "will it fit: file size, KV cache, GPU layers and a speed bound"),
     "serve": ("r1kit.serve.server", "OpenAI-compatible API server with a web chat"),

@@ -91,11 +91,14 @@ def test_absorbed_mla_sees_the_adapter_like_naive():
 # ---------------------------------------------------------------------------------------------
 # PEFT format, checked against peft itself
 # ---------------------------------------------------------------------------------------------
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+@pytest.fixture()
+def peft():
+    pytest.importorskip("transformers")  # per test: the LoRA tests above need neither
+    return pytest.importorskip("peft")
 
 
 def hf_pair(tmp_path, arch="Qwen2ForCausalLM"):
+    import transformers
     m = dense(arch, tie_word_embeddings=arch == "Qwen2ForCausalLM", attention_bias=arch == "Qwen2ForCausalLM")
     (tmp_path / "base").mkdir()
     hf.save_model(m, tmp_path / "base")
@@ -104,7 +107,7 @@ def hf_pair(tmp_path, arch="Qwen2ForCausalLM"):
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-def test_our_adapter_loads_in_peft(tmp_path, arch):
+def test_our_adapter_loads_in_peft(tmp_path, arch, peft):
     m, ref = hf_pair(tmp_path, arch)
     lora.apply_lora(m, rank=4, alpha=8)
     randomise_adapters(m)
@@ -115,7 +118,7 @@ def test_our_adapter_loads_in_peft(tmp_path, arch):
         assert (m(IDX) - theirs(IDX).logits).abs().max() <= 1e-5
 
 
-def test_peft_adapter_loads_in_r1kit(tmp_path):
+def test_peft_adapter_loads_in_r1kit(tmp_path, peft):
     m, ref = hf_pair(tmp_path)
     cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"],
                           init_lora_weights=False)  # random A and B, so the adapter is not a no-op
@@ -129,10 +132,32 @@ def test_peft_adapter_loads_in_r1kit(tmp_path):
         assert (m(IDX) - want).abs().max() <= 1e-5
 
 
-def test_bad_adapter_config_is_one_line(tmp_path):
+def test_bad_adapter_config_is_one_line(tmp_path, peft):
     m, _ = hf_pair(tmp_path)
     d = tmp_path / "bad"
     d.mkdir()
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true, "target_modules": ["q_proj"]}')
     with pytest.raises(hf.CheckpointError, match=r"adapter_config.json: field 'use_dora'"):
         peft_fmt.load_adapter(m, d)
+
+
+def test_merge_verb_folds_an_adapter_into_a_full_checkpoint(tmp_path, tiny_tok):
+    import r1kit
+    from r1kit.cli import main
+    from r1kit.formats import peft as peft_fmt
+    m = Llama(LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)).init_weights(seed=0, std=0.1).eval()
+    r1kit.save(m, tiny_tok, tmp_path / "base")
+    lora.apply_lora(m, rank=4)
+    randomise_adapters(m)
+    m.lora["base"] = str(tmp_path / "base")
+    r1kit.save(m, tiny_tok, tmp_path / "adapter")
+    assert peft_fmt.is_adapter_dir(tmp_path / "adapter")
+    loaded, _ = r1kit.load(tmp_path / "adapter")  # base + adapter, as r1kit.load reads adapter dirs
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = r1kit.load(tmp_path / "merged")
+    assert not lora.has_lora(merged)
+    idx = torch.randint(0, tiny_tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (merged(idx) - m(idx)).abs().max() <= 1e-5 and (loaded.eval()(idx) - m(idx)).abs().max() <= 1e-6
+    assert main(["merge", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 2  # not an adapter: one line
