@@ -172,16 +172,19 @@ def maxrl_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     return ((r - mean) / (mean + eps)).view(rewards.shape)
 
 
-def gdpo_advantages(reward_parts: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+def gdpo_advantages(reward_parts: Tensor, group_size: int, eps: float = 1e-4,
+                    weights: Tensor | None = None) -> Tensor:
     """GDPO (Liu et al. 2026): normalise each reward component within its group, sum, whiten the batch.
 
-    ``A = whiten_batch( sum_k (r_k - mean_group(r_k)) / (std_group(r_k) + eps) )``. Normalising the
+    ``A = whiten_batch( sum_k w_k (r_k - mean_group(r_k)) / (std_group(r_k) + eps) )``. Normalising the
     summed reward (GRPO) lets the component with the widest spread decide every advantage; apart,
     each component keeps its own resolution. Group std is the sample std, as in ``grpo_advantages``.
 
     Args:
         reward_parts: ``(B*G, K)``, one column per reward component (groups contiguous in rows).
         group_size: G >= 2.
+        weights: ``(K,)`` component weights ``w_k``, applied after the normalisation (which would
+            otherwise erase them); None = all 1.
 
     Returns:
         ``(B*G,)`` advantages.
@@ -201,6 +204,10 @@ def gdpo_advantages(reward_parts: Tensor, group_size: int, eps: float = 1e-4) ->
     # a component constant in its group (every sample well formed, say) has dev == 0 exactly: it
     # adds 0, whatever eps is, instead of 0/0
     per_part = torch.where(dev == 0, torch.zeros_like(dev), dev / (r.std(dim=1, keepdim=True) + eps))
+    if weights is not None:
+        if weights.shape != (K,):
+            raise ValueError(f"gdpo weights of shape {tuple(weights.shape)} do not match {K} reward parts")
+        per_part = per_part * weights.to(per_part)
     return _batch_whiten(per_part.sum(dim=-1).view(N), eps)
 
 

@@ -12,6 +12,7 @@ rollouts of step s are seeded by (seed, s) and the prompt order by the seed alon
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from r1kit import checkpoint, rl
+from r1kit import checkpoint, offpolicy, rl
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config, read_toml
 from r1kit.engine import Engine, SamplingParams
+from r1kit.models.routing import record_routing, replay_routing
 from r1kit.rewards import overlong_penalty
 from r1kit.rollout import Rollout, greedy_accuracy, rollout
 from r1kit.tasks import get_task
@@ -54,14 +56,31 @@ class GRPOConfig:
     device: str = "auto"  # auto = cuda → mps → cpu
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
-    advantage: str = "grpo"  # grpo | drgrpo
+    advantage: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp_baseline | liteppo | maxrl | gdpo (README: RL options)
     adv_eps: float = 1e-4
-    loss: str = "clipped"  # clipped | dual_clip | gspo
+    loss: str = "clipped"  # clipped | dual_clip | gspo | cispo | sapo | dppo_tv | clip_cov | kl_cov
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO clip-higher: 0.28
     dual_clip_c: float = 3.0
     gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
     gspo_eps_high: float = 4e-4
+    cispo_eps_low: float = 1.0  # CISPO clips the importance weight to [1 - low, 1 + high]; 1 = no lower bound
+    cispo_eps_high: float = 5.0
+    sapo_tau_pos: float = 1.0  # SAPO gate temperatures for A > 0 and A < 0
+    sapo_tau_neg: float = 1.05
+    dppo_delta: float = 0.15  # DPPO-TV: mask tokens whose probability moved more than this (advantage's way)
+    clip_cov_ratio: float = 2e-4  # Clip-Cov: share of tokens in the covariance band to detach
+    clip_cov_low: float = 1.0
+    clip_cov_high: float = 5.0
+    kl_cov_ratio: float = 2e-3  # KL-Cov: share of top-covariance tokens to penalise
+    kl_cov_coef: float = 1.0
+    corrections: list[str] = field(default_factory=list)  # train–inference mismatch: tis | icepop | offpolicy_seq_mask
+    tis_cap: float = 2.0  # TIS: weight min(pi_train / pi_rollout, cap)
+    icepop_low: float = 0.5  # IcePop: drop tokens with pi_train / pi_rollout outside [low, high]
+    icepop_high: float = 5.0
+    offpolicy_delta: float = 0.1  # V3.2: drop A < 0 sequences whose mean log(pi_rollout / pi_train) > delta
+    entropy_top_frac: float = 0.0  # > 0: policy gradient only on this share of highest-entropy tokens (0.2)
+    routing_replay: bool = False  # MoE: route every training forward like the pre-update forward (R2)
     aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
     kl_estimator: str = "k3"
@@ -79,6 +98,11 @@ class GRPOConfig:
                            ("kl_estimator", rl.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
+        for name in self.corrections:
+            if name not in offpolicy.CORRECTIONS:
+                raise ConfigError(f"grpo.corrections: {name!r}; choose from {sorted(offpolicy.CORRECTIONS)}")
+        if not 0 <= self.entropy_top_frac <= 1:
+            raise ConfigError(f"grpo.entropy_top_frac = {self.entropy_top_frac}; use 0 (off) or a share in (0, 1]")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         try:
@@ -87,11 +111,34 @@ class GRPOConfig:
             raise ConfigError(f"grpo.dtype / grpo.device: {e}") from None
 
 
+# Each registered function's keyword arguments, by the config field that sets them: the trainer calls
+# every option the same way, and a new registry entry needs one line here (a test checks coverage).
+LOSS_ARGS = {
+    "clipped": {"eps_low": "eps_low", "eps_high": "eps_high"},
+    "dual_clip": {"eps_low": "eps_low", "eps_high": "eps_high", "clip_c": "dual_clip_c"},
+    "gspo": {"eps_low": "gspo_eps_low", "eps_high": "gspo_eps_high"},
+    "cispo": {"eps_low": "cispo_eps_low", "eps_high": "cispo_eps_high"},
+    "sapo": {"tau_pos": "sapo_tau_pos", "tau_neg": "sapo_tau_neg"},
+    "dppo_tv": {"delta": "dppo_delta"},
+    "clip_cov": {"ratio": "clip_cov_ratio", "cov_low": "clip_cov_low", "cov_high": "clip_cov_high"},
+    "kl_cov": {"ratio": "kl_cov_ratio", "coef": "kl_cov_coef"},
+}
+ADVANTAGE_ARGS = {"grpo": {"eps": "adv_eps"}, "gdpo": {"eps": "adv_eps"}, "drgrpo": {}, "rloo": {},
+                  "reinforce_pp_baseline": {}, "liteppo": {}, "maxrl": {}}
+CORRECTION_ARGS = {"tis": {"cap": "tis_cap"}, "icepop": {"low": "icepop_low", "high": "icepop_high"},
+                   "offpolicy_seq_mask": {"delta": "offpolicy_delta"}}
+
+
+def option_kwargs(cfg, table: dict, name: str) -> dict:
+    """The keyword arguments `table` says option `name` takes, read from cfg."""
+    return {arg: getattr(cfg, key) for arg, key in table[name].items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Batch → tensors
 # ---------------------------------------------------------------------------------------------
 def to_tensors(rollouts: list[Rollout], pad_id: int):
-    """→ idx (N, P+T), completion mask (N, T), completion start P per row.
+    """→ idx (N, P+T), completion mask (N, T), completion start P per row, the sampler's log-probs (N, T).
 
     Rows are right-padded; completions start at different offsets when prompts are ragged, so
     log-probs are gathered per row at its own completion positions.
@@ -102,11 +149,13 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
     idx = torch.full((N, L), pad_id, dtype=torch.long)
     mask = torch.zeros(N, T)
     starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    rollout_logp = torch.zeros(N, T)
     for i, r in enumerate(rollouts):
         seq = r.prompt_ids + r.sample.tokens
         idx[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(r.sample.tokens)] = 1
-    return idx, mask, starts
+        rollout_logp[i, : len(r.sample.logprobs)] = torch.tensor(r.sample.logprobs, dtype=torch.float32)
+    return idx, mask, starts, rollout_logp
 
 
 def completion_logits(model, idx, starts, T: int, temperature: float):
@@ -124,12 +173,37 @@ def completion_targets(idx, starts, T: int):
 # ---------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------
+def _overlong(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
+    return torch.tensor([overlong_penalty(len(x.sample.tokens), cfg.max_new_tokens, cfg.overlong_cache)
+                         for x in rollouts])
+
+
 def rewards_of(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
     r = torch.tensor([x.reward["total"] for x in rollouts])
+    return r + _overlong(cfg, rollouts) if cfg.overlong_cache > 0 else r
+
+
+def reward_parts_of(cfg: GRPOConfig, task, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted reward components (N, K) and their weights (K,), for advantages that normalise each.
+
+    The components are the ones the task's total sums (its `weights`), plus the overlong penalty as
+    a component of weight 1 when it is on.
+    """
+    names = [k for k, w in task.weights.items() if w != 0]
+    parts = torch.tensor([[x.reward[k] for k in names] for x in rollouts], dtype=torch.float32)  # (N, K)
+    weights = torch.tensor([float(task.weights[k]) for k in names])
     if cfg.overlong_cache > 0:
-        pen = [overlong_penalty(len(x.sample.tokens), cfg.max_new_tokens, cfg.overlong_cache) for x in rollouts]
-        r = r + torch.tensor(pen)
-    return r
+        parts = torch.cat([parts, _overlong(cfg, rollouts)[:, None].float()], dim=1)
+        weights = torch.cat([weights, torch.ones(1)])
+    return parts, weights
+
+
+def advantages_of(cfg: GRPOConfig, task, rollouts: list[Rollout], rewards: torch.Tensor) -> torch.Tensor:
+    fn, kw = rl.ADVANTAGES[cfg.advantage], option_kwargs(cfg, ADVANTAGE_ARGS, cfg.advantage)
+    if fn is rl.gdpo_advantages:  # the one estimator that reads the components, not their sum
+        parts, weights = reward_parts_of(cfg, task, rollouts)
+        return fn(parts, cfg.group_size, weights=weights, **kw)
+    return fn(rewards, cfg.group_size, **kw)
 
 
 @dataclass
@@ -141,6 +215,8 @@ class MicroBatch:
     targets: torch.Tensor  # (n, T)
     adv: torch.Tensor  # (n,)
     ref_logp: torch.Tensor | None
+    rollout_logp: torch.Tensor  # (n, T) log-probs under the sampler's distribution (Sample.logprobs)
+    routes: list | None = None  # MoE expert ids per gate of the pre-update forward (routing replay)
 
 
 def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
@@ -152,27 +228,27 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     """
     size = cfg.micro_batch or len(rollouts)
     out = []
+    # an MoE policy records its routing in the pre-update forward when it will be compared or replayed
+    routed = bool(getattr(model, "gates", lambda: [])()) and (cfg.mu > 1 or cfg.routing_replay)
     for a in range(0, len(rollouts), size):
-        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+        idx, mask, starts, rollout_logp = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
         T = mask.shape[1]
         targets = completion_targets(idx, starts, T)
-        logp = {}
+        logp, routes = {}, None
         with torch.no_grad():
-            for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
-                if m is not None:
-                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, T, cfg.temperature), targets)
-        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
-                              logp.get("ref")))
+            if ref is not None:
+                logp["ref"] = rl.token_logprobs(completion_logits(ref, idx, starts, T, cfg.temperature), targets)
+            if cfg.mu > 1 or routed:
+                with record_routing(model) as routes:
+                    logp["old"] = rl.token_logprobs(completion_logits(model, idx, starts, T, cfg.temperature), targets)
+        out.append(MicroBatch(idx, mask, logp.get("old") if cfg.mu > 1 else None, starts, targets,
+                              adv[a:a + size].to(device), logp.get("ref"), rollout_logp, routes if routed else None))
     return out
 
 
 def _loss_setup(cfg: GRPOConfig):
     """The configured policy loss (with its keyword arguments) and aggregation."""
-    kw = {"eps_low": cfg.eps_low, "eps_high": cfg.eps_high}
-    if cfg.loss == "gspo":
-        kw = {"eps_low": cfg.gspo_eps_low, "eps_high": cfg.gspo_eps_high}
-    if cfg.loss == "dual_clip":
-        kw["clip_c"] = cfg.dual_clip_c
+    kw = option_kwargs(cfg, LOSS_ARGS, cfg.loss)
     agg = rl.AGGREGATIONS[cfg.aggregation]
     if cfg.aggregation == "seq_mean_token_sum_norm":
         agg = functools.partial(agg, norm=cfg.max_new_tokens)
@@ -186,12 +262,38 @@ def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int)
     return mb.mask.shape[0] / n_seqs  # per-sequence means: weight by sequences
 
 
+def token_weights(cfg: GRPOConfig, mb: MicroBatch, logp_old, entropy) -> tuple[torch.Tensor | None, dict]:
+    """The product of the configured per-token weights (mismatch corrections, entropy selection), or None.
+
+    The corrections compare the trainer's pi_old with the sampler's log-probs: the loss's ratio is
+    formed against the former, the samples came from the latter. The mismatch is logged always.
+    """
+    mask = mb.mask.bool()
+    stats = offpolicy.mismatch_stats(logp_old, mb.rollout_logp, mask)
+    w = None
+    for name in cfg.corrections:
+        wi, si = offpolicy.CORRECTIONS[name](logp_old, mb.rollout_logp, mb.adv, mask,
+                                              **option_kwargs(cfg, CORRECTION_ARGS, name))
+        w, stats = (wi if w is None else w * wi), {**stats, **si}
+    if cfg.entropy_top_frac > 0:
+        wi, si = offpolicy.high_entropy_weights(entropy, mask, cfg.entropy_top_frac)
+        w, stats = (wi if w is None else w * wi), {**stats, **si}
+    return w, stats
+
+
 def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
     T = mb.mask.shape[1]
-    logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
+    with replay_routing(model, mb.routes, cfg.routing_replay) if mb.routes is not None else contextlib.nullcontext() as routing:
+        logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
     logp = rl.token_logprobs(logits, mb.targets)
-    per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
+    with torch.no_grad():
+        entropy = rl.entropy_from_logits(logits.detach())
+    old = logp.detach() if mb.old is None else mb.old
+    per_tok, s = loss_fn(logp, old, mb.adv, mb.mask, **kw)
+    w, ws = token_weights(cfg, mb, old, entropy)
+    per_tok = per_tok if w is None else per_tok * w  # per_tok is exactly 0 (finite) at padding, w too
+    s.update(ws, **(routing or {}))
     loss = agg(per_tok, mb.mask)
     if mb.ref_logp is not None:
         kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp), mb.mask)
@@ -200,8 +302,7 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()}")
     (loss * weight).backward()
-    with torch.no_grad():
-        s["entropy"] = rl.token_mean(rl.entropy_from_logits(logits.detach()), mb.mask)
+    s["entropy"] = rl.token_mean(entropy, mb.mask)
     s["loss"] = loss.detach()
     return {k: float(v) * weight for k, v in s.items()}
 
@@ -285,7 +386,7 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine) -> tuple
     gen_s = time.perf_counter() - t0
     rollouts = [r for g in groups for r in g]
     rewards = rewards_of(cfg, rollouts)
-    adv = rl.ADVANTAGES[cfg.advantage](rewards, cfg.group_size, **({"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}))
+    adv = advantages_of(cfg, task, rollouts, rewards)
     zero_var = rl.zero_variance_groups(rewards, cfg.group_size)
     # groups whose rewards are all equal have zero advantage: dynamic sampling (DAPO) drops them,
     # so they neither dilute the loss normaliser nor cost a backward pass; otherwise they stay
