@@ -199,7 +199,7 @@ def gdpo_advantages(reward_parts: Tensor, group_size: int, eps: float = 1e-4,
     N, K = reward_parts.shape
     if N % group_size != 0:
         raise ValueError(f"{N} reward rows do not split into groups of {group_size}")
-    r = reward_parts.float().view(N // group_size, group_size, K)  # (B, G, K)
+    r = (reward_parts if reward_parts.is_floating_point() else reward_parts.float()).view(N // group_size, group_size, K)  # (B, G, K)
     dev = r - r.mean(dim=1, keepdim=True)  # (B, G, K)
     # a component constant in its group (every sample well formed, say) has dev == 0 exactly: it
     # adds 0, whatever eps is, instead of 0/0
