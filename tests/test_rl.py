@@ -571,3 +571,87 @@ def test_gdpo_normalises_each_component_before_summing():
     close(rl.gdpo_advantages(wide, 2), [0, 0, math.sqrt(2), -math.sqrt(2)], tol=1e-3)
     with pytest.raises(ValueError, match="reward parts"):
         rl.gdpo_advantages(t([1.0, 0.0]), 2)
+
+
+# ---------------------------------------------------------------------------- mismatch corrections
+
+from r1kit import offpolicy  # noqa: E402
+
+# trainer vs sampler log-probs of the same tokens; the padded slot holds NaN on both sides
+TRAIN = t([[-1.0, -1.0, -1.0], [-2.0, -2.0, float("nan")]])
+ROLL = TRAIN + t([[0.0, math.log(0.25), math.log(4.0)], [math.log(0.1), -0.3, float("nan")]])  # rollout side
+# pi_train / pi_rollout = 1, 4, .25 | 10, e^.3 = 1.35
+
+
+def with_weights(w):
+    """Gradient of a token-mean clipped loss on policy (grad -A/n per token), each token scaled by w."""
+    logp = TRAIN.clone().requires_grad_(True)
+    loss, _ = rl.clipped_token_loss(logp, logp.detach(), FADV, FMASK)
+    (g,) = torch.autograd.grad(rl.token_mean(loss * w, FMASK), logp)
+    assert torch.isfinite(g).all()
+    return g
+
+
+def test_mismatch_stat_is_the_mean_absolute_log_ratio():
+    s = offpolicy.mismatch_stats(TRAIN, ROLL, FMASK)
+    close(s["mismatch_abs_logp"], (math.log(4) * 2 + math.log(10) + 0.3) / 5, tol=1e-7)
+
+
+def test_tis_weights_truncate_the_ratio_and_scale_the_gradient():
+    w, s = offpolicy.tis_weights(TRAIN, ROLL, FADV, FMASK, cap=2.0)
+    close(w, [[1, 2, .25], [2, math.exp(.3), 0]], tol=1e-12)  # 4 and 10 truncated at C = 2
+    close(s["tis_clip_frac"], 2 / 5)
+    # the corrected policy gradient: -min(ratio, C) * A / n on every token
+    close(with_weights(w), -w * FADV[:, None] / 5)
+
+
+def test_icepop_drops_tokens_outside_the_band():
+    w, s = offpolicy.icepop_weights(TRAIN, ROLL, FADV, FMASK, low=0.5, high=5.0)
+    close(w, [[1, 1, 0], [0, 1, 0]])  # .25 < .5 and 10 > 5 dropped
+    close(s["icepop_mask_frac"], 2 / 5)
+    g = with_weights(w)
+    assert g[0, 2] == 0 and g[1, 0] == 0 and g[0, 0] == pytest.approx(-1 / 5)
+    with pytest.raises(ValueError):
+        offpolicy.icepop_weights(TRAIN, ROLL, FADV, FMASK, low=2.0, high=5.0)
+
+
+def test_offpolicy_sequence_mask_drops_only_drifted_negative_sequences():
+    # roles swapped here (ROLL as the trainer's) so the sampler liked its tokens more than the trainer
+    # now does: mean log(pi_rollout / pi_train) row 0 (0 - ln4 + ln4)/3 = 0 ; row 1 (ln10 + .3)/2 = 1.30
+    w, s = offpolicy.offpolicy_sequence_weights(ROLL, TRAIN, t([1.0, -1.0]), FMASK, delta=1.0)
+    close(w, [[1, 1, 1], [0, 0, 0]])
+    close(s["seqmask_frac"], 0.5)
+    w_pos, _ = offpolicy.offpolicy_sequence_weights(ROLL, TRAIN, t([1.0, 1.0]), FMASK, delta=1.0)
+    close(w_pos, FMASK)  # a positive sequence is kept however far it drifted
+    w_hi, _ = offpolicy.offpolicy_sequence_weights(ROLL, TRAIN, t([1.0, -1.0]), FMASK, delta=1.5)
+    close(w_hi, FMASK)
+    w_rev, _ = offpolicy.offpolicy_sequence_weights(TRAIN, ROLL, t([1.0, -1.0]), FMASK, delta=1.0)
+    close(w_rev, FMASK)  # the trainer likes them more than the sampler did: not off-policy in the harmful way
+    assert with_weights(w)[1].abs().sum() == 0
+
+
+def test_high_entropy_selection_keeps_the_top_share_of_valid_tokens():
+    ent = t([[0.1, 2.0, 0.5], [1.0, 0.2, float("nan")]])
+    w, s = offpolicy.high_entropy_weights(ent, FMASK, top_frac=0.2)  # ceil(.2 * 5) = 1 token
+    close(w, [[0, 1, 0], [0, 0, 0]])
+    close(s["entropy_threshold"], 2.0)
+    w, _ = offpolicy.high_entropy_weights(ent, FMASK, top_frac=0.5)  # ceil(2.5) = 3
+    close(w, [[0, 1, 1], [1, 0, 0]])
+    g = with_weights(w)
+    assert (g[w == 0] == 0).all() and (g[w == 1] != 0).all()
+    with pytest.raises(ValueError):
+        offpolicy.high_entropy_weights(ent, FMASK, top_frac=0.0)
+
+
+def test_every_registered_option_is_wired_into_the_trainer():
+    from r1kit.stages import grpo
+    assert set(grpo.LOSS_ARGS) == set(rl.POLICY_LOSSES)
+    assert set(grpo.ADVANTAGE_ARGS) == set(rl.ADVANTAGES)
+    assert set(grpo.CORRECTION_ARGS) == set(offpolicy.CORRECTIONS)
+    cfg = grpo.GRPOConfig()
+    for table in (grpo.LOSS_ARGS, grpo.ADVANTAGE_ARGS, grpo.CORRECTION_ARGS):
+        for name in table:
+            grpo.option_kwargs(cfg, table, name)  # every named field exists
+    from r1kit.config import ConfigError
+    with pytest.raises(ConfigError, match="grpo.corrections"):
+        grpo.GRPOConfig(corrections=["tiss"])
