@@ -34,28 +34,30 @@ class _RoutingContext:
     def __init__(self, model, record: bool = False, routes: list | None = None, replay: bool = False):
         self.gates = model.gates() if hasattr(model, "gates") else []
         self.record, self.routes, self.replay = record, routes, replay
-        if routes is not None and len(routes) != len(self.gates):
-            raise ValueError(f"routing replay: {len(routes)} recorded gates for a model with {len(self.gates)}")
+        if not record and (routes is None or len(routes) != len(self.gates)):
+            raise ValueError(f"routing replay: {len(routes or [])} recorded gates for a model with {len(self.gates)}")
         self.out: list | dict = [] if record else {}
 
     def __enter__(self):
         for i, g in enumerate(self.gates):
             if self.record:
                 g.recorded = []
-            if self.routes is not None and self.routes[i] is not None:
+            elif self.routes[i] is not None:
                 g.replay, g.replay_on, g.disagreement = self.routes[i], self.replay, None
         return self.out
 
     def __exit__(self, *exc):
-        seen = []
-        for g in self.gates:
-            if self.record:
+        # each context clears only the state it set, so a record and a replay can nest
+        if self.record:
+            for g in self.gates:
                 if len(g.recorded) > 1:
                     raise ValueError("record_routing: a gate ran more than once; record one forward at a time")
                 self.out.append(g.recorded[0] if g.recorded else None)
-            if g.disagreement is not None:
-                seen.append(g.disagreement)
-            g.recorded, g.replay, g.replay_on, g.disagreement = None, None, False, None
-        if not self.record and seen:
+                g.recorded = None
+            return False
+        seen = [g.disagreement for g in self.gates if g.disagreement is not None]
+        for g in self.gates:
+            g.replay, g.replay_on, g.disagreement = None, False, None
+        if seen:
             self.out["routing_disagreement"] = torch.stack(seen).mean().detach()
         return False
