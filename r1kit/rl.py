@@ -155,7 +155,7 @@ def liteppo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8) -> T
 
 
 def maxrl_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
-    """MaxRL (Tajwar et al. 2026, "Maximum Likelihood RL"): ``(r - mean_group) / (mean_group + eps)``.
+    """MaxRL ("Maximum Likelihood Reinforcement Learning", 2026): ``(r - mean_group) / (mean_group + eps)``.
 
     For 0/1 rewards, dividing by the group's success rate makes the update an estimate of the
     gradient of ``log pass@k``-style likelihood rather than of the pass rate itself: rarely solved
@@ -174,7 +174,7 @@ def maxrl_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
 
 def gdpo_advantages(reward_parts: Tensor, group_size: int, eps: float = 1e-4,
                     weights: Tensor | None = None) -> Tensor:
-    """GDPO (Liu et al. 2026): normalise each reward component within its group, sum, whiten the batch.
+    """GDPO (NVIDIA 2026, group reward-decoupled normalisation): normalise each reward component within its group, sum, whiten the batch.
 
     ``A = whiten_batch( sum_k w_k (r_k - mean_group(r_k)) / (std_group(r_k) + eps) )``. Normalising the
     summed reward (GRPO) lets the component with the widest spread decide every advantage; apart,
@@ -417,7 +417,7 @@ def cispo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: T
 
 def sapo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                     tau_pos: float = 1.0, tau_neg: float = 1.05) -> tuple[Tensor, Stats]:
-    """SAPO (Gao et al. 2025, Qwen): a soft sigmoid gate on the ratio instead of a hard clip.
+    """SAPO (Qwen team 2025, arXiv 2511.20347): a soft sigmoid gate on the ratio instead of a hard clip.
 
     ``loss_t = -f(r_t) * A`` with ``f(x) = sigmoid(tau * (x - 1)) * 4 / tau`` and ``tau = tau_pos``
     for ``A > 0``, ``tau_neg`` for ``A < 0``. The gradient is
