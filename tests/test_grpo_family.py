@@ -22,7 +22,7 @@ def test_new_loss_advantage_corrections_and_routing_replay_run_and_log(tmp_path,
     cfg = grpo.GRPOConfig(base=str(tmp_path / "base"), out_dir=str(tmp_path / "grpo"), steps=2, prompts_per_step=2,
                           group_size=4, max_new_tokens=12, eval_problems=4, mu=2, loss="sapo", advantage="gdpo",
                           corrections=["tis", "icepop", "offpolicy_seq_mask"], entropy_top_frac=0.2,
-                          routing_replay=True)
+                          routing_replay="rollout")
     summary = grpo.run(cfg)
     assert summary["steps"] == 2 and "stopped" not in summary
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]

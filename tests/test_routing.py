@@ -82,3 +82,33 @@ def test_replay_refuses_other_tokens_and_is_a_no_op_on_dense_models():
     with record_routing(dense) as none:
         dense(torch.randint(0, 64, (1, 4)))
     assert none == []
+
+
+def test_engine_records_the_rollout_routing_and_training_replays_it():
+    """R3: the sampler's own expert ids, laid out like the training forward, are what it routes by."""
+    from r1kit.engine import Engine, SamplingParams
+    from r1kit.rollout import Rollout
+    from r1kit.stages.grpo import engine_routes, to_tensors
+
+    model = moe(4).eval()
+    prompts = [[1, 2, 3, 4], [5, 6]]  # ragged: rows are padded differently in the training batch
+    groups = Engine(model, None, record_routing=True).generate(
+        prompts, SamplingParams(max_new_tokens=5, temperature=1.0, n=2, seed=0, ignore_eos=True))
+    rollouts = [Rollout(None, prompts[i], s, "", {}) for i, g in enumerate(groups) for s in g]
+    for r in rollouts:  # every fed token: the prompt and all generated tokens but the last
+        assert r.sample.routes[0].shape == (len(r.prompt_ids) + len(r.sample.tokens) - 1, 2)
+        assert r.sample.routes[2] is None  # the MTP gate never runs while sampling
+    idx, mask, starts, _ = to_tensors(rollouts, pad_id=0)
+    routes = engine_routes(rollouts, idx.shape[1])
+    with record_routing(model) as own:
+        model(idx)
+    recorded = routes[0][:, 0] >= 0
+    # fp32 on one CPU: the full forward routes like the cached decode, token for token
+    for o, r in zip(own[:2], routes[:2]):
+        assert torch.equal(o[recorded], r[recorded])
+    shift_gates(model)
+    with replay_routing(model, routes) as s, record_routing(model) as replayed:
+        model(idx)
+    for o, r in zip(replayed[:2], routes[:2]):
+        assert torch.equal(o[recorded], r[recorded])  # replayed: exactly the rollout's experts
+    assert s["routing_disagreement"] > 0

@@ -359,14 +359,19 @@ class Gate(nn.Module):
         return weights * c.routed_scaling_factor, idx, scores
 
     def _replayed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Measure the disagreement of this forward's ids (N, k) with the recorded ones; route by those if on."""
+        """Measure the disagreement of this forward's ids (N, k) with the recorded ones; route by those if on.
+
+        Rows of `replay` that are -1 have no record (padding, a token the recorder never ran): they
+        keep this forward's own choice and do not count in the disagreement.
+        """
         if self.replay.shape != idx.shape:
             raise ValueError(f"routing replay: recorded expert ids {tuple(self.replay.shape)} do not match this "
                              f"forward's {tuple(idx.shape)} (replay needs the same tokens in the same layout)")
         ref = self.replay.to(idx.device)
+        has = ref[:, 0] >= 0  # (N,)
         same = (idx[:, :, None] == ref[:, None, :]).any(-1)  # (N, k): each own pick is among the recorded ones
-        self.disagreement = 1.0 - same.float().mean()
-        return ref if self.replay_on else idx
+        self.disagreement = 1.0 - same[has].float().mean() if bool(has.any()) else idx.new_zeros((), dtype=torch.float)
+        return torch.where(has[:, None], ref, idx) if self.replay_on else idx
 
     @torch.no_grad()
     def update_bias(self) -> None:

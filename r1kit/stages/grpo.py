@@ -80,7 +80,7 @@ class GRPOConfig:
     icepop_high: float = 5.0
     offpolicy_delta: float = 0.1  # V3.2: drop A < 0 sequences whose mean log(pi_rollout / pi_train) > delta
     entropy_top_frac: float = 0.0  # > 0: policy gradient only on this share of highest-entropy tokens (0.2)
-    routing_replay: bool = False  # MoE: route every training forward like the pre-update forward (R2)
+    routing_replay: str = "off"  # MoE: off | trainer (R2: route like the pre-update forward) | rollout (R3: like the engine)
     aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
     kl_estimator: str = "k3"
@@ -101,6 +101,8 @@ class GRPOConfig:
         for name in self.corrections:
             if name not in offpolicy.CORRECTIONS:
                 raise ConfigError(f"grpo.corrections: {name!r}; choose from {sorted(offpolicy.CORRECTIONS)}")
+        if self.routing_replay not in ROUTING_REPLAY:
+            raise ConfigError(f"grpo.routing_replay = {self.routing_replay!r}; choose one of {sorted(ROUTING_REPLAY)}")
         if not 0 <= self.entropy_top_frac <= 1:
             raise ConfigError(f"grpo.entropy_top_frac = {self.entropy_top_frac}; use 0 (off) or a share in (0, 1]")
         if self.group_size < 2:
@@ -127,6 +129,12 @@ ADVANTAGE_ARGS = {"grpo": {"eps": "adv_eps"}, "gdpo": {"eps": "adv_eps"}, "drgrp
                   "reinforce_pp_baseline": {}, "liteppo": {}, "maxrl": {}}
 CORRECTION_ARGS = {"tis": {"cap": "tis_cap"}, "icepop": {"low": "icepop_low", "high": "icepop_high"},
                    "offpolicy_seq_mask": {"delta": "offpolicy_delta"}}
+
+
+# routing_replay -> (training forwards route by the recorded experts, the engine records them
+# rather than the pre-update training forward). With "off", an MoE policy still logs the
+# disagreement with the pre-update forward when μ > 1.
+ROUTING_REPLAY = {"off": (False, False), "trainer": (True, False), "rollout": (True, True)}
 
 
 def option_kwargs(cfg, table: dict, name: str) -> dict:
@@ -228,21 +236,46 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     """
     size = cfg.micro_batch or len(rollouts)
     out = []
-    # an MoE policy records its routing in the pre-update forward when it will be compared or replayed
-    routed = bool(getattr(model, "gates", lambda: [])()) and (cfg.mu > 1 or cfg.routing_replay)
+    replay, from_engine = ROUTING_REPLAY[cfg.routing_replay]
+    moe = bool(getattr(model, "gates", lambda: [])())
     for a in range(0, len(rollouts), size):
-        idx, mask, starts, rollout_logp = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+        rows = rollouts[a:a + size]
+        idx, mask, starts, rollout_logp = (t.to(device) for t in to_tensors(rows, pad_id))
         T = mask.shape[1]
         targets = completion_targets(idx, starts, T)
-        logp, routes = {}, None
+        logp = {}
+        routes = engine_routes(rows, idx.shape[1]) if moe and from_engine else None
         with torch.no_grad():
             if ref is not None:
                 logp["ref"] = rl.token_logprobs(completion_logits(ref, idx, starts, T, cfg.temperature), targets)
-            if cfg.mu > 1 or routed:
-                with record_routing(model) as routes:
+            if cfg.mu > 1 or (moe and replay and routes is None):
+                # the pre-update forward: routed like the engine (R3), or recording its own routing (R2)
+                with replay_routing(model, routes) if routes is not None else record_routing(model) as rec:
                     logp["old"] = rl.token_logprobs(completion_logits(model, idx, starts, T, cfg.temperature), targets)
+                routes = rec if routes is None else routes
         out.append(MicroBatch(idx, mask, logp.get("old") if cfg.mu > 1 else None, starts, targets,
-                              adv[a:a + size].to(device), logp.get("ref"), rollout_logp, routes if routed else None))
+                              adv[a:a + size].to(device), logp.get("ref"), rollout_logp, routes if moe else None))
+    return out
+
+
+def engine_routes(rollouts: list[Rollout], L: int) -> list:
+    """The engine's expert ids (Sample.routes) laid out like a training forward of width L.
+
+    Per gate (n·L, k), rows in the order of `to_tensors`; -1 where the engine fed no token (the
+    last completion token, padding), so those positions keep the trainer's own routing.
+    """
+    first = rollouts[0].sample.routes
+    if first is None:
+        raise ConfigError("grpo.routing_replay = 'rollout': the rollouts carry no routing (engine not recording)")
+    out = []
+    for g, r0 in enumerate(first):
+        if r0 is None:
+            out.append(None)
+            continue
+        ids = torch.full((len(rollouts), L, r0.shape[-1]), -1, dtype=torch.long)  # (n, L, k)
+        for i, r in enumerate(rollouts):
+            ids[i, : len(r.sample.routes[g])] = r.sample.routes[g]
+        out.append(ids.view(-1, r0.shape[-1]))  # (n·L, k): the gate sees the batch flattened
     return out
 
 
@@ -284,7 +317,8 @@ def token_weights(cfg: GRPOConfig, mb: MicroBatch, logp_old, entropy) -> tuple[t
 def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
     T = mb.mask.shape[1]
-    with replay_routing(model, mb.routes, cfg.routing_replay) if mb.routes is not None else contextlib.nullcontext() as routing:
+    replay = ROUTING_REPLAY[cfg.routing_replay][0]
+    with replay_routing(model, mb.routes, replay) if mb.routes is not None else contextlib.nullcontext() as routing:
         logits = completion_logits(model, mb.idx, mb.starts, T, cfg.temperature)
     logp = rl.token_logprobs(logits, mb.targets)
     with torch.no_grad():
@@ -416,7 +450,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     model, ref, tok, opt, start, summary = _setup(cfg, out, task, test, pretrain_cfg)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine, alarms = Engine(model, tok), Alarms(cfg)
+    engine, alarms = Engine(model, tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1]), Alarms(cfg)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
     spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
