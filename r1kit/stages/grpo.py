@@ -224,7 +224,7 @@ class MicroBatch:
     adv: torch.Tensor  # (n,)
     ref_logp: torch.Tensor | None
     rollout_logp: torch.Tensor  # (n, T) log-probs under the sampler's distribution (Sample.logprobs)
-    routes: list | None = None  # MoE expert ids per gate of the pre-update forward (routing replay)
+    routes: list | None = None  # MoE: per gate, expert ids of the pre-update forward or the engine (routing replay)
 
 
 def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
