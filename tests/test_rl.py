@@ -557,7 +557,7 @@ def test_maxrl_divides_by_the_success_rate():
 def test_gdpo_normalises_each_component_before_summing():
     # component a: [1,0 | 1,1], component b: [0,1 | 1,0]
     parts = t([[1, 0], [0, 1], [1, 1], [1, 0]])
-    s = 1 / math.sqrt(2)  # (1 - .5) / sample std .7071 of [1, 0]
+    # s = (1 - .5) / sample std .7071 of [1, 0] = 1/sqrt2 per part
     # group 1: a -> [s, -s], b -> [-s, s]: sums 0, 0 ; group 2: a constant -> 0, b -> [s, -s]
     # sum [0, 0, s, -s]; whitened: mean 0, pop std s/sqrt(2) -> [0, 0, sqrt2, -sqrt2]
     close(rl.gdpo_advantages(parts, 2, eps=0.0), [0, 0, math.sqrt(2), -math.sqrt(2)])
