@@ -1,7 +1,8 @@
 """Policy-loss ablation on the tiny R1-Zero recipe: steps (and seconds) to 95% held-out greedy accuracy.
 
 One base (the recipe's [pretrain] section, ~2 minutes, reused when it exists), then one short,
-seeded GRPO run per loss from that same base with everything else equal. Each run uses μ = 2
+seeded GRPO run per loss from that same base with everything else equal, each stopped at its
+first evaluation at 95% (grpo.target_accuracy). Each run uses μ = 2
 inner updates per batch: with one update the ratio is exactly 1 and every loss gives the same
 gradient, so μ = 1 would measure nothing but noise. Prints one row per loss and, last, the
 ratios of steps-to-target against the default clipped loss.
@@ -54,10 +55,11 @@ def run_one(base_cfg: grpo.GRPOConfig, loss: str, out: Path) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     step, secs = first_at_target(rows)
     evals = [r["eval_greedy_accuracy"] for r in rows if "eval_greedy_accuracy" in r]
-    clip = [r.get("clip_frac", r.get("cov_frac", 0.0)) for r in rows]
+    clip = [r.get("clip_frac", r.get("cov_frac")) for r in rows]
+    clip = [c for c in clip if c is not None]
     return {"loss": loss, "steps_to_95": step, "rl_seconds_to_95": secs, "base": summary.get("base_accuracy"),
             "final": summary.get("final_accuracy"), "peak": max(evals) if evals else None,
-            "mean_clip_or_mask": sum(clip) / len(clip), "wall_s": wall, "stopped": summary.get("stopped")}
+            "mean_clip_or_mask": sum(clip) / len(clip) if clip else None, "wall_s": wall, "stopped": summary.get("stopped")}
 
 
 def fmt(x, spec="{:.0f}") -> str:
@@ -67,9 +69,9 @@ def fmt(x, spec="{:.0f}") -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--losses", default="clipped,dual_clip,gspo,cispo,sapo,dppo_tv,clip_cov,kl_cov")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20, help="most steps per run (a run stops at 95%%)")
     p.add_argument("--mu", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default="runs/bases/arith_tiny", help="base checkpoint dir (pretrained if missing)")
@@ -82,7 +84,8 @@ def main() -> None:
     base = ensure_base(Path(args.base))
     cfg = load_config(grpo.GRPOConfig, RECIPE, section="grpo")
     cfg = replace(cfg, base=str(base), steps=args.steps, mu=args.mu, eval_every=args.eval_every,
-                  eval_problems=args.eval_problems, seed=args.seed, time_budget_s=0.0, save_every=args.steps)
+                  eval_problems=args.eval_problems, seed=args.seed, time_budget_s=0.0, save_every=args.steps,
+                  target_accuracy=TARGET)  # each run stops at its first evaluation at 95%
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for loss in losses:
@@ -95,7 +98,7 @@ def main() -> None:
     print(f"{'loss':<10} {'steps→95%':>9} {'RL s→95%':>9} {'peak':>6} {'final':>6} {'clip/mask':>9} {'wall s':>7}")
     for r in results:
         print(f"{r['loss']:<10} {fmt(r['steps_to_95']):>9} {fmt(r['rl_seconds_to_95']):>9} "
-              f"{fmt(r['peak'], '{:.3f}'):>6} {fmt(r['final'], '{:.3f}'):>6} {r['mean_clip_or_mask']:>9.4f} "
+              f"{fmt(r['peak'], '{:.3f}'):>6} {fmt(r['final'], '{:.3f}'):>6} {fmt(r['mean_clip_or_mask'], '{:.4f}').replace('never', '-'):>9} "
               f"{r['wall_s']:>7.0f}" + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
     ref = next((r for r in results if r["loss"] == "clipped"), results[0])
     for r in results:

@@ -32,3 +32,19 @@ def test_new_loss_advantage_corrections_and_routing_replay_run_and_log(tmp_path,
     # the engine's and the trainer's fp32 log-probs of the same tokens agree closely on CPU
     assert all(0 <= r["mismatch_abs_logp"] < 1e-3 for r in rows)
     assert all(0 <= r["routing_disagreement"] <= 1 for r in rows)
+
+
+def test_target_accuracy_stops_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, monkeypatch):
+    from r1kit.stages import pretrain
+    from r1kit.training import ModelSpec
+
+    spec = ModelSpec(arch="llama", config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, max_position_embeddings=128))
+    pretrain.run(pretrain.PretrainConfig(out_dir=str(tmp_path / "base"), model=spec, steps=2, batch_size=8,
+                                         save_every=2, eval_problems=4, max_new_tokens=16))
+    scores = iter([0.0, 0.5, 0.97, 1.0])  # the base, then evaluations after steps 2, 4, ...
+    monkeypatch.setattr(grpo, "greedy_accuracy", lambda *a, **k: next(scores))
+    cfg = grpo.GRPOConfig(base=str(tmp_path / "base"), out_dir=str(tmp_path / "grpo"), steps=10, prompts_per_step=2,
+                          group_size=2, max_new_tokens=8, eval_every=2, eval_problems=4, target_accuracy=0.95)
+    summary = grpo.run(cfg)
+    assert summary["steps"] == 4 and summary["final_accuracy"] == 1.0

@@ -42,6 +42,7 @@ class GRPOConfig:
     system: str | None = None  # optional system prompt
     steps: int = 100
     time_budget_s: float = 0.0  # > 0: stop after this much RL wall time
+    target_accuracy: float = 0.0  # > 0: stop at the first evaluation whose held-out greedy accuracy reaches it
     prompts_per_step: int = 16
     group_size: int = 8  # G
     max_new_tokens: int = 96
@@ -473,7 +474,8 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
             for warning in alarms.check(step + 1, m):
                 print0(f"grpo: warning: {warning}")
             bar.update(step + 1, _info(m))
-            done = step + 1 == cfg.steps or (cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s)
+            done = (step + 1 == cfg.steps or (cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s)
+                    or 0 < cfg.target_accuracy <= m.get("eval_greedy_accuracy", -1.0))
             if (step + 1) % cfg.save_every == 0 or done:
                 summary["rl_seconds"] = rl_seconds
                 _save(cfg, out, model, tok, opt, step + 1, summary)
