@@ -80,7 +80,7 @@ class GRPOConfig:
     icepop_low: float = 0.5  # IcePop: drop tokens with pi_train / pi_rollout outside [low, high]
     icepop_high: float = 5.0
     offpolicy_delta: float = 0.1  # V3.2: drop A < 0 sequences whose mean log(pi_rollout / pi_train) > delta
-    entropy_top_frac: float = 0.0  # > 0: policy gradient only on this share of highest-entropy tokens (0.2)
+    entropy_top_frac: float = 0.0  # > 0: policy gradient only on this share of highest-entropy tokens (0.2), per micro-batch
     routing_replay: str = "off"  # MoE: off | trainer (R2: route like the pre-update forward) | rollout (R3: like the engine)
     aggregation: str = "token_mean"  # seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     kl_coef: float = 0.0  # β: 0.001 (R1), 0.04 (DeepSeekMath)
