@@ -14,10 +14,13 @@ Works with any model that keeps the r1kit contract and has `new_cache(batch, max
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from r1kit.models.routing import record_routing
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Sample:
     logprobs: list[float]
     finish_reason: str  # "stop" (end token or stop string) | "length"
     text: str = ""  # decoded, end tokens skipped, cut before a matched stop string
+    # MoE routing replay (R3), when the engine records it: per gate, the (P + T - 1, k) expert ids of
+    # every token the sampler fed (prompt, then all generated tokens but the last); None per gate that never ran
+    routes: list | None = None
 
 
 @dataclass
@@ -62,13 +68,15 @@ class _Row:
     logprobs: list = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    routes: list | None = None  # per gate: (n_i, k) chunks of expert ids, when the batch records routing
 
 
 class Batch:
     """Slots of a KV cache, each holding one running sequence (or free)."""
 
-    def __init__(self, model, tokenizer, capacity: int, max_len: int):
+    def __init__(self, model, tokenizer, capacity: int, max_len: int, record_routing: bool = False):
         self.model, self.tok = model, tokenizer
+        self.record_routing = record_routing  # keep each row's MoE expert ids (routing replay, R3)
         self.device = model.embed.weight.device
         self.cache = model.new_cache(capacity, max_len)
         self.max_len = max_len
@@ -115,14 +123,18 @@ class Batch:
         for i, p in enumerate(unique):
             ids[i, : len(p)] = torch.tensor(p, device=self.device)
         tmp = self.model.new_cache(len(unique), ids.shape[1])
-        logits = self.model(ids, kv_cache=tmp, logit_pos=lens - 1)[:, -1][which]  # (n, V)
+        with self._routing() as routes:
+            logits = self.model(ids, kv_cache=tmp, logit_pos=lens - 1)[:, -1][which]  # (n, V)
         tmp.lens = lens  # padding past each row's end is garbage; decoding overwrites it
         if len(unique) < len(prompts):
             tmp.select(which)
         slot_t = torch.tensor(slots, device=self.device)
         self.cache.insert(slot_t, tmp)
-        for s, p, sp, tag in zip(slots, prompts, params, tags):
+        for j, (s, p, sp, tag) in enumerate(zip(slots, prompts, params, tags)):
             self._open_row(s, p, sp, tag)
+            if routes is not None:  # (U*L, k) per gate → this row's prompt tokens
+                self.rows[s].routes = [[] if r is None else [r.view(*ids.shape, -1)[which[j], : len(p)]]
+                                       for r in routes]
         tokens, logp = self._sample(logits, slots)
         self.last[slot_t] = tokens
         self._record(slots, tokens.tolist(), logp.tolist())
@@ -150,10 +162,19 @@ class Batch:
         cache = self.cache if n == len(self.rows) else _leading_rows(self.cache, n)
         if cache is None:
             cache, n = self.cache, len(self.rows)
-        logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
+        with self._routing() as routes:
+            logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
+        if routes is not None:  # one fed token per slot: (n, k) per gate
+            for s in slots:
+                for chunks, r in zip(self.rows[s].routes, routes):
+                    if r is not None:
+                        chunks.append(r[s: s + 1])
         tokens, logp = self._sample(logits[slots], slots)
         self.last[slots] = tokens
         return self._record(slots, tokens.tolist(), logp.tolist())
+
+    def _routing(self):
+        return record_routing(self.model) if self.record_routing else contextlib.nullcontext()
 
     def _sample(self, logits: torch.Tensor, slots: list[int]):
         """logits (n, V) for `slots` → (tokens (n,), logprobs (n,))."""
@@ -250,8 +271,9 @@ class Engine:
     whole evaluation set (thousands of prompts × k) never needs one giant KV cache.
     """
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 256):
+    def __init__(self, model, tokenizer=None, max_batch: int = 256, record_routing: bool = False):
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
+        self.record_routing = record_routing  # MoE: return each sample's expert ids (Sample.routes)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
@@ -265,7 +287,7 @@ class Engine:
         if limit is not None and max_len > limit:
             raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
                              f"context (max_position_embeddings = {limit})")
-        batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len)
+        batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len, self.record_routing)
         if params.seed is not None:  # one seed makes the whole call reproducible
             batch.shared_gen.manual_seed(params.seed)
         row_params = replace(params, seed=None)
@@ -291,4 +313,5 @@ class Engine:
         text = ""
         if self.tok is not None:
             text = stop_text(self.tok.decode(row.tokens), row.params.stop)
-        return Sample(prompt_index, row.tokens, row.logprobs, row.finish_reason, text)
+        routes = None if row.routes is None else [torch.cat(c) if c else None for c in row.routes]
+        return Sample(prompt_index, row.tokens, row.logprobs, row.finish_reason, text, routes)

@@ -496,6 +496,24 @@ def add_args(p) -> None:
     p.add_argument("--overhead", type=float, default=0.5, metavar="GiB",
                    help="VRAM the driver and CUDA context take (default 0.5)")
     p.add_argument("--list", action="store_true", help="list the known model names and exit")
+    t = p.add_argument_group("training (with --train): peak memory of one step and, with --tokens, the cost")
+    t.add_argument("--train", choices=["sft", "grpo", "distill", "pretrain"], default=None,
+                   help="plan a training stage instead of llama.cpp inference")
+    t.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0 = full fine-tuning)")
+    t.add_argument("--seq", type=int, default=1024, help="tokens per sequence, prompt + completion (default 1024)")
+    t.add_argument("--rows", type=int, default=8, help="sequences per training micro-batch (default 8)")
+    t.add_argument("--prompts", type=int, default=1, help="GRPO: prompts per step held by the engine (default 1)")
+    t.add_argument("--group", type=int, default=16, help="GRPO: completions per prompt G (default 16)")
+    t.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    t.add_argument("--chunk", type=int, default=0, help="vocabulary-chunked log-probs: tokens per chunk (0 = off)")
+    t.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="storage of frozen weights (LoRA base, reference); default fp32")
+    t.add_argument("--kl", action="store_true", help="GRPO with β > 0: a reference model (none with LoRA)")
+    t.add_argument("--tokens", type=float, default=0.0, help="training tokens D for the cost line (e.g. 14.8e12)")
+    t.add_argument("--gpus", type=int, default=1, help="GPUs for the cost line (default 1)")
+    t.add_argument("--gpu", default="h100", help="GPU kind for the peak FLOP/s: h800 h100 h200 a100 b200 rtx4090 …")
+    t.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
+    t.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (default 2)")
 
 
 def main(args) -> int:
@@ -505,6 +523,8 @@ def main(args) -> int:
     if not args.model:
         print("r1kit fit: error: give MODEL (a checkpoint dir, config.json or known name; --list)", file=sys.stderr)
         return 2
+    if args.train:
+        return _train_main(args)
     try:
         r = plan_fit(args.model, args.quant, args.vram, args.ctx, args.kv_type, args.gpu_bandwidth,
                      args.cpu_bandwidth, args.ubatch, not args.no_flash_attn, args.overhead)
@@ -512,4 +532,22 @@ def main(args) -> int:
         print(f"r1kit fit: error: {e}", file=sys.stderr)
         return 2
     print(format_report(r))
+    return 0
+
+
+def _train_main(args) -> int:
+    from r1kit import plan_train as pt
+    try:
+        name, cfg, where = resolve_config(args.model)
+        setup = pt.TrainSetup(stage=args.train, lora_rank=args.lora, seq=args.seq, rows=args.rows, prompts=args.prompts,
+                              group=args.group, grad_checkpointing=args.grad_checkpointing, chunk=args.chunk,
+                              base_dtype=args.base_dtype, kl=args.kl)
+        p = pt.plan_training(name, cfg, where, setup)
+        print(pt.format_plan(p, args.vram))
+        if args.tokens:
+            print(pt.format_cost(pt.train_cost(p.counts.active, args.tokens, args.gpus, args.gpu, args.mfu,
+                                               args.price), args.gpus))
+    except (FitError, pt.PlanError, hf.CheckpointError) as e:
+        print(f"r1kit fit: error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -101,6 +101,116 @@ def drgrpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     return (r - r.mean(dim=1, keepdim=True)).view(rewards.shape)
 
 
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): ``r_i - mean_{j != i} r_j``.
+
+    The baseline leaves the sample itself out, so it is independent of that sample and the
+    estimator is unbiased. Algebraically ``r_i - (sum - r_i)/(G-1) = G/(G-1) * (r_i - mean)``.
+
+    Args:
+        rewards: ``(B*G,)`` or ``(B, G)``, G >= 2.  Returns: same shape.
+
+    >>> rloo_advantages(torch.tensor([1., 0., 0., 0.]), group_size=4)
+    tensor([ 1.0000, -0.3333, -0.3333, -0.3333])
+    """
+    if group_size < 2:
+        raise ValueError("the leave-one-out baseline needs group_size >= 2")
+    r = _as_groups(rewards, group_size)
+    loo_mean = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)  # (B, G): the others' mean
+    return (r - loo_mean).view(rewards.shape)
+
+
+def _batch_whiten(a: Tensor, eps: float) -> Tensor:
+    """``(a - mean) / (std + eps)`` over every element (population std: a batch is not a sample of it)."""
+    return (a - a.mean()) / (a.std(correction=0) + eps)
+
+
+def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025): group mean subtracted, then whitened over the batch.
+
+    ``a = r - mean_group``; ``A = (a - mean_batch(a)) / (std_batch(a) + eps)``. The group mean
+    removes prompt difficulty; the *global* std (not each group's) keeps GRPO's per-group scaling
+    from inflating nearly-uniform groups.
+
+    >>> reinforce_pp_baseline_advantages(torch.tensor([1., 0., 0., 0.]), group_size=2, eps=0.0)
+    tensor([ 1.4142, -1.4142,  0.0000,  0.0000])
+    """
+    a = _as_groups(rewards, group_size)
+    a = a - a.mean(dim=1, keepdim=True)
+    return _batch_whiten(a, eps).view(rewards.shape)
+
+
+def liteppo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
+    """LitePPO (Liu et al. 2025, "Tricks or Traps?"): group mean, batch std of the rewards.
+
+    ``A = (r - mean_group) / (std_batch(r) + eps)`` — the mean is local (per prompt), the scale
+    global, which the paper finds more robust than either alone under sparse rewards.
+
+    >>> liteppo_advantages(torch.tensor([1., 0., 0., 0.]), group_size=2, eps=0.0)
+    tensor([ 1., -1.,  0.,  0.])
+    """
+    r = _as_groups(rewards, group_size)
+    # sample std over the batch, as torch.std (the same convention grpo_advantages uses)
+    return ((r - r.mean(dim=1, keepdim=True)) / (r.std() + eps)).view(rewards.shape)
+
+
+def maxrl_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """MaxRL ("Maximum Likelihood Reinforcement Learning", 2026): ``(r - mean_group) / (mean_group + eps)``.
+
+    For 0/1 rewards, dividing by the group's success rate makes the update an estimate of the
+    gradient of ``log pass@k``-style likelihood rather than of the pass rate itself: rarely solved
+    prompts weigh more. A group with mean 0 has ``r = mean`` everywhere, so it gives 0 (not 0/0);
+    rewards must be >= 0 for the mean to be a likelihood.
+
+    >>> maxrl_advantages(torch.tensor([1., 0., 0., 0.]), group_size=4, eps=0.0)
+    tensor([ 3., -1., -1., -1.])
+    """
+    r = _as_groups(rewards, group_size)
+    if bool((r < 0).any()):
+        raise ValueError("maxrl advantages need non-negative rewards (the group mean is a success rate)")
+    mean = r.mean(dim=1, keepdim=True)
+    return ((r - mean) / (mean + eps)).view(rewards.shape)
+
+
+def gdpo_advantages(reward_parts: Tensor, group_size: int, eps: float = 1e-4,
+                    weights: Tensor | None = None) -> Tensor:
+    """GDPO (NVIDIA 2026, group reward-decoupled normalisation): normalise each reward component within its group, sum, whiten the batch.
+
+    ``A = whiten_batch( sum_k w_k (r_k - mean_group(r_k)) / (std_group(r_k) + eps) )``. Normalising the
+    summed reward (GRPO) lets the component with the widest spread decide every advantage; apart,
+    each component keeps its own resolution. Group std is the sample std, as in ``grpo_advantages``.
+
+    Args:
+        reward_parts: ``(B*G, K)``, one column per reward component (groups contiguous in rows).
+        group_size: G >= 2.
+        weights: ``(K,)`` component weights ``w_k``, applied after the normalisation (which would
+            otherwise erase them); None = all 1.
+
+    Returns:
+        ``(B*G,)`` advantages.
+
+    >>> gdpo_advantages(torch.tensor([[1., 1.], [0., 1.], [1., 0.], [1., 1.]]), 2, eps=0.0)
+    tensor([ 1., -1., -1.,  1.])
+    """
+    if reward_parts.dim() != 2:
+        raise ValueError(f"gdpo needs reward parts of shape (N, K), got {tuple(reward_parts.shape)}")
+    if group_size < 2:
+        raise ValueError("gdpo's per-group std needs group_size >= 2")
+    N, K = reward_parts.shape
+    if N % group_size != 0:
+        raise ValueError(f"{N} reward rows do not split into groups of {group_size}")
+    r = (reward_parts if reward_parts.is_floating_point() else reward_parts.float()).view(N // group_size, group_size, K)  # (B, G, K)
+    dev = r - r.mean(dim=1, keepdim=True)  # (B, G, K)
+    # a component constant in its group (every sample well formed, say) has dev == 0 exactly: it
+    # adds 0, whatever eps is, instead of 0/0
+    per_part = torch.where(dev == 0, torch.zeros_like(dev), dev / (r.std(dim=1, keepdim=True) + eps))
+    if weights is not None:
+        if weights.shape != (K,):
+            raise ValueError(f"gdpo weights of shape {tuple(weights.shape)} do not match {K} reward parts")
+        per_part = per_part * weights.to(per_part)
+    return _batch_whiten(per_part.sum(dim=-1).view(N), eps)
+
+
 def zero_variance_groups(rewards: Tensor, group_size: int, atol: float = 0.0) -> Tensor:
     """Which groups have (numerically) identical rewards: ``(B,)`` bool.
 
@@ -275,6 +385,153 @@ def gspo_sequence_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask:
     return torch.where(mask, loss, torch.zeros_like(loss)), stats
 
 
+def _token_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """``exp(clamped log-ratio)`` per token ``(N, T)``, exactly 1 at padding, differentiable in ``logp``."""
+    return torch.exp(_token_log_ratio(logp, old_logp, mask))
+
+
+def _zero_pad(loss: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, loss, torch.zeros_like(loss))
+
+
+def cispo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                     eps_low: float = 1.0, eps_high: float = 5.0) -> tuple[Tensor, Stats]:
+    """CISPO (MiniMax-M1, 2025): clip the importance *weight*, never the token's gradient.
+
+    ``loss_t = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A * logp_t``, so
+    ``d loss / d logp_t = -clip(r_t) * A`` on every token: PPO's clip zeroes the gradient of the
+    rare, high-ratio "fork" tokens that long reasoning depends on; CISPO only bounds their weight.
+    The paper sets no lower bound (``eps_low = 1`` makes it 0) and tunes only ``eps_high``.
+
+    Shapes as in ``clipped_token_loss``. ``clip_frac``: tokens whose weight was clipped.
+    """
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    ratio = _token_ratio(logp, old_logp, mask).detach()
+    weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    safe_logp = torch.where(mask, logp, torch.zeros_like(logp))  # padding may hold NaN
+    clipped = ((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)) & mask
+    stats = {"clip_frac": _masked_mean(clipped.to(ratio.dtype), mask), "ratio_mean": _masked_mean(ratio, mask)}
+    return _zero_pad(-weight * adv * safe_logp, mask), stats
+
+
+def sapo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                    tau_pos: float = 1.0, tau_neg: float = 1.05) -> tuple[Tensor, Stats]:
+    """SAPO (Qwen team 2025, arXiv 2511.20347): a soft sigmoid gate on the ratio instead of a hard clip.
+
+    ``loss_t = -f(r_t) * A`` with ``f(x) = sigmoid(tau * (x - 1)) * 4 / tau`` and ``tau = tau_pos``
+    for ``A > 0``, ``tau_neg`` for ``A < 0``. The gradient is
+    ``d loss / d logp_t = -4 s (1 - s) r_t A``, ``s = sigmoid(tau (r_t - 1))``: exactly the policy
+    gradient at ``r = 1`` (the 4/tau makes the gate's slope 1 there), decaying smoothly as the
+    token drifts off-policy. ``tau_neg > tau_pos`` damps negative updates faster (they spread mass
+    over many unsampled tokens).
+
+    Shapes as in ``clipped_token_loss``. ``gate_weight_mean``: mean of ``4 s (1 - s)``.
+    """
+    if tau_pos <= 0 or tau_neg <= 0:
+        raise ValueError(f"SAPO temperatures must be positive, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    ratio = _token_ratio(logp, old_logp, mask)
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))  # (N, T)
+    s = torch.sigmoid(tau * (ratio - 1.0))
+    sd = s.detach()
+    stats = {"gate_weight_mean": _masked_mean(4.0 * sd * (1.0 - sd), mask), "ratio_mean": _masked_mean(ratio, mask)}
+    return _zero_pad(-s * (4.0 / tau) * adv, mask), stats
+
+
+def dppo_tv_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                       delta: float = 0.15) -> tuple[Tensor, Stats]:
+    """DPPO-Binary-TV (Qi et al. 2026, "Rethinking the Trust Region in LLM RL"): a trust region on probabilities.
+
+    The ratio ``r_t`` is a one-sample proxy for the policy's divergence: a rare token going from
+    1e-5 to 1e-3 has ratio 100 but moved no mass, while 0.99 -> 0.8 moves a lot at ratio 0.81.
+    DPPO masks instead on the sampled token's total-variation change ``pi - pi_old``, and only in
+    the direction the advantage pushes: for ``A > 0`` tokens with ``pi - pi_old > delta``, for
+    ``A < 0`` tokens with ``pi - pi_old < -delta``. Kept tokens get the unclipped ``-r_t * A``
+    (gradient ``-r_t A``); masked tokens get gradient 0 and keep the surrogate's value.
+
+    Shapes as in ``clipped_token_loss``. ``clip_frac``: tokens masked; ``tv_mean``: mean |pi - pi_old|.
+    """
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    ratio = _token_ratio(logp, old_logp, mask)
+    lp, old = (torch.where(mask, x, torch.zeros_like(x)) for x in (logp.detach(), _upcast(old_logp).detach()))
+    tv = lp.exp() - old.exp()  # (N, T): pi - pi_old of the sampled token
+    out = torch.where(adv > 0, tv > delta, tv < -delta) & mask
+    surrogate = -adv * ratio
+    loss = torch.where(out, surrogate.detach(), surrogate)
+    stats = {"clip_frac": _masked_mean(out.to(ratio.dtype), mask), "tv_mean": _masked_mean(tv.abs(), mask),
+             "ratio_mean": _masked_mean(ratio, mask)}
+    return _zero_pad(loss, mask), stats
+
+
+def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Centred ``(logp_t - mean logp) * (A_t - mean A)`` per token ``(N, T)``, means over valid tokens; 0 at padding.
+
+    Cui et al. 2025 ("The Entropy Mechanism of RL for Reasoning LMs") show the entropy change of a
+    step is driven by this covariance: tokens that are both likely and advantaged collapse entropy.
+    """
+    mask = mask.bool()
+    lp = torch.where(mask, _upcast(logp).detach(), torch.zeros_like(logp, dtype=torch.float32))
+    adv = _broadcast_advantages(advantages.detach(), lp)
+    cov = (lp - _masked_mean(lp, mask)) * (adv - _masked_mean(adv, mask))
+    return torch.where(mask, cov, torch.zeros_like(cov))
+
+
+def clip_cov_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                        ratio: float = 2e-4, cov_low: float = 1.0, cov_high: float = 5.0,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Stats]:
+    """Clip-Cov (Cui et al. 2025): detach a random few high-covariance tokens from the gradient.
+
+    Among valid tokens with ``cov_low <= cov_t <= cov_high`` (``token_covariance``), pick
+    ``max(1, int(ratio * n_valid))`` uniformly at random (``generator``) and stop their gradient;
+    every other token gets the unclipped ``-r_t * A``. This replaces the ratio clip.
+
+    Shapes as in ``clipped_token_loss``. ``cov_frac``: fraction of tokens detached.
+    """
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    r = _token_ratio(logp, old_logp, mask)
+    cov = token_covariance(logp, adv, mask)
+    band = ((cov >= cov_low) & (cov <= cov_high) & mask).flatten().nonzero().squeeze(-1)  # candidate positions
+    n_pick = min(band.numel(), max(1, int(ratio * int(mask.sum()))))
+    perm = torch.randperm(band.numel(), generator=generator, device="cpu")[:n_pick].to(band.device)
+    picked = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    picked[band[perm]] = True
+    picked = picked.view_as(mask)
+    surrogate = -adv * r
+    loss = torch.where(picked, surrogate.detach(), surrogate)
+    stats = {"cov_frac": _masked_mean(picked.to(r.dtype), mask), "ratio_mean": _masked_mean(r, mask)}
+    return _zero_pad(loss, mask), stats
+
+
+def kl_cov_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                      ratio: float = 2e-3, coef: float = 1.0) -> tuple[Tensor, Stats]:
+    """KL-Cov (Cui et al. 2025): a KL penalty on the top-``ratio`` tokens by covariance.
+
+    ``loss_t = -r_t A + coef * |logp_t - old_logp_t|`` on the ``max(1, int(ratio * n_valid))``
+    valid tokens with the largest ``token_covariance``, ``-r_t A`` elsewhere (no ratio clip). With
+    one update per batch ``logp == old_logp``, so the penalty (and its gradient, ``sign(0) = 0``)
+    is zero: it acts from the second inner update on.
+
+    Shapes as in ``clipped_token_loss``. ``cov_frac``: fraction of tokens penalised.
+    """
+    mask, logp = mask.bool(), _upcast(logp)
+    adv = _broadcast_advantages(advantages.detach(), logp)
+    log_ratio = _token_log_ratio(logp, old_logp, mask)
+    r = torch.exp(log_ratio)
+    cov = token_covariance(logp, adv, mask).masked_fill(~mask, float("-inf"))
+    n_valid = int(mask.sum())
+    k = min(n_valid, max(1, int(ratio * n_valid)))
+    picked = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    picked[cov.flatten().topk(k).indices] = True
+    picked = picked.view_as(mask) & mask
+    loss = -adv * r + torch.where(picked, coef * log_ratio.abs(), torch.zeros_like(r))
+    stats = {"cov_frac": _masked_mean(picked.to(r.dtype), mask), "ratio_mean": _masked_mean(r, mask)}
+    return _zero_pad(loss, mask), stats
+
+
 # --------------------------------------------------------------------------------------------
 # Aggregation of a per-token matrix to a scalar
 # --------------------------------------------------------------------------------------------
@@ -442,12 +699,22 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 ADVANTAGES: dict[str, Callable[..., Tensor]] = {
     "grpo": grpo_advantages,
     "drgrpo": drgrpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+    "liteppo": liteppo_advantages,
+    "maxrl": maxrl_advantages,
+    "gdpo": gdpo_advantages,  # takes reward parts (N, K), not totals
 }
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Stats]]] = {
     "clipped": clipped_token_loss,
     "dual_clip": dual_clip_token_loss,
     "gspo": gspo_sequence_loss,
+    "cispo": cispo_token_loss,
+    "sapo": sapo_token_loss,
+    "dppo_tv": dppo_tv_token_loss,
+    "clip_cov": clip_cov_token_loss,
+    "kl_cov": kl_cov_token_loss,
 }
 
 # The aggregation each policy loss's paper defines, used when a recipe says aggregation = "auto".
@@ -458,6 +725,11 @@ LOSS_AGGREGATION: dict[str, str] = {
     "clipped": "token_mean",
     "dual_clip": "token_mean",
     "gspo": "seq_mean_token_mean",
+    "cispo": "token_mean",  # MiniMax-M1 normalises by all tokens of the batch
+    "sapo": "seq_mean_token_mean",  # SAPO writes GRPO's 1/G Σ_i 1/|y_i| Σ_t
+    "dppo_tv": "token_mean",
+    "clip_cov": "token_mean",  # Cui et al.'s objective (and their verl code) is token-mean
+    "kl_cov": "token_mean",
 }
 
 # seq_mean_token_sum_norm needs its constant: bind it with functools.partial(..., norm=L).

@@ -459,3 +459,263 @@ def test_half_precision_inputs_are_upcast_so_gspo_can_resolve_its_clip_range():
     rl.token_mean(loss, torch.ones(2, 8)).backward()
     assert logp.grad.dtype == torch.bfloat16 and torch.isfinite(logp.grad).all()
     assert rl.kl_k3(logp, old).dtype == torch.float32
+
+
+# ============================================================================ the 2025–26 family
+# A shared small batch: 2 sequences x 3 tokens, the second padded at t = 2 where the log-probs
+# hold NaN (garbage a real forward can leave there); the NaN must reach neither loss nor gradient.
+FMASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+FLOG_R = [[0.0, math.log(8.0), math.log(0.5)], [math.log(1.1), math.log(0.7), float("nan")]]
+FOLD = t([[-1.0, -2.0, -0.5], [-0.3, -1.2, float("nan")]])
+FADV = t([1.0, -2.0])  # per sequence
+
+
+def family_batch():
+    """(logp requiring grad, old_logp, ratio r (1 at padding)) with logp - old = FLOG_R."""
+    logp = (FOLD + t(FLOG_R)).clone().requires_grad_(True)
+    r = torch.where(FMASK.bool(), t(FLOG_R).exp(), t(1.0))
+    return logp, FOLD, r
+
+
+def grad_of(loss):
+    """d sum(loss) / d logp for a per-token loss, and checks NaN stayed out of value and gradient."""
+    per_tok, logp = loss
+    assert torch.isfinite(per_tok).all() and (per_tok[1, 2] == 0)
+    (g,) = torch.autograd.grad(per_tok.sum(), logp)
+    assert torch.isfinite(g).all() and g[1, 2] == 0
+    return g
+
+
+def adv_tok():
+    return FADV[:, None].expand(2, 3)
+
+
+def test_cispo_value_and_gradient_are_the_clipped_weight_times_the_policy_gradient():
+    logp, old, r = family_batch()
+    loss, st = rl.cispo_token_loss(logp, old, FADV, FMASK, eps_low=0.2, eps_high=0.5)
+    w = r.clamp(0.8, 1.5)  # ratios 1, 8, .5 | 1.1, .7 -> weights 1, 1.5, .8 | 1.1, .8
+    close(w[0], [1.0, 1.5, 0.8])
+    close(loss[FMASK.bool()], (-w * adv_tok() * logp.detach())[FMASK.bool()])
+    # the paper's gradient: -sg(clip(r)) * A * grad log pi -- nonzero on every token, clipped or not
+    close(grad_of((loss, logp)), torch.where(FMASK.bool(), -w * adv_tok(), t(0.0)))
+    close(st["clip_frac"], 3 / 5)  # 8 and .5 in row 0, .7 in row 1
+    # defaults: no lower bound (eps_low = 1): a tiny ratio keeps its own weight
+    logp2 = t([[math.log(0.01)]]).requires_grad_(True)
+    l2, _ = rl.cispo_token_loss(logp2, t([[0.0]]), t([-1.0]), torch.ones(1, 1))
+    close(torch.autograd.grad(l2.sum(), logp2)[0], [[0.01]])
+
+
+def test_sapo_value_and_gradient_match_the_soft_gate():
+    logp, old, r = family_batch()
+    tp, tn = 1.0, 1.05
+    loss, st = rl.sapo_token_loss(logp, old, FADV, FMASK, tau_pos=tp, tau_neg=tn)
+    tau = t([[tp] * 3, [tn] * 3])  # row 0 has A > 0, row 1 A < 0
+    s = torch.sigmoid(tau * (r - 1))
+    close(loss[FMASK.bool()], (-s * 4 / tau * adv_tok())[FMASK.bool()])
+    # hand value, token (0, 0): r = 1 -> sigmoid(0) * 4 = 2 -> loss -2 * A = -2
+    close(loss[0, 0], -2.0)
+    # SAPO's gradient: -4 s (1 - s) r A grad log pi; at r = 1 exactly the policy gradient -A
+    g = grad_of((loss, logp))
+    close(g, torch.where(FMASK.bool(), -4 * s * (1 - s) * r * adv_tok(), t(0.0)))
+    close(g[0, 0], -1.0)
+    with pytest.raises(ValueError, match="positive"):
+        rl.sapo_token_loss(logp, old, FADV, FMASK, tau_neg=0.0)
+
+
+def test_dppo_tv_masks_on_the_probability_change_in_the_advantage_direction():
+    logp, old, r = family_batch()
+    loss, st = rl.dppo_tv_token_loss(logp, old, FADV, FMASK, delta=0.15)
+    # row 0 (A > 0): pi - pi_old = e^-1 - e^-1 = 0 ; 8e^-2 - e^-2 = .947 > .15 -> masked ;
+    #                .5e^-.5 - e^-.5 = -.303 (moved against A: never masked for A > 0)
+    # row 1 (A < 0): 1.1e^-.3 - e^-.3 = +.074 ; .7e^-1.2 - e^-1.2 = -.090 > -.15 -> kept
+    keep = t([[1, 0, 1], [1, 1, 0]])
+    close(loss[FMASK.bool()], (-adv_tok() * r)[FMASK.bool()])  # masked tokens keep the surrogate's value
+    # gradient: -r A on kept tokens, 0 on masked ones (the paper's masked policy gradient)
+    close(grad_of((loss, logp)), -r * adv_tok() * keep)
+    close(st["clip_frac"], 1 / 5)
+    # the same move on a rare token (1e-4 -> 8e-4, ratio 8) is far inside the TV region
+    lp = t([[math.log(8e-4)]]).requires_grad_(True)
+    l3, s3 = rl.dppo_tv_token_loss(lp, t([[math.log(1e-4)]]), t([1.0]), torch.ones(1, 1))
+    assert s3["clip_frac"] == 0 and torch.autograd.grad(l3.sum(), lp)[0].item() == pytest.approx(-8.0)
+
+
+def test_token_covariance_hand_values_and_padding():
+    logp = t([[-1.0, -3.0], [-2.0, float("nan")]])
+    cov = rl.token_covariance(logp, t([1.0, -2.0]), torch.tensor([[1, 1], [1, 0]]))
+    # valid logp -1, -3, -2: mean -2 ; A per token 1, 1, -2: mean 0 -> cov 1*1, -1*1, 0*-2
+    close(cov, [[1.0, -1.0], [0.0, 0.0]])
+
+
+def test_clip_cov_detaches_the_picked_band_token_only():
+    logp, old, r = family_batch()
+    cov = rl.token_covariance(logp, FADV, FMASK)
+    lo, hi = sorted(cov[FMASK.bool()].tolist())[-2:]  # band = [second highest, highest]: 2 candidates
+    g = torch.Generator().manual_seed(0)
+    loss, st = rl.clip_cov_token_loss(logp, old, FADV, FMASK, ratio=0.2, cov_low=lo, cov_high=hi, generator=g)
+    # max(1, int(.2 * 5)) = 1 token detached, one of the two in the band
+    picked = st["cov_frac"] * 5
+    close(picked, 1.0)
+    grad = grad_of((loss, logp))
+    full = torch.where(FMASK.bool(), -r * adv_tok(), t(0.0))  # the unclipped policy gradient elsewhere
+    zeroed = (grad == 0) & FMASK.bool()
+    assert int(zeroed.sum()) == 1 and lo <= cov[zeroed].item() <= hi
+    close(grad[~zeroed], full[~zeroed])
+    close(loss[FMASK.bool()], (-r * adv_tok())[FMASK.bool()])
+
+
+def test_kl_cov_penalises_the_top_covariance_token():
+    logp, old, r = family_batch()
+    cov = rl.token_covariance(logp, FADV, FMASK)
+    top = cov.masked_fill(~FMASK.bool(), -1e9).flatten().argmax()
+    loss, st = rl.kl_cov_token_loss(logp, old, FADV, FMASK, ratio=0.2, coef=0.5)  # k = max(1, int(1)) = 1
+    pen = torch.zeros(6, dtype=D)
+    pen[top] = 1.0
+    pen = pen.view(2, 3)
+    lr = torch.where(FMASK.bool(), t(FLOG_R), t(0.0))
+    close(loss, torch.where(FMASK.bool(), -r * adv_tok() + 0.5 * lr.abs() * pen, t(0.0)))
+    # gradient: -r A + coef * sign(logp - old) on the penalised token
+    close(grad_of((loss, logp)), torch.where(FMASK.bool(), -r * adv_tok() + 0.5 * lr.sign() * pen, t(0.0)))
+    close(st["cov_frac"], 1 / 5)
+
+
+def test_new_losses_reduce_to_the_policy_gradient_on_policy():
+    # one update per batch (old = logp.detach()): every loss's gradient is -A (Clip-Cov apart from
+    # its detached token, CISPO's value aside) -- switching losses changes nothing until mu > 1
+    for name in ("cispo", "sapo", "dppo_tv", "kl_cov"):
+        logp = t([[-1.0, -2.0], [-0.5, float("nan")]]).requires_grad_(True)
+        loss, _ = rl.POLICY_LOSSES[name](logp, logp.detach(), t([1.0, -1.0]), torch.tensor([[1, 1], [1, 0]]))
+        (g,) = torch.autograd.grad(loss.sum(), logp)
+        close(g, [[-1.0, -1.0], [1.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------- new advantages
+
+
+def test_rloo_is_leave_one_out_and_a_rescaled_group_mean():
+    # [1, 0, 0, 0]: baselines (0+0+0)/3 = 0 for the first, (1+0+0)/3 for the others
+    close(rl.rloo_advantages(t([1, 0, 0, 0]), 4), [1.0, -1 / 3, -1 / 3, -1 / 3])
+    r = t([0.3, 1.0, 0.2, 0.9, 0.0, 0.5])
+    close(rl.rloo_advantages(r, 3), 3 / 2 * rl.drgrpo_advantages(r, 3))
+    with pytest.raises(ValueError):
+        rl.rloo_advantages(t([1.0]), 1)
+
+
+def test_reinforce_pp_baseline_and_liteppo_use_batch_scale():
+    r = t([1, 0, 0, 0, 1, 1, 1, 0])  # groups of 4: dev [.75,-.25,-.25,-.25] and [.25,.25,.25,-.75]
+    dev = t([.75, -.25, -.25, -.25, .25, .25, .25, -.75])
+    # REINFORCE++-baseline: whitened over the batch: mean 0, population std sqrt(mean(dev^2)) = sqrt(.1875)
+    close(rl.reinforce_pp_baseline_advantages(r, 4, eps=0.0), dev / math.sqrt(0.1875))
+    # LitePPO: group mean, sample std of the raw rewards over the batch: 4 ones of 8 -> var 2/7
+    close(rl.liteppo_advantages(r, 4, eps=0.0), dev / math.sqrt(2 / 7))
+
+
+def test_maxrl_divides_by_the_success_rate():
+    # group [1,0,0,0]: mean .25 -> (1-.25)/.25 = 3, -1 ; group [1,1,1,0]: mean .75 -> 1/3, -1
+    close(rl.maxrl_advantages(t([1, 0, 0, 0, 1, 1, 1, 0]), 4, eps=0.0), [3, -1, -1, -1, 1 / 3, 1 / 3, 1 / 3, -1])
+    a = rl.maxrl_advantages(t([0, 0, 0, 0]), 4)  # never solved: 0, not 0/0
+    assert torch.isfinite(a).all() and (a == 0).all()
+    with pytest.raises(ValueError, match="non-negative"):
+        rl.maxrl_advantages(t([-1.0, 1.0]), 2)
+
+
+def test_gdpo_normalises_each_component_before_summing():
+    # component a: [1,0 | 1,1], component b: [0,1 | 1,0]
+    parts = t([[1, 0], [0, 1], [1, 1], [1, 0]])
+    # s = (1 - .5) / sample std .7071 of [1, 0] = 1/sqrt2 per part
+    # group 1: a -> [s, -s], b -> [-s, s]: sums 0, 0 ; group 2: a constant -> 0, b -> [s, -s]
+    # sum [0, 0, s, -s]; whitened: mean 0, pop std s/sqrt(2) -> [0, 0, sqrt2, -sqrt2]
+    close(rl.gdpo_advantages(parts, 2, eps=0.0), [0, 0, math.sqrt(2), -math.sqrt(2)])
+    # weights apply after the normalisation: b x 3 -> sums [-2s, 2s, 3s, -3s], pop std s*sqrt(6.5)
+    close(rl.gdpo_advantages(parts, 2, eps=0.0, weights=t([1.0, 3.0])), t([-2, 2, 3, -3]) / math.sqrt(6.5))
+    # the point of GDPO: a wide component no longer drowns a narrow one. a = [0, 10], b = [1, 0]:
+    # GRPO on the sums [1, 10] prefers the second sample; GDPO sees one win each -> a tie
+    # (a second group with signal sets the batch scale)
+    wide = t([[0, 1], [10, 0], [1, 0], [0, 0]])
+    assert rl.grpo_advantages(wide.sum(1), 2)[1] > 0.7
+    close(rl.gdpo_advantages(wide, 2), [0, 0, math.sqrt(2), -math.sqrt(2)], tol=1e-3)
+    with pytest.raises(ValueError, match="reward parts"):
+        rl.gdpo_advantages(t([1.0, 0.0]), 2)
+
+
+# ---------------------------------------------------------------------------- mismatch corrections
+
+from r1kit import offpolicy  # noqa: E402
+
+# trainer vs sampler log-probs of the same tokens; the padded slot holds NaN on both sides
+TRAIN = t([[-1.0, -1.0, -1.0], [-2.0, -2.0, float("nan")]])
+ROLL = TRAIN + t([[0.0, math.log(0.25), math.log(4.0)], [math.log(0.1), -0.3, float("nan")]])  # rollout side
+# pi_train / pi_rollout = 1, 4, .25 | 10, e^.3 = 1.35
+
+
+def with_weights(w):
+    """Gradient of a token-mean clipped loss on policy (grad -A/n per token), each token scaled by w."""
+    logp = TRAIN.clone().requires_grad_(True)
+    loss, _ = rl.clipped_token_loss(logp, logp.detach(), FADV, FMASK)
+    (g,) = torch.autograd.grad(rl.token_mean(loss * w, FMASK), logp)
+    assert torch.isfinite(g).all()
+    return g
+
+
+def test_mismatch_stat_is_the_mean_absolute_log_ratio():
+    s = offpolicy.mismatch_stats(TRAIN, ROLL, FMASK)
+    close(s["mismatch_abs_logp"], (math.log(4) * 2 + math.log(10) + 0.3) / 5, tol=1e-7)
+
+
+def test_tis_weights_truncate_the_ratio_and_scale_the_gradient():
+    w, s = offpolicy.tis_weights(TRAIN, ROLL, FADV, FMASK, cap=2.0)
+    close(w, [[1, 2, .25], [2, math.exp(.3), 0]], tol=1e-12)  # 4 and 10 truncated at C = 2
+    close(s["tis_clip_frac"], 2 / 5)
+    # the corrected policy gradient: -min(ratio, C) * A / n on every token
+    close(with_weights(w), -w * FADV[:, None] / 5)
+
+
+def test_icepop_drops_tokens_outside_the_band():
+    w, s = offpolicy.icepop_weights(TRAIN, ROLL, FADV, FMASK, low=0.5, high=5.0)
+    close(w, [[1, 1, 0], [0, 1, 0]])  # .25 < .5 and 10 > 5 dropped
+    close(s["icepop_mask_frac"], 2 / 5)
+    g = with_weights(w)
+    assert g[0, 2] == 0 and g[1, 0] == 0 and g[0, 0] == pytest.approx(-1 / 5)
+    with pytest.raises(ValueError):
+        offpolicy.icepop_weights(TRAIN, ROLL, FADV, FMASK, low=2.0, high=5.0)
+
+
+def test_offpolicy_sequence_mask_drops_only_drifted_negative_sequences():
+    # roles swapped here (ROLL as the trainer's) so the sampler liked its tokens more than the trainer
+    # now does: mean log(pi_rollout / pi_train) row 0 (0 - ln4 + ln4)/3 = 0 ; row 1 (ln10 + .3)/2 = 1.30
+    w, s = offpolicy.offpolicy_sequence_weights(ROLL, TRAIN, t([1.0, -1.0]), FMASK, delta=1.0)
+    close(w, [[1, 1, 1], [0, 0, 0]])
+    close(s["seqmask_frac"], 0.5)
+    w_pos, _ = offpolicy.offpolicy_sequence_weights(ROLL, TRAIN, t([1.0, 1.0]), FMASK, delta=1.0)
+    close(w_pos, FMASK)  # a positive sequence is kept however far it drifted
+    w_hi, _ = offpolicy.offpolicy_sequence_weights(ROLL, TRAIN, t([1.0, -1.0]), FMASK, delta=1.5)
+    close(w_hi, FMASK)
+    w_rev, _ = offpolicy.offpolicy_sequence_weights(TRAIN, ROLL, t([1.0, -1.0]), FMASK, delta=1.0)
+    close(w_rev, FMASK)  # the trainer likes them more than the sampler did: not off-policy in the harmful way
+    assert with_weights(w)[1].abs().sum() == 0
+
+
+def test_high_entropy_selection_keeps_the_top_share_of_valid_tokens():
+    ent = t([[0.1, 2.0, 0.5], [1.0, 0.2, float("nan")]])
+    w, s = offpolicy.high_entropy_weights(ent, FMASK, top_frac=0.2)  # ceil(.2 * 5) = 1 token
+    close(w, [[0, 1, 0], [0, 0, 0]])
+    close(s["entropy_threshold"], 2.0)
+    w, _ = offpolicy.high_entropy_weights(ent, FMASK, top_frac=0.5)  # ceil(2.5) = 3
+    close(w, [[0, 1, 1], [1, 0, 0]])
+    g = with_weights(w)
+    assert (g[w == 0] == 0).all() and (g[w == 1] != 0).all()
+    with pytest.raises(ValueError):
+        offpolicy.high_entropy_weights(ent, FMASK, top_frac=0.0)
+
+
+def test_every_registered_option_is_wired_into_the_trainer():
+    from r1kit.stages import grpo
+    assert set(grpo.LOSS_ARGS) == set(rl.POLICY_LOSSES)
+    assert set(grpo.ADVANTAGE_ARGS) == set(rl.ADVANTAGES)
+    assert set(grpo.CORRECTION_ARGS) == set(offpolicy.CORRECTIONS)
+    cfg = grpo.GRPOConfig()
+    for table in (grpo.LOSS_ARGS, grpo.ADVANTAGE_ARGS, grpo.CORRECTION_ARGS):
+        for name in table:
+            grpo.option_kwargs(cfg, table, name)  # every named field exists
+    from r1kit.config import ConfigError
+    with pytest.raises(ConfigError, match="grpo.corrections"):
+        grpo.GRPOConfig(corrections=["tiss"])

@@ -333,6 +333,13 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(E))  # b_i: steers selection only
         self.register_buffer("load", torch.zeros(E, dtype=torch.long), persistent=False)  # tokens since last step
         self.counting = True  # off while activation checkpointing recomputes a block: a token counts once
+        # routing replay (R2/R3, see models/routing.py): expert ids recorded from another forward of the
+        # same tokens; when set, each forward measures how often its own top-k differs from them, and
+        # with `replay_on` routes by them instead (the weights still come from this forward's scores)
+        self.replay: torch.Tensor | None = None  # (N, k)
+        self.replay_on = False
+        self.disagreement: torch.Tensor | None = None  # 0-d: share of (token, expert) picks not in `replay`
+        self.recorded: list[torch.Tensor] | None = None  # set to [] to collect each forward's (N, k) ids
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -355,6 +362,10 @@ class Gate(nn.Module):
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
             choice = choice.masked_fill(~group_mask.repeat_interleave(E // G, dim=1), float("-inf"))  # (N, E)
         idx = choice.topk(c.num_experts_per_tok, dim=-1).indices  # (N, k)
+        if self.replay is not None:
+            idx = self._replayed(idx)
+        if self.recorded is not None and self.counting:  # a checkpointed recompute records nothing twice
+            self.recorded.append(idx.detach())
         weights = scores.gather(1, idx)  # (N, k): unbiased, so the bias never scales an expert's output
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -362,6 +373,21 @@ class Gate(nn.Module):
             counted = idx if token_mask is None else idx[token_mask]  # (n, k): padding and prompts never steer b
             self.load += torch.bincount(counted.flatten(), minlength=E)
         return weights * c.routed_scaling_factor, idx, scores
+
+    def _replayed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Measure the disagreement of this forward's ids (N, k) with the recorded ones; route by those if on.
+
+        Rows of `replay` that are -1 have no record (padding, a token the recorder never ran): they
+        keep this forward's own choice and do not count in the disagreement.
+        """
+        if self.replay.shape != idx.shape:
+            raise ValueError(f"routing replay: recorded expert ids {tuple(self.replay.shape)} do not match this "
+                             f"forward's {tuple(idx.shape)} (replay needs the same tokens in the same layout)")
+        ref = self.replay.to(idx.device)
+        has = ref[:, 0] >= 0  # (N,)
+        same = (idx[:, :, None] == ref[:, None, :]).any(-1)  # (N, k): each own pick is among the recorded ones
+        self.disagreement = 1.0 - same[has].float().mean() if bool(has.any()) else idx.new_zeros((), dtype=torch.float)
+        return torch.where(has[:, None], ref, idx) if self.replay_on else idx
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -683,3 +709,4 @@ class DeepseekV3(nn.Module):
             g.load.zero_()
         self.last_expert_load = load
         return load
+

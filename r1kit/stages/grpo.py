@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-from r1kit import checkpoint, rl
+from r1kit import checkpoint, offpolicy, rl
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config, read_toml
 from r1kit.engine import Engine, SamplingParams
 from r1kit.models import lora
 from r1kit.models.logprobs import chunked_logprobs
+from r1kit.models.routing import record_routing, replay_routing
 from r1kit.rewards import overlong_penalty
 from r1kit.rollout import Rollout, greedy_accuracy, rollout
 from r1kit.tasks import get_task
@@ -51,6 +52,7 @@ class GRPOConfig(MemoryOptions):
     system: str | None = None  # optional system prompt
     steps: int = 100  # RL steps (one batch of prompts × G samples each)
     time_budget_s: float = 0.0  # > 0: stop after this much RL wall time
+    target_accuracy: float = 0.0  # > 0: stop at the first evaluation whose held-out greedy accuracy reaches it
     prompts_per_step: int = 16  # training problems per step, each sampled group_size times
     group_size: int = 8  # G: samples per prompt; advantages are relative to the group
     max_new_tokens: int = 96  # most tokens per sampled completion
@@ -66,14 +68,34 @@ class GRPOConfig(MemoryOptions):
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
-    advantage: str = "grpo"  # grpo: (r − mean)/(std + adv_eps) | drgrpo: r − mean (Dr. GRPO)
+    # grpo: (r − mean)/(std + adv_eps) | drgrpo: r − mean (Dr. GRPO) | rloo | reinforce_pp_baseline | liteppo | maxrl
+    # | gdpo (README: RL options)
+    advantage: str = "grpo"
     adv_eps: float = 1e-4  # ε in (r − mean) / (std + ε)
-    loss: str = "clipped"  # policy loss: clipped (PPO) | dual_clip | gspo (sequence-level ratio)
+    # policy loss: clipped (PPO) | dual_clip | gspo (sequence-level ratio) | cispo | sapo | dppo_tv | clip_cov | kl_cov
+    loss: str = "clipped"
     eps_low: float = 0.2  # PPO clip: the ratio is kept above 1 − eps_low
     eps_high: float = 0.2  # PPO clip: the ratio is kept below 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip_c: float = 3.0  # dual-clip bound c on negative-advantage tokens (loss = dual_clip)
     gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
     gspo_eps_high: float = 4e-4  # GSPO's upper clip of the sequence-level ratio
+    cispo_eps_low: float = 1.0  # CISPO clips the importance weight to [1 - low, 1 + high]; 1 = no lower bound
+    cispo_eps_high: float = 5.0
+    sapo_tau_pos: float = 1.0  # SAPO gate temperatures for A > 0 and A < 0
+    sapo_tau_neg: float = 1.05
+    dppo_delta: float = 0.15  # DPPO-TV: mask tokens whose probability moved more than this (advantage's way)
+    clip_cov_ratio: float = 2e-4  # Clip-Cov: share of tokens in the covariance band to detach
+    clip_cov_low: float = 1.0
+    clip_cov_high: float = 5.0
+    kl_cov_ratio: float = 2e-3  # KL-Cov: share of top-covariance tokens to penalise
+    kl_cov_coef: float = 1.0
+    corrections: list[str] = field(default_factory=list)  # train–inference mismatch: tis | icepop | offpolicy_seq_mask
+    tis_cap: float = 2.0  # TIS: weight min(pi_train / pi_rollout, cap)
+    icepop_low: float = 0.5  # IcePop: drop tokens with pi_train / pi_rollout outside [low, high]
+    icepop_high: float = 5.0
+    offpolicy_delta: float = 0.1  # V3.2: drop A < 0 sequences whose mean log(pi_rollout / pi_train) > delta
+    entropy_top_frac: float = 0.0  # > 0: policy gradient only on this share of highest-entropy tokens (0.2), per micro-batch
+    routing_replay: str = "off"  # MoE: off | trainer (R2: route like the pre-update forward) | rollout (R3: like the engine)
     # auto = the loss's own (rl.LOSS_AGGREGATION: token_mean for clipped/dual_clip, seq_mean_token_mean for
     # gspo) | seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)
     aggregation: str = "auto"
@@ -102,6 +124,13 @@ class GRPOConfig(MemoryOptions):
                               f"set grpo.aggregation to one of {sorted(rl.AGGREGATIONS)}")
         if self.dynamic_sampling_max_rounds < 1:
             raise ConfigError("grpo.dynamic_sampling_max_rounds must be ≥ 1 (the first round counts)")
+        for name in self.corrections:
+            if name not in offpolicy.CORRECTIONS:
+                raise ConfigError(f"grpo.corrections: {name!r}; choose from {sorted(offpolicy.CORRECTIONS)}")
+        if self.routing_replay not in ROUTING_REPLAY:
+            raise ConfigError(f"grpo.routing_replay = {self.routing_replay!r}; choose one of {sorted(ROUTING_REPLAY)}")
+        if not 0 <= self.entropy_top_frac <= 1:
+            raise ConfigError(f"grpo.entropy_top_frac = {self.entropy_top_frac}; use 0 (off) or a share in (0, 1]")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         self.check_memory_options("grpo")
@@ -114,11 +143,40 @@ class GRPOConfig(MemoryOptions):
             raise ConfigError(f"grpo.dtype / grpo.device: {e}") from None
 
 
+# Each registered function's keyword arguments, by the config field that sets them: the trainer calls
+# every option the same way, and a new registry entry needs one line here (a test checks coverage).
+LOSS_ARGS = {
+    "clipped": {"eps_low": "eps_low", "eps_high": "eps_high"},
+    "dual_clip": {"eps_low": "eps_low", "eps_high": "eps_high", "clip_c": "dual_clip_c"},
+    "gspo": {"eps_low": "gspo_eps_low", "eps_high": "gspo_eps_high"},
+    "cispo": {"eps_low": "cispo_eps_low", "eps_high": "cispo_eps_high"},
+    "sapo": {"tau_pos": "sapo_tau_pos", "tau_neg": "sapo_tau_neg"},
+    "dppo_tv": {"delta": "dppo_delta"},
+    "clip_cov": {"ratio": "clip_cov_ratio", "cov_low": "clip_cov_low", "cov_high": "clip_cov_high"},
+    "kl_cov": {"ratio": "kl_cov_ratio", "coef": "kl_cov_coef"},
+}
+ADVANTAGE_ARGS = {"grpo": {"eps": "adv_eps"}, "gdpo": {"eps": "adv_eps"}, "drgrpo": {}, "rloo": {},
+                  "reinforce_pp_baseline": {}, "liteppo": {}, "maxrl": {}}
+CORRECTION_ARGS = {"tis": {"cap": "tis_cap"}, "icepop": {"low": "icepop_low", "high": "icepop_high"},
+                   "offpolicy_seq_mask": {"delta": "offpolicy_delta"}}
+
+
+# routing_replay -> (training forwards route by the recorded experts, the engine records them
+# rather than the pre-update training forward). With "off", an MoE policy still logs the
+# disagreement with the pre-update forward when μ > 1.
+ROUTING_REPLAY = {"off": (False, False), "trainer": (True, False), "rollout": (True, True)}
+
+
+def option_kwargs(cfg, table: dict, name: str) -> dict:
+    """The keyword arguments `table` says option `name` takes, read from cfg."""
+    return {arg: getattr(cfg, key) for arg, key in table[name].items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Batch → tensors
 # ---------------------------------------------------------------------------------------------
 def to_tensors(rollouts: list[Rollout], pad_id: int):
-    """→ idx (N, P+T), completion mask (N, T), completion start P per row.
+    """→ idx (N, P+T), completion mask (N, T), completion start P per row, the sampler's log-probs (N, T).
 
     Rows are right-padded; completions start at different offsets when prompts are ragged, so
     log-probs are gathered per row at its own completion positions.
@@ -129,11 +187,13 @@ def to_tensors(rollouts: list[Rollout], pad_id: int):
     idx = torch.full((N, L), pad_id, dtype=torch.long)
     mask = torch.zeros(N, T)
     starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    rollout_logp = torch.zeros(N, T)
     for i, r in enumerate(rollouts):
         seq = r.prompt_ids + r.sample.tokens
         idx[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(r.sample.tokens)] = 1
-    return idx, mask, starts
+        rollout_logp[i, : len(r.sample.logprobs)] = torch.tensor(r.sample.logprobs, dtype=torch.float32)
+    return idx, mask, starts, rollout_logp
 
 
 def completion_logprobs(model, idx, starts, mask, targets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,12 +231,37 @@ def completion_targets(idx, starts, T: int):
 # ---------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------
+def _overlong(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
+    return torch.tensor([overlong_penalty(len(x.sample.tokens), cfg.max_new_tokens, cfg.overlong_cache)
+                         for x in rollouts])
+
+
 def rewards_of(cfg: GRPOConfig, rollouts: list[Rollout]) -> torch.Tensor:
     r = torch.tensor([x.reward["total"] for x in rollouts])
+    return r + _overlong(cfg, rollouts) if cfg.overlong_cache > 0 else r
+
+
+def reward_parts_of(cfg: GRPOConfig, task, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted reward components (N, K) and their weights (K,), for advantages that normalise each.
+
+    The components are the ones the task's total sums (its `weights`), plus the overlong penalty as
+    a component of weight 1 when it is on.
+    """
+    names = [k for k, w in task.weights.items() if w != 0]
+    parts = torch.tensor([[x.reward[k] for k in names] for x in rollouts], dtype=torch.float32)  # (N, K)
+    weights = torch.tensor([float(task.weights[k]) for k in names])
     if cfg.overlong_cache > 0:
-        pen = [overlong_penalty(len(x.sample.tokens), cfg.max_new_tokens, cfg.overlong_cache) for x in rollouts]
-        r = r + torch.tensor(pen)
-    return r
+        parts = torch.cat([parts, _overlong(cfg, rollouts)[:, None].float()], dim=1)
+        weights = torch.cat([weights, torch.ones(1)])
+    return parts, weights
+
+
+def advantages_of(cfg: GRPOConfig, task, rollouts: list[Rollout], rewards: torch.Tensor) -> torch.Tensor:
+    fn, kw = rl.ADVANTAGES[cfg.advantage], option_kwargs(cfg, ADVANTAGE_ARGS, cfg.advantage)
+    if fn is rl.gdpo_advantages:  # the one estimator that reads the components, not their sum
+        parts, weights = reward_parts_of(cfg, task, rollouts)
+        return fn(parts, cfg.group_size, weights=weights, **kw)
+    return fn(rewards, cfg.group_size, **kw)
 
 
 @dataclass
@@ -188,6 +273,8 @@ class MicroBatch:
     targets: torch.Tensor  # (n, T)
     adv: torch.Tensor  # (n,)
     ref_logp: torch.Tensor | None
+    rollout_logp: torch.Tensor  # (n, T) log-probs under the sampler's distribution (Sample.logprobs)
+    routes: list | None = None  # MoE: per gate, expert ids of the pre-update forward or the engine (routing replay)
 
 
 def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
@@ -198,17 +285,46 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     the policy has not moved yet, so the current log-probs (detached) are the old ones.
     """
     out = []
+    replay, from_engine = ROUTING_REPLAY[cfg.routing_replay]
+    moe = bool(getattr(model, "gates", lambda: [])())
     for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
-        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:b], pad_id))
-        T = mask.shape[1]
-        targets = completion_targets(idx, starts, T)
+        rows = rollouts[a:b]
+        idx, mask, starts, rollout_logp = (t.to(device) for t in to_tensors(rows, pad_id))
+        targets = completion_targets(idx, starts, mask.shape[1])
         logp = {}
+        routes = engine_routes(rows, idx.shape[1]) if moe and from_engine else None
         with torch.no_grad():
-            for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
-                if m is not None:  # a LoRA run's reference is the policy itself with its adapters off
-                    with lora.adapters_off(m) if name == "ref" and m is model else contextlib.nullcontext():
-                        logp[name] = completion_logprobs(m, idx, starts, mask, targets, cfg.temperature)[0]
-        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:b].to(device), logp.get("ref")))
+            if ref is not None:  # a LoRA run's reference is the policy itself with its adapters off
+                with lora.adapters_off(ref) if ref is model else contextlib.nullcontext():
+                    logp["ref"] = completion_logprobs(ref, idx, starts, mask, targets, cfg.temperature)[0]
+            if cfg.mu > 1 or (moe and replay and routes is None):
+                # the pre-update forward: routed like the engine (R3), or recording its own routing (R2)
+                with replay_routing(model, routes) if routes is not None else record_routing(model) as rec:
+                    logp["old"] = completion_logprobs(model, idx, starts, mask, targets, cfg.temperature)[0]
+                routes = rec if routes is None else routes
+        out.append(MicroBatch(idx, mask, logp.get("old") if cfg.mu > 1 else None, starts, targets,
+                              adv[a:b].to(device), logp.get("ref"), rollout_logp, routes if moe else None))
+    return out
+
+
+def engine_routes(rollouts: list[Rollout], L: int) -> list:
+    """The engine's expert ids (Sample.routes) laid out like a training forward of width L.
+
+    Per gate (n·L, k), rows in the order of `to_tensors`; -1 where the engine fed no token (the
+    last completion token, padding), so those positions keep the trainer's own routing.
+    """
+    first = rollouts[0].sample.routes
+    if first is None:
+        raise ConfigError("grpo.routing_replay = 'rollout': the rollouts carry no routing (engine not recording)")
+    out = []
+    for g, r0 in enumerate(first):
+        if r0 is None:
+            out.append(None)
+            continue
+        ids = torch.full((len(rollouts), L, r0.shape[-1]), -1, dtype=torch.long)  # (n, L, k)
+        for i, r in enumerate(rollouts):
+            ids[i, : len(r.sample.routes[g])] = r.sample.routes[g]
+        out.append(ids.view(-1, r0.shape[-1]))  # (n·L, k): the gate sees the batch flattened
     return out
 
 
@@ -239,11 +355,7 @@ def aggregation_of(cfg: GRPOConfig) -> str:
 
 def _loss_setup(cfg: GRPOConfig):
     """The configured policy loss (with its keyword arguments) and aggregation."""
-    kw = {"eps_low": cfg.eps_low, "eps_high": cfg.eps_high}
-    if cfg.loss == "gspo":
-        kw = {"eps_low": cfg.gspo_eps_low, "eps_high": cfg.gspo_eps_high}
-    if cfg.loss == "dual_clip":
-        kw["clip_c"] = cfg.dual_clip_c
+    kw = option_kwargs(cfg, LOSS_ARGS, cfg.loss)
     agg = rl.AGGREGATIONS[aggregation_of(cfg)]
     if aggregation_of(cfg) == "seq_mean_token_sum_norm":
         agg = functools.partial(agg, norm=cfg.max_new_tokens)
@@ -257,10 +369,35 @@ def chunk_weight(aggregation: str, mb: MicroBatch, n_tokens: float, n_seqs: int)
     return mb.mask.shape[0] / n_seqs  # per-sequence means: weight by sequences
 
 
+def token_weights(cfg: GRPOConfig, mb: MicroBatch, logp_old, entropy) -> tuple[torch.Tensor | None, dict]:
+    """The product of the configured per-token weights (mismatch corrections, entropy selection), or None.
+
+    The corrections compare the trainer's pi_old with the sampler's log-probs: the loss's ratio is
+    formed against the former, the samples came from the latter. The mismatch is logged always.
+    """
+    mask = mb.mask.bool()
+    stats = offpolicy.mismatch_stats(logp_old, mb.rollout_logp, mask)
+    w = None
+    for name in cfg.corrections:
+        wi, si = offpolicy.CORRECTIONS[name](logp_old, mb.rollout_logp, mb.adv, mask,
+                                              **option_kwargs(cfg, CORRECTION_ARGS, name))
+        w, stats = (wi if w is None else w * wi), {**stats, **si}
+    if cfg.entropy_top_frac > 0:
+        wi, si = offpolicy.high_entropy_weights(entropy, mask, cfg.entropy_top_frac)
+        w, stats = (wi if w is None else w * wi), {**stats, **si}
+    return w, stats
+
+
 def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> dict:
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
-    logp, entropy = completion_logprobs(model, mb.idx, mb.starts, mb.mask, mb.targets, cfg.temperature)
-    per_tok, s = loss_fn(logp, logp.detach() if mb.old is None else mb.old, mb.adv, mb.mask, **kw)
+    replay = ROUTING_REPLAY[cfg.routing_replay][0]
+    with replay_routing(model, mb.routes, replay) if mb.routes is not None else contextlib.nullcontext() as routing:
+        logp, entropy = completion_logprobs(model, mb.idx, mb.starts, mb.mask, mb.targets, cfg.temperature)
+    old = logp.detach() if mb.old is None else mb.old
+    per_tok, s = loss_fn(logp, old, mb.adv, mb.mask, **kw)
+    w, ws = token_weights(cfg, mb, old, entropy)
+    per_tok = per_tok if w is None else per_tok * w  # per_tok is exactly 0 (finite) at padding, w too
+    s.update(ws, **(routing or {}))
     loss = agg(per_tok, mb.mask)
     if mb.ref_logp is not None:
         kl = agg(rl.KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp, mb.old), mb.mask)
@@ -410,8 +547,7 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
     skip = not batch or (cfg.kl_coef == 0 and bool(rl.zero_variance_groups(b_rewards, cfg.group_size).all()))
     t1 = time.perf_counter()
     if not skip:
-        adv_kw = {"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}
-        adv = rl.ADVANTAGES[cfg.advantage](b_rewards, cfg.group_size, **adv_kw)
+        adv = advantages_of(cfg, task, batch, b_rewards)
         set_lr(opt, lr_at(cursor.updates, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
         m.update(policy_update(cfg, model, ref, opt, batch, adv, tok.pad_id))
         if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
@@ -440,7 +576,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine, alarms = Engine(model, tok), Alarms(cfg)
+    engine, alarms = Engine(model, tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1]), Alarms(cfg)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
     spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
@@ -464,7 +600,8 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
             for warning in alarms.check(step + 1, m):
                 print0(f"grpo: warning: {warning}")
             bar.update(step + 1, _info(m))
-            done = step + 1 == cfg.steps or (cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s)
+            done = (step + 1 == cfg.steps or (cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s)
+                    or 0 < cfg.target_accuracy <= m.get("eval_greedy_accuracy", -1.0))
             if (step + 1) % cfg.save_every == 0 or done:
                 summary["rl_seconds"] = rl_seconds
                 _save(cfg, out, model, tok, opt, step + 1, summary, cursor)
