@@ -542,12 +542,13 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
     m = step_metrics(cfg, rollouts, rewards, zero_var)  # over everything sampled: the policy's own statistics
     batch = [r for g in trained for r in g]
     b_rewards = rewards_of(cfg, batch) if batch else rewards[:0]
-    # no group with reward variance and no KL term: every advantage is 0, so the update would be exactly
-    # zero — skip its forward, backward and optimizer step (and the schedule: see Cursor)
-    skip = not batch or (cfg.kl_coef == 0 and bool(rl.zero_variance_groups(b_rewards, cfg.group_size).all()))
+    adv = advantages_of(cfg, task, batch, b_rewards) if batch else b_rewards
+    # every advantage exactly 0 (no group with reward variance, for every estimator here; GDPO looks at the
+    # reward parts) and no KL term: the update would be exactly zero — skip its forward, backward and
+    # optimizer step (and the schedule: see Cursor)
+    skip = not batch or (cfg.kl_coef == 0 and bool((adv == 0).all()))
     t1 = time.perf_counter()
     if not skip:
-        adv = advantages_of(cfg, task, batch, b_rewards)
         set_lr(opt, lr_at(cursor.updates, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
         m.update(policy_update(cfg, model, ref, opt, batch, adv, tok.pad_id))
         if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
