@@ -204,7 +204,7 @@ class RemoteTeacher:
     api_key: str = field(default="", repr=False)
     api_key_env: str = ""
     timeout: float = 120.0
-    retries: int = 6
+    retries: int = 8
     backoff_base: float = 1.0
     backoff_max: float = 60.0
 
@@ -356,8 +356,8 @@ class Budget:
 class JobRun:
     """Shared state of one run: counters, the global 429 pause, the stop flag."""
 
-    def __init__(self, total: int, budget: Budget, seed: int):
-        self.total, self.budget, self.rng = total, budget, random.Random(seed)
+    def __init__(self, total: int, budget: Budget, seed: int, jitter: float = 0.1):
+        self.total, self.budget, self.rng, self.jitter = total, budget, random.Random(seed), jitter
         self.requests = self.done = self.tokens = 0
         self.errors: dict[str, int] = {}
         self.last_error = ""
@@ -370,8 +370,12 @@ class JobRun:
 
     async def wait_turn(self) -> None:
         """Before every request: honour a global pause, then count the request against the budget."""
+        paused = False
         while (delay := self._pause_until - time.monotonic()) > 0:
             await asyncio.sleep(delay)
+            paused = True
+        if paused:  # spread the paused workers out, or they all hit the server again at the same instant
+            await asyncio.sleep(self.rng.uniform(0, self.jitter))
         if self.stop_reason is not None:
             raise _Stop()
         b = self.budget
@@ -406,7 +410,7 @@ def run_jobs(teacher: RemoteTeacher, jobs: list[Job], log: TraceLog, sampling: S
     Returns the run's counters. Raises TeacherError for a fatal error and TeacherStopped when the
     run ended early; in both cases every finished sample is already on disk.
     """
-    run = JobRun(len(jobs), budget or Budget(), sampling.seed)
+    run = JobRun(len(jobs), budget or Budget(), sampling.seed, jitter=0.25 * teacher.backoff_base)
     if jobs:
         asyncio.run(_run_async(teacher, jobs, log, sampling, make_record, max(1, concurrency), run, done_before))
     if run.stop_reason is not None:

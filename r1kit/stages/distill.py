@@ -55,7 +55,7 @@ class DistillConfig:
     max_requests: int = 0  # URL teacher: requests this run may make, retries included (0 = no limit)
     max_total_tokens: int = 0  # URL teacher: prompt + completion tokens this run may spend (0 = no limit)
     request_timeout: float = 120.0  # URL teacher: seconds per request
-    retries: int = 6  # URL teacher: retries of a sample on 429 / 5xx / timeouts / dropped connections
+    retries: int = 8  # URL teacher: retries of a sample on 429 / 5xx / timeouts / dropped connections
     backoff_base: float = 1.0  # URL teacher: first backoff in seconds (doubles per retry, full jitter)
     backoff_max: float = 60.0
     out_dir: str = "runs/distill"
