@@ -60,7 +60,7 @@ def train_teacher(path: Path, steps: int = 400):
     task = get_task("arithmetic", **TASK_ARGS)
     problems = task.problems("train", PROMPTS)
     replies = teacher_replies(task, problems)
-    tok = build_bpe_tokenizer([p.prompt for p in problems] + replies, vocab_size=200, force_think=True)
+    tok = build_bpe_tokenizer([p.prompt for p in problems] + replies, vocab_size=320, force_think=True)
     model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).init_weights(0)
     rows = [tok.render_chat([{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}])
@@ -322,3 +322,40 @@ def test_a_server_without_reasoning_is_warned_about(server, teacher_ckpt, tmp_pa
     assert len(recs) == PROMPTS * K and all(r["reasoning_source"] == "none" for r in recs)  # all kept on disk
     stats = json.loads((tmp_path / "rejection.json").read_text())
     assert stats["dropped"]["format"] > 0 and stats["kept"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A peer server no one here wrote: llama.cpp's own (llama-cpp-python[server]) on r1kit's GGUF
+# ---------------------------------------------------------------------------------------------
+def test_llama_cpp_server_on_an_exported_gguf(teacher_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("sse_starlette")  # llama-cpp-python[server]'s own dependencies
+    pytest.importorskip("pydantic_settings")
+    from r1kit.export import export_checkpoint
+    gguf = tmp_path / "tiny-teacher.gguf"
+    export_checkpoint(teacher_ckpt, gguf, quant="F32")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "256", "--n_threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "llama.cpp's server did not start"
+            try:
+                if httpx.get(url + "/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        # teacher_model "" → the server's only model (llama.cpp names it after the file)
+        s = distill.run(cfg_for(tmp_path / "d", url, teacher_ckpt, teacher_model="", concurrency=2,
+                                sample_only=False))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    recs = records(tmp_path / "d")
+    assert len(recs) == PROMPTS * K and recs[0]["teacher"]["model"] == str(gguf)
+    # no reasoning parser there: the template opened <think>, the reply closes it inside content
+    assert all(r["reasoning_source"] == "think_tags" and r["reasoning"] for r in recs)
+    assert s["rejection"]["kept"] >= 10 and s["student"]["steps"] == 3
