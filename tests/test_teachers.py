@@ -51,18 +51,19 @@ def teacher_replies(task, problems):
     return out
 
 
-def train_teacher(path: Path, steps: int = 400):
-    """A tiny model that answers the first PROMPTS training problems, reasoning first (greedy)."""
+def train_teacher(path: Path, steps: int = 400, task_args=None, tok=None, seed: int = 0):
+    """A tiny model that answers the first PROMPTS training problems, reasoning first (greedy).
+    Fewer `steps` give a weaker model of the same kind (a student); `tok` shares a tokenizer."""
     import r1kit
     from r1kit.models.llama import Llama, LlamaConfig
     from r1kit.tokenizer import build_bpe_tokenizer
     from r1kit.training import pad_batch
-    task = get_task("arithmetic", **TASK_ARGS)
+    task = get_task("arithmetic", **(task_args or TASK_ARGS))
     problems = task.problems("train", PROMPTS)
     replies = teacher_replies(task, problems)
-    tok = build_bpe_tokenizer([p.prompt for p in problems] + replies, vocab_size=320, force_think=True)
+    tok = tok or build_bpe_tokenizer([p.prompt for p in problems] + replies, vocab_size=320, force_think=True)
     model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).init_weights(0)
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).init_weights(seed)
     rows = [tok.render_chat([{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}])
             for p, r in zip(problems, replies)]
     idx, targets = pad_batch([i for i, _ in rows], [m for _, m in rows], tok.pad_id)
@@ -359,3 +360,54 @@ def test_llama_cpp_server_on_an_exported_gguf(teacher_ckpt, tmp_path):
     # no reasoning parser there: the template opened <think>, the reply closes it inside content
     assert all(r["reasoning_source"] == "think_tags" and r["reasoning"] for r in recs)
     assert s["rejection"]["kept"] >= 10 and s["student"]["steps"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# On-policy distillation (GRPO stage, advantage = "teacher_logprob")
+# ---------------------------------------------------------------------------------------------
+def damaged_copy(ckpt: Path, out: Path, noise: float = 0.5, seed: int = 0) -> Path:
+    """The teacher with Gaussian noise (noise × each matrix's std) in every matrix: a student that
+    speaks the teacher's tokens but has lost about half its accuracy."""
+    import r1kit
+    from r1kit import checkpoint
+    model, tok = checkpoint.load(ckpt)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
+    r1kit.save(model, tok, out)
+    return out
+
+
+def test_on_policy_distillation_pulls_the_student_to_the_teacher(teacher_ckpt, tmp_path):
+    from r1kit.stages import grpo
+    from r1kit.stages.grpo import GRPOConfig
+    student = damaged_copy(teacher_ckpt, tmp_path / "student")
+    cfg = GRPOConfig(base=str(student), out_dir=str(tmp_path / "opd"), task_args={**TASK_ARGS, "train_size": PROMPTS},
+                     advantage="teacher_logprob", teacher=str(teacher_ckpt), steps=15, prompts_per_step=PROMPTS,
+                     group_size=2, max_new_tokens=40, lr=3e-4, eval_every=1000, eval_problems=4, save_every=1000)
+    grpo.run(cfg)
+    m = [json.loads(x) for x in (tmp_path / "opd" / "metrics.jsonl").read_text().splitlines()]
+    first, last = m[:3], m[-3:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "reverse_kl") < 0.5 * mean(first, "reverse_kl")  # the student moved toward the teacher
+    assert mean(last, "accuracy") > mean(first, "accuracy") + 0.15  # … and answers more prompts correctly
+
+
+def test_on_policy_distillation_needs_a_teacher_with_the_students_tokenizer(teacher_ckpt, tmp_path):
+    import r1kit
+    from r1kit.config import ConfigError
+    from r1kit.models.llama import Llama, LlamaConfig
+    from r1kit.stages.grpo import GRPOConfig, load_teacher
+    from r1kit.tokenizer import build_bpe_tokenizer
+    with pytest.raises(ConfigError, match="needs grpo.teacher: the checkpoint that scores the student's tokens"):
+        GRPOConfig(advantage="teacher_logprob")
+    other = build_bpe_tokenizer(["12+34=46", "hello world"], vocab_size=300)
+    r1kit.save(Llama(LlamaConfig(vocab_size=other.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2)).init_weights(0), other, tmp_path / "t")
+    from r1kit import checkpoint
+    _, tok = checkpoint.load(teacher_ckpt)
+    with pytest.raises(ConfigError, match="has another tokenizer than the policy"):
+        load_teacher(GRPOConfig(advantage="teacher_logprob", teacher=str(tmp_path / "t")), tok)
+    assert load_teacher(GRPOConfig(), tok) is None  # plain GRPO loads no teacher

@@ -54,7 +54,8 @@ class GRPOConfig:
     device: str = "auto"  # auto = cuda → mps → cpu
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
-    advantage: str = "grpo"  # grpo | drgrpo
+    advantage: str = "grpo"  # grpo | drgrpo | teacher_logprob (on-policy distillation from `teacher`)
+    teacher: str = ""  # advantage = "teacher_logprob": a checkpoint with the policy's tokenizer that scores each sampled token
     adv_eps: float = 1e-4
     loss: str = "clipped"  # clipped | dual_clip | gspo
     eps_low: float = 0.2
@@ -75,11 +76,15 @@ class GRPOConfig:
     alarm_truncation: float = 0.5  # warn when more completions than this hit max_new_tokens
 
     def __post_init__(self):
-        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES), ("aggregation", rl.AGGREGATIONS),
-                           ("kl_estimator", rl.KL_ESTIMATORS)):
+        for key, table in (("advantage", {**rl.ADVANTAGES, **rl.TOKEN_ADVANTAGES}), ("loss", rl.POLICY_LOSSES),
+                           ("aggregation", rl.AGGREGATIONS), ("kl_estimator", rl.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
-        if self.group_size < 2:
+        if self.advantage in rl.TOKEN_ADVANTAGES:
+            if not self.teacher:
+                raise ConfigError(f"grpo.advantage = {self.advantage!r} needs grpo.teacher: the checkpoint that scores "
+                                  "the student's tokens")
+        elif self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         try:
             resolve_dtype(self.dtype, resolve_device(self.device))
@@ -161,7 +166,8 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
             for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
                 if m is not None:
                     logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, T, cfg.temperature), targets)
-        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
+        rows = adv[a:a + size] if adv.dim() == 1 else adv[a:a + size, :T]  # per-token advantages: this chunk's width
+        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, rows.to(device),
                               logp.get("ref")))
     return out
 
@@ -277,7 +283,40 @@ def batch_problems(cfg: GRPOConfig, problems: list, step: int) -> list:
     return out
 
 
-def train_step(cfg, step, model, ref, tok, task, problems, opt, engine) -> tuple[dict, list[Rollout]]:
+@torch.no_grad()
+def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, float]:
+    """On-policy distillation: the teacher scores every sampled token → (advantages (N, T), mean reverse KL)."""
+    device = model.embed.weight.device
+    size, T = cfg.micro_batch or len(rollouts), max(len(r.sample.tokens) for r in rollouts)
+    adv, kl, n = torch.zeros(len(rollouts), T), 0.0, 0.0
+    for a in range(0, len(rollouts), size):
+        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+        t = mask.shape[1]
+        targets = completion_targets(idx, starts, t)
+        with autocast(device, resolve_dtype(cfg.dtype, device)):
+            student = rl.token_logprobs(completion_logits(model, idx, starts, t, cfg.temperature), targets)
+            scored = rl.token_logprobs(completion_logits(teacher, idx, starts, t, cfg.temperature), targets)
+        chunk = rl.TOKEN_ADVANTAGES[cfg.advantage](scored, student, mask)  # (n, t)
+        adv[a:a + size, :t] = chunk.cpu()
+        kl, n = kl - float(chunk.sum()), n + float(mask.sum())
+    return adv, kl / max(n, 1.0)
+
+
+def load_teacher(cfg: GRPOConfig, tok):
+    """The frozen teacher of on-policy distillation; it must read and write the policy's tokens."""
+    if cfg.advantage not in rl.TOKEN_ADVANTAGES:
+        return None
+    path = resolve_ckpt(cfg.teacher)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"grpo.teacher: {cfg.teacher} has no checkpoint (config.json)")
+    teacher, ttok = checkpoint.load(path, device=cfg.device, dtype=cfg.dtype)
+    if ttok.tk.get_vocab(with_added_tokens=True) != tok.tk.get_vocab(with_added_tokens=True):
+        raise ConfigError(f"grpo.teacher: {cfg.teacher} has another tokenizer than the policy; on-policy "
+                          "distillation scores the student's own tokens, so both must share one")
+    return teacher.eval().requires_grad_(False)
+
+
+def train_step(cfg, step, model, ref, tok, task, problems, opt, engine, teacher=None) -> tuple[dict, list[Rollout]]:
     t0 = time.perf_counter()
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             n=cfg.group_size, seed=cfg.seed * 100_003 + step)
@@ -285,13 +324,18 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine) -> tuple
     gen_s = time.perf_counter() - t0
     rollouts = [r for g in groups for r in g]
     rewards = rewards_of(cfg, rollouts)
-    adv = rl.ADVANTAGES[cfg.advantage](rewards, cfg.group_size, **({"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}))
+    m_extra = {}
+    if teacher is not None:  # on-policy distillation: the teacher's per-token verdict, not the reward
+        adv, m_extra["reverse_kl"] = teacher_advantages(cfg, model, teacher, rollouts, tok.pad_id)
+    else:
+        adv = rl.ADVANTAGES[cfg.advantage](rewards, cfg.group_size, **({"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}))
     zero_var = rl.zero_variance_groups(rewards, cfg.group_size)
     # groups whose rewards are all equal have zero advantage: dynamic sampling (DAPO) drops them,
     # so they neither dilute the loss normaliser nor cost a backward pass; otherwise they stay
     # (their only gradient is then the KL term, and they count in the aggregation, as in GRPO)
-    keep = ~rl.expand_group_mask(zero_var, cfg.group_size) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
-    m = step_metrics(cfg, rollouts, rewards, zero_var)
+    keep = ~rl.expand_group_mask(zero_var, cfg.group_size) if cfg.dynamic_sampling and teacher is None \
+        else torch.ones_like(rewards, dtype=torch.bool)
+    m = {**step_metrics(cfg, rollouts, rewards, zero_var), **m_extra}
     t1 = time.perf_counter()
     set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
     if keep.any():
@@ -315,7 +359,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     model, ref, tok, opt, start, summary = _setup(cfg, out, task, test, pretrain_cfg)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine, alarms = Engine(model, tok), Alarms(cfg)
+    engine, alarms, teacher = Engine(model, tok), Alarms(cfg), load_teacher(cfg, tok)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
     spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
@@ -324,7 +368,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
         for step in range(start, start if spent else cfg.steps):
             t0 = time.perf_counter()
             try:
-                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine)
+                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, teacher)
             except FloatingPointError as e:
                 print0(f"grpo: stopping at step {step + 1}: {e}; the last good checkpoint is {out / 'model'}")
                 return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step, failed=str(e))
