@@ -95,12 +95,13 @@ def server(teacher_ckpt):
 class FaultProxy:
     """A loopback HTTP proxy in front of `upstream`. The i-th POST gets `plan[i % len(plan)]`:
     "ok" (forwarded), "429" (with Retry-After), "500", "drop" (connection closed, no response),
-    "noreason" (forwarded, reasoning and <think> blocks removed). A `key` makes it answer 401 to
+    "stall" (no response for `stall` seconds, then closed: the client's timeout must fire), "noreason" (forwarded, reasoning and <think> blocks removed). A `key` makes it answer 401 to
     requests without `Authorization: Bearer <key>`; `delay` slows every forwarded request."""
 
     def __init__(self, upstream: str, plan=("ok",), key: str | None = None, retry_after: str = "0.2",
-                 delay: float = 0.0):
+                 delay: float = 0.0, stall: float = 3.0):
         self.upstream, self.plan, self.key, self.retry_after, self.delay = upstream, plan, key, retry_after, delay
+        self.stall = stall
         self.posts, self.log, self.seen_auth = 0, [], set()  # log: (arrival time, what it got)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -155,7 +156,9 @@ class FaultProxy:
             what = self.plan[self.posts % len(self.plan)]
             self.posts += 1
             self.log.append((time.monotonic(), what))
-        if what == "drop":
+        if what == "stall":
+            await asyncio.sleep(self.stall)
+        if what in ("drop", "stall"):
             return False
         if what == "429":
             return self._send(writer, 429, {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}},
@@ -231,14 +234,14 @@ def test_r1kit_serve_traces_filtered_then_student_trained(server, teacher_ckpt, 
 def test_faults_for_a_third_of_requests_change_nothing(server, teacher_ckpt, clean_run, tmp_path, monkeypatch,
                                                        capsys):
     monkeypatch.setenv(KEY_ENV, KEY)
-    proxy = FaultProxy(server, plan=("ok", "429", "ok", "500", "ok", "drop"), key=KEY)
+    proxy = FaultProxy(server, plan=("ok", "429", "ok", "500", "ok", "drop", "ok", "stall", "ok"), key=KEY)
     with proxy as url:
-        distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV))
+        distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV, request_timeout=1.5))
     keys = [(r["prompt_id"], r["sample"]) for r in records(tmp_path)]
     assert len(keys) == len(set(keys)) == PROMPTS * K  # every sample exactly once
     assert as_set(tmp_path) == as_set(clean_run)
     retries = json.loads((tmp_path / "rejection.json").read_text())["this_run"]["retries"]
-    assert retries.get("429") and retries.get("500") and retries.get("connection")
+    assert retries.get("429") and retries.get("500") and retries.get("connection") and retries.get("timeout")
     assert proxy.seen_auth == {f"Bearer {KEY}"}  # the key was sent, on every request
     for t, what in proxy.log:  # a 429's Retry-After (0.2 s) paused every worker
         if what == "429":
@@ -281,11 +284,15 @@ def test_budget_stop_then_bad_key_lose_nothing(server, teacher_ckpt, clean_run, 
         with pytest.raises(TeacherStopped, match="budget max_requests=5 spent this run; rerun the same command"):
             distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV, max_requests=5))
         assert len(records(tmp_path)) == 5
+        with pytest.raises(TeacherStopped, match="budget max_tokens=100 spent this run"):
+            distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV, max_total_tokens=100,
+                                concurrency=1))
+        assert len(records(tmp_path)) == 8  # 3 × ~35 tokens reach the budget; the run stops there
         monkeypatch.setenv(KEY_ENV, "sk-wrong")
         with pytest.raises(TeacherError, match=rf"refused the request \(401: Incorrect API key provided\): "
                                                rf"check the key in \${KEY_ENV}"):
             distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV))
-        assert len(records(tmp_path)) == 5  # nothing written is lost
+        assert len(records(tmp_path)) == 8  # nothing written is lost
         monkeypatch.delenv(KEY_ENV)
         with pytest.raises(TeacherError, match=f"export {KEY_ENV}=<your key> and rerun"):
             distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV))
