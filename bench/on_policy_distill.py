@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,17 +51,22 @@ def bases(root: Path, teacher_steps: int, student_steps: int) -> tuple[dict, dic
 
 def on_policy(root: Path, budget: float, lr: float) -> list[tuple[float, float]]:
     out = root / "on_policy"
+    shutil.rmtree(out, ignore_errors=True)  # the bases are reused between runs, the method's output is not
     grpo.run(GRPOConfig(base=str(root / "student"), out_dir=str(out), task_args=TASK_ARGS,
                         advantage="teacher_logprob", teacher=str(root / "teacher"), steps=10_000,
                         time_budget_s=budget, prompts_per_step=16, group_size=2, max_new_tokens=NEW, lr=lr,
                         eval_every=10, eval_problems=EVAL, save_every=10_000))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["rl_seconds"], r["eval_greedy_accuracy"]) for r in rows if "eval_greedy_accuracy" in r]
+    summary = json.loads((out / "summary.json").read_text())  # the end of the budget, evaluated
+    return [(r["rl_seconds"], r["eval_greedy_accuracy"]) for r in rows if "eval_greedy_accuracy" in r] + \
+        [(summary["rl_seconds"], summary["final_accuracy"])]
 
 
 def sft(root: Path, budget: float, steps: list[int]) -> list[tuple[float, float]]:
     """SFT distillation at growing student step counts; a point's wall time = sampling the teacher once
     (its traces are shared by the points) + that point's training."""
+    for d in root.glob("sft*"):
+        shutil.rmtree(d)
     sample = distill.run(DistillConfig(teacher=str(root / "teacher"), out_dir=str(root / "sft"), task_args=TASK_ARGS,
                                        prompts=256, k=2, temperature=0.7, max_new_tokens=NEW, sample_only=True))
     sampling_s, curve = float(sample["rejection"]["seconds"]), []
@@ -82,6 +88,7 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=400)
     ap.add_argument("--student-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-4, help="on-policy distillation learning rate")
+    ap.add_argument("--skip-sft", action="store_true", help="only the on-policy run (when tuning its settings)")
     ap.add_argument("--root", default=None, help="keep the models here (default: a temporary directory)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -91,8 +98,11 @@ def main() -> None:
     t0 = time.perf_counter()
     opd = on_policy(root, args.budget, args.lr)
     print(f"on-policy took {time.perf_counter() - t0:.0f} s of wall time with evals")
-    off = sft(root, args.budget, [25, 50, 100, 200, 400])
     a0 = s["greedy_accuracy"]
+    if args.skip_sft:
+        print("on_policy " + "  ".join(f"{sec:5.1f}s:{acc:.3f}" for sec, acc in opd))
+        return
+    off = sft(root, args.budget, [25, 50, 100, 200, 400])
     for name, curve in (("on_policy", opd), ("sft", off)):
         print(f"{name:9s} " + "  ".join(f"{sec:5.1f}s:{acc:.3f}" for sec, acc in curve))
     (so, ao), (ss, as_) = opd[-1], off[-1]
