@@ -19,6 +19,7 @@ Authorization header: it is not in the config, the traces, the summary or any me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -171,6 +172,20 @@ class TraceLog:
                                    "use a fresh distill.out_dir or remove the file") from None
             done.setdefault(key, rec)
         return done
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the file for one job: two jobs appending to one traces.jsonl would draw samples twice.
+        The lock is the kernel's (flock), so a killed job never leaves a stale one behind."""
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TeacherError(f"another job is writing {self.path}: wait for it to finish, or use another "
+                                   "distill.out_dir") from None
+            yield self
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -350,7 +365,7 @@ class Job:
 @dataclass
 class Budget:
     max_requests: int = 0  # HTTP requests this run may make (retries included); 0 = no limit
-    max_tokens: int = 0  # prompt + completion tokens this run may spend (from `usage`); 0 = no limit
+    max_total_tokens: int = 0  # prompt + completion tokens this run may spend (from `usage`); 0 = no limit
 
 
 class JobRun:
@@ -379,9 +394,10 @@ class JobRun:
         if self.stop_reason is not None:
             raise _Stop()
         b = self.budget
-        if (b.max_requests and self.requests >= b.max_requests) or (b.max_tokens and self.tokens >= b.max_tokens):
+        if (b.max_requests and self.requests >= b.max_requests) or \
+                (b.max_total_tokens and self.tokens >= b.max_total_tokens):
             what = f"max_requests={b.max_requests}" if b.max_requests and self.requests >= b.max_requests \
-                else f"max_tokens={b.max_tokens}"
+                else f"max_total_tokens={b.max_total_tokens}"
             self.stop(TeacherStopped(f"budget {what} spent this run; rerun the same command to continue"))
             raise _Stop()
         self.requests += 1
@@ -425,7 +441,7 @@ async def _run_async(teacher, jobs, log, sampling, make_record, concurrency, run
     queue = iter(jobs)  # workers pull lazily: nothing is requested before a slot is free
     async with teacher.client(concurrency) as client:
         teacher.model = await teacher.resolve_model(client, run.rng)
-        with _progress(done_before + len(jobs), done_before) as bar:
+        with _Progress(done_before + len(jobs), done_before) as bar:
             async def worker():
                 for job in queue:
                     try:
@@ -455,7 +471,7 @@ def sample_seed(seed: int, job: Job) -> int:
     return (seed * 1_000_003 + job.prompt_id * 1_009 + job.sample) % 2 ** 31
 
 
-class _progress:
+class _Progress:
     """A rich bar with rate, ETA, tokens and retry counts; one plain line per ~10% off a terminal."""
 
     def __init__(self, total: int, start: int):

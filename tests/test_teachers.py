@@ -284,7 +284,7 @@ def test_budget_stop_then_bad_key_lose_nothing(server, teacher_ckpt, clean_run, 
         with pytest.raises(TeacherStopped, match="budget max_requests=5 spent this run; rerun the same command"):
             distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV, max_requests=5))
         assert len(records(tmp_path)) == 5
-        with pytest.raises(TeacherStopped, match="budget max_tokens=100 spent this run"):
+        with pytest.raises(TeacherStopped, match="budget max_total_tokens=100 spent this run"):
             distill.run(cfg_for(tmp_path, url, teacher_ckpt, api_key_env=KEY_ENV, max_total_tokens=100,
                                 concurrency=1))
         assert len(records(tmp_path)) == 8  # 3 × ~35 tokens reach the budget; the run stops there
@@ -304,6 +304,14 @@ def test_budget_stop_then_bad_key_lose_nothing(server, teacher_ckpt, clean_run, 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line that says what to do
 # ---------------------------------------------------------------------------------------------
+def test_two_jobs_on_one_directory_are_refused(server, teacher_ckpt, tmp_path):
+    from r1kit.teachers import TraceLog
+    with TraceLog(tmp_path / "traces.jsonl").exclusive():  # another job holds the directory
+        with pytest.raises(TeacherError, match="another job is writing .*traces.jsonl: wait for it to finish"):
+            distill.run(cfg_for(tmp_path, server + "/v1", teacher_ckpt))
+    assert not (tmp_path / "traces.jsonl").exists()
+
+
 def test_unreachable_url_is_one_line(tmp_path, teacher_ckpt, capsys):
     from r1kit.cli import main
     url = f"http://127.0.0.1:{free_port()}/v1"

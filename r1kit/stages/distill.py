@@ -270,19 +270,20 @@ def sample_traces(cfg: DistillConfig, out: Path) -> dict:
     problems = dict(enumerate(task.problems("train", cfg.prompt_offset + cfg.prompts)[cfg.prompt_offset:],
                               start=cfg.prompt_offset))
     log = TraceLog(out / "traces.jsonl")
-    done = log.load()
-    todo = pending_samples(cfg, list(problems.values()), done, log)
-    job: dict = {}
-    if todo:
-        if done:
-            print0(f"distill: resuming: {len(done)} samples in {log.path}, {len(todo)} to draw")
-        t0 = time.perf_counter()
-        if is_remote(cfg.teacher):
-            job = sample_remote(cfg, task, problems, todo, log, len(problems) * cfg.k - len(todo))
-        else:
-            sample_local(cfg, task, problems, todo, log)
-            job = {"seconds": round(time.perf_counter() - t0, 1), "samples_drawn": len(todo)}
-    records = [r for key, r in log.load().items() if key[0] in problems and key[1] < cfg.k]
+    with log.exclusive():
+        done = log.load()
+        todo = pending_samples(cfg, list(problems.values()), done, log)
+        job: dict = {}
+        if todo:
+            if done:
+                print0(f"distill: resuming: {len(done)} samples in {log.path}, {len(todo)} to draw")
+            t0 = time.perf_counter()
+            if is_remote(cfg.teacher):
+                job = sample_remote(cfg, task, problems, todo, log, len(problems) * cfg.k - len(todo))
+            else:
+                sample_local(cfg, task, problems, todo, log)
+                job = {"seconds": round(time.perf_counter() - t0, 1), "samples_drawn": len(todo)}
+        records = [r for key, r in log.load().items() if key[0] in problems and key[1] < cfg.k]
     rows, stats = filter_traces(records, cfg)
     prev = out / "rejection.json"  # sampling seconds add up over the runs that drew these traces
     before = json.loads(prev.read_text()).get("seconds", 0.0) if prev.exists() else 0.0
