@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "insufficient_balance"})
+MAX_RETRY_AFTER = 600.0  # a server asking for a longer wait is a quota stop, not a hiccup: end the run
 
 
 class TeacherError(RuntimeError):
@@ -314,6 +315,9 @@ class RemoteTeacher:
                 elif r.status_code in RETRY_STATUS and _error_code(_json(r)) not in QUOTA_CODES:
                     kind, detail = str(r.status_code), f"{r.status_code}: {_error_message(_json(r))}"
                     wait = retry_after_seconds(r.headers.get("retry-after"))
+                    if wait is not None and wait > MAX_RETRY_AFTER:
+                        raise TeacherStopped(f"teacher {self.name} asks to wait {wait:.0f} s ({detail}); finished "
+                                             "traces are kept — rerun the same command later")
                     if r.status_code == 429 and wait is not None:
                         run.pause(wait)  # the server asked everyone to slow down, not just this worker
                 else:

@@ -304,6 +304,13 @@ def test_budget_stop_then_bad_key_lose_nothing(server, teacher_ckpt, clean_run, 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line that says what to do
 # ---------------------------------------------------------------------------------------------
+def test_a_retry_after_of_an_hour_stops_the_run(server, teacher_ckpt, tmp_path):
+    with FaultProxy(server, plan=("ok", "ok", "ok", "429"), retry_after="3600") as url:
+        with pytest.raises(TeacherStopped, match="asks to wait 3600 s .*rerun the same command later"):
+            distill.run(cfg_for(tmp_path, url, teacher_ckpt, concurrency=1))
+    assert len(records(tmp_path)) == 3  # what came before the stop is kept
+
+
 def test_two_jobs_on_one_directory_are_refused(server, teacher_ckpt, tmp_path):
     from r1kit.teachers import TraceLog
     with TraceLog(tmp_path / "traces.jsonl").exclusive():  # another job holds the directory
