@@ -349,6 +349,10 @@ def run(cfg: DistillConfig) -> dict:
         traces, stats = Path(cfg.traces), {"traces": cfg.traces}
     else:
         traces, stats = out / "kept.jsonl", sample_traces(cfg, out)
+        if stats["kept"] == 0 and stats["correct"] > 0:  # say which filter took them, not just "empty"
+            d = ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v)
+            raise NoTracesError(f"{traces}: the trace set is empty — none of the {stats['correct']} verified-correct "
+                                f"samples passed R1's filters (dropped: {d}); see {out / 'rejection.json'}")
     task = get_task(cfg.task, **cfg.task_args) if cfg.task else None
     check_traces(traces, task)
     if cfg.sample_only:
