@@ -245,7 +245,7 @@ def test_faults_for_a_third_of_requests_change_nothing(server, teacher_ckpt, cle
     assert proxy.seen_auth == {f"Bearer {KEY}"}  # the key was sent, on every request
     for t, what in proxy.log:  # a 429's Retry-After (0.2 s) paused every worker
         if what == "429":
-            assert not [u for u, _ in proxy.log if t + 0.05 < u < t + 0.19]
+            assert not [u for u, _ in proxy.log if t + 0.1 < u < t + 0.19]  # (in-flight ones may land just after)
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     assert KEY not in written and KEY not in capsys.readouterr().out
 
