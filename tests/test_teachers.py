@@ -95,7 +95,8 @@ def server(teacher_ckpt):
 class FaultProxy:
     """A loopback HTTP proxy in front of `upstream`. The i-th POST gets `plan[i % len(plan)]`:
     "ok" (forwarded), "429" (with Retry-After), "500", "drop" (connection closed, no response),
-    "stall" (no response for `stall` seconds, then closed: the client's timeout must fire), "noreason" (forwarded, reasoning and <think> blocks removed). A `key` makes it answer 401 to
+    "stall" (no response for `stall` seconds, then closed: the client's timeout must fire), "vllm" (reasoning
+    in `reasoning`), "inline" (reasoning as <think>…</think> in the content), "noreason" (forwarded, reasoning and <think> blocks removed). A `key` makes it answer 401 to
     requests without `Authorization: Bearer <key>`; `delay` slows every forwarded request."""
 
     def __init__(self, upstream: str, plan=("ok",), key: str | None = None, retry_after: str = "0.2",
@@ -169,9 +170,12 @@ class FaultProxy:
         fwd = {k: v for k, v in headers.items() if k in ("content-type", "authorization")}
         r = await self.client.request(method, path, content=body, headers=fwd)
         data = r.json()
-        if what == "noreason":
-            for c in data.get("choices", []):
-                c["message"].pop("reasoning_content", None)
+        for c in data.get("choices", []) if what in ("noreason", "vllm", "inline") else []:
+            reasoning = c["message"].pop("reasoning_content", None)
+            if what == "vllm":  # vLLM ≥ 0.10's reasoning parser names the field `reasoning`
+                c["message"]["reasoning"] = reasoning
+            if what == "inline":  # a server without a parser: the <think> block stays in the content
+                c["message"]["content"] = f"<think>\n{reasoning}\n</think>\n\n{c['message']['content']}"
         return self._send(writer, r.status_code, data)
 
     @staticmethod
@@ -226,6 +230,17 @@ def test_r1kit_serve_traces_filtered_then_student_trained(server, teacher_ckpt, 
     s = distill.run(cfg_for(tmp_path, server + "/v1", teacher_ckpt, sample_only=False,
                             traces=str(clean_run / "kept.jsonl")))
     assert s["student"]["steps"] == 3 and (tmp_path / "student" / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("shape", ["vllm", "inline"])
+def test_every_reasoning_shape_is_stored_the_same_way(server, teacher_ckpt, clean_run, tmp_path, shape):
+    with FaultProxy(server, plan=(shape,)) as url:
+        distill.run(cfg_for(tmp_path, url, teacher_ckpt))
+    same = lambda out: {json.dumps({k: v for k, v in r.items() if k not in ("teacher", "reasoning_source")},  # noqa: E731
+                                   sort_keys=True) for r in records(out)}
+    assert same(tmp_path) == same(clean_run)
+    assert {r["reasoning_source"] for r in records(tmp_path)} == {"reasoning" if shape == "vllm" else "think_tags"}
+    assert (tmp_path / "kept.jsonl").read_text() == (clean_run / "kept.jsonl").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
