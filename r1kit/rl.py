@@ -693,6 +693,37 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# On-policy distillation (per-token advantages from a teacher)
+# --------------------------------------------------------------------------------------------
+
+
+def reverse_kl_advantages(teacher_logp: Tensor, student_logp: Tensor, mask: Tensor) -> Tensor:
+    """On-policy distillation's per-token advantage ``A_t = log pi_teacher(y_t) - log pi_student(y_t)``.
+
+    The student samples ``y``; the teacher scores every sampled token. ``-A_t`` is the one-sample
+    estimate of the per-token reverse KL ``KL(pi_student || pi_teacher)`` (Thinking Machines,
+    "On-Policy Distillation", Oct 2025; GKD with lambda = 1), so the policy gradient with these
+    advantages (discount 0) pushes the student toward the teacher on the student's own states:
+    tokens the teacher likes more than the student gain, tokens it likes less lose.
+
+    Args:
+        teacher_logp: ``(N, T)`` log pi_teacher of the sampled tokens.
+        student_logp: ``(N, T)`` log pi_student of the same tokens (detached here).
+        mask: ``(N, T)`` true on completion tokens.
+
+    Returns:
+        ``(N, T)`` advantages, exactly 0 at padding (NaN there cannot leak).
+
+    >>> t = torch.tensor([[-0.1, -2.0, 0.0]]); s = torch.tensor([[-1.0, -0.5, float("nan")]])
+    >>> reverse_kl_advantages(t, s, torch.tensor([[1, 1, 0]]))
+    tensor([[ 0.9000, -1.5000,  0.0000]])
+    """
+    mask = mask.bool()
+    adv = _upcast(teacher_logp).detach() - _upcast(student_logp).detach()
+    return torch.where(mask, adv, torch.zeros_like(adv))
+
+
+# --------------------------------------------------------------------------------------------
 # Registries: recipe names -> functions (configs pick by name; call sites stay branch-free)
 # --------------------------------------------------------------------------------------------
 
@@ -704,6 +735,11 @@ ADVANTAGES: dict[str, Callable[..., Tensor]] = {
     "liteppo": liteppo_advantages,
     "maxrl": maxrl_advantages,
     "gdpo": gdpo_advantages,  # takes reward parts (N, K), not totals
+}
+
+# advantages per token from (teacher_logp, student_logp, mask): on-policy distillation
+TOKEN_ADVANTAGES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "teacher_logprob": reverse_kl_advantages,
 }
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Stats]]] = {

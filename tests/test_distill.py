@@ -20,9 +20,12 @@ LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "nu
 
 
 def fake(completion, correct=True, finish="stop", language=1.0, n_tokens=10, prompt="12+34="):
+    """A trace record as sample_traces writes it."""
+    from r1kit.rewards import extract_answer
     reward = {"accuracy": float(correct), "language": language}
-    sample = SimpleNamespace(tokens=[0] * n_tokens, finish_reason=finish)
-    return Rollout(SimpleNamespace(prompt=prompt, answer="46"), [1], sample, completion, reward)
+    return {"prompt_id": 0, "sample": 0, "prompt": prompt, "reference": "46", "completion": completion,
+            "finish_reason": finish, "usage": {"completion_tokens": n_tokens},
+            "verdict": {"correct": correct, "answer": extract_answer(completion), "reward": reward}}
 
 
 GOOD = "<think>4+2+0=06,3+1+0=04</think><answer>46</answer>"
@@ -31,6 +34,7 @@ GOOD = "<think>4+2+0=06,3+1+0=04</think><answer>46</answer>"
 def test_filters_in_order():
     cfg = DistillConfig(max_completion_tokens=20, max_per_prompt=2)
     assert drop_reason(fake(GOOD), cfg, set()) is None
+    assert drop_reason(fake("<think>4+2=6</think> the answer is 46", correct=False), cfg, set()) == "missing"
     assert drop_reason(fake(GOOD, correct=False), cfg, set()) == "wrong"
     assert drop_reason(fake("<answer>46</answer>"), cfg, set()) == "format"  # no reasoning
     assert drop_reason(fake("<think>a</think><answer>46</answer> and more"), cfg, set()) == "format"
@@ -66,7 +70,8 @@ def test_teacher_that_never_solves_is_refused_clearly(tmp_path, tiny_teacher):
         distill.run(cfg_for(tmp_path, tiny_teacher))
     stats = json.loads((tmp_path / "d" / "rejection.json").read_text())
     assert stats["prompts_unsolved"] == stats["prompts"] == 8 and stats["kept"] == 0
-    assert stats["dropped"]["wrong"] == 16 and len(stats["unsolved_examples"]) == 5
+    assert stats["dropped"]["wrong"] + stats["dropped"]["missing"] == 16 and len(stats["unsolved_examples"]) == 5
+    assert len((tmp_path / "d" / "traces.jsonl").read_text().splitlines()) == 16  # every sample is on record
     assert not (tmp_path / "d" / "student").exists()  # nothing was trained
 
 
@@ -88,7 +93,12 @@ def test_traces_are_chat_jsonl_and_the_student_trains(tmp_path, tiny_teacher, mo
     task = get_task("arithmetic", **TASK_ARGS)
     monkeypatch.setattr(r1kit.rollout, "rollout", oracle_rollout(task))
     s = distill.run(cfg_for(tmp_path, tiny_teacher))
-    rows = [json.loads(x) for x in (tmp_path / "d" / "traces.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "d" / "traces.jsonl").read_text().splitlines()]
+    assert sorted((r["prompt_id"], r["sample"]) for r in records) == [(p, s) for p in range(8) for s in range(2)]
+    r0 = records[0]
+    assert r0["reasoning"] and r0["answer"].startswith("<answer>") and r0["verdict"]["correct"]
+    assert r0["sampling"]["temperature"] == 0.7 and r0["usage"]["completion_tokens"] == 20
+    rows = [json.loads(x) for x in (tmp_path / "d" / "kept.jsonl").read_text().splitlines()]
     assert len(rows) == 8 == s["rejection"]["kept"]  # k=2 identical samples: one kept, one duplicate
     assert s["rejection"]["dropped"]["duplicate"] == 8
     for r in rows:  # the messages format other tools (TRL, …) read
@@ -99,6 +109,30 @@ def test_traces_are_chat_jsonl_and_the_student_trains(tmp_path, tiny_teacher, mo
     monkeypatch.setattr(r1kit.rollout, "rollout", None)  # a second run reuses the traces, samples nothing
     (tmp_path / "d" / "summary.json").unlink()
     assert distill.run(cfg_for(tmp_path, tiny_teacher))["rejection"]["kept"] == 8
+
+
+def test_local_sampling_resumes_missing_samples_only(tmp_path, tiny_teacher, monkeypatch):
+    import r1kit.rollout
+    task = get_task("arithmetic", **TASK_ARGS)
+    monkeypatch.setattr(r1kit.rollout, "rollout", oracle_rollout(task))
+    cfg = cfg_for(tmp_path, tiny_teacher, sample_only=True)
+    distill.run(cfg)
+    path = tmp_path / "d" / "traces.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:17])  # a kill: five whole lines and half of the sixth
+    distill.run(cfg)
+    again = path.read_text().splitlines(keepends=True)
+    assert sorted(again) == sorted(lines)  # the cut line dropped, each missing sample drawn once
+
+
+def test_traces_from_other_prompts_are_refused(tmp_path, tiny_teacher, monkeypatch):
+    import r1kit.rollout
+    monkeypatch.setattr(r1kit.rollout, "rollout", oracle_rollout(get_task("arithmetic", **TASK_ARGS)))
+    distill.run(cfg_for(tmp_path, tiny_teacher, sample_only=True))
+    distill.run(cfg_for(tmp_path, tiny_teacher, sample_only=True, prompt_offset=3))  # ids are split indices: fine
+    from r1kit.config import ConfigError
+    with pytest.raises(ConfigError, match="these traces came from other prompts; use a fresh distill.out_dir"):
+        distill.run(cfg_for(tmp_path, tiny_teacher, sample_only=True, task_args={**TASK_ARGS, "seed": 1}))
 
 
 def test_check_traces_refuses_empty_and_all_wrong(tmp_path):

@@ -69,8 +69,9 @@ class GRPOConfig(MemoryOptions):
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
     # grpo: (r − mean)/(std + adv_eps) | drgrpo: r − mean (Dr. GRPO) | rloo | reinforce_pp_baseline | liteppo | maxrl
-    # | gdpo (README: RL options)
+    # | gdpo (README: RL options) | teacher_logprob (on-policy distillation from `teacher`)
     advantage: str = "grpo"
+    teacher: str = ""  # advantage = "teacher_logprob": a checkpoint with the policy's tokenizer that scores each sampled token
     adv_eps: float = 1e-4  # ε in (r − mean) / (std + ε)
     # policy loss: clipped (PPO) | dual_clip | gspo (sequence-level ratio) | cispo | sapo | dppo_tv | clip_cov | kl_cov
     loss: str = "clipped"
@@ -115,7 +116,7 @@ class GRPOConfig(MemoryOptions):
     generation_config: str = "source"  # saved sampling defaults: source (the base's own) | r1 (T 0.6, top-p 0.95)
 
     def __post_init__(self):
-        for key, table in (("advantage", rl.ADVANTAGES), ("loss", rl.POLICY_LOSSES),
+        for key, table in (("advantage", {**rl.ADVANTAGES, **rl.TOKEN_ADVANTAGES}), ("loss", rl.POLICY_LOSSES),
                            ("aggregation", {"auto": None, **rl.AGGREGATIONS}), ("kl_estimator", rl.KL_ESTIMATORS)):
             if getattr(self, key) not in table:
                 raise ConfigError(f"grpo.{key} = {getattr(self, key)!r}; choose one of {sorted(table)}")
@@ -131,7 +132,14 @@ class GRPOConfig(MemoryOptions):
             raise ConfigError(f"grpo.routing_replay = {self.routing_replay!r}; choose one of {sorted(ROUTING_REPLAY)}")
         if not 0 <= self.entropy_top_frac <= 1:
             raise ConfigError(f"grpo.entropy_top_frac = {self.entropy_top_frac}; use 0 (off) or a share in (0, 1]")
-        if self.group_size < 2:
+        if self.advantage in rl.TOKEN_ADVANTAGES:
+            if not self.teacher:
+                raise ConfigError(f"grpo.advantage = {self.advantage!r} needs grpo.teacher: the checkpoint that scores "
+                                  "the student's tokens")
+            if self.dynamic_sampling:
+                raise ConfigError("grpo.dynamic_sampling drops groups by reward variance; on-policy distillation "
+                                  "(advantage = teacher_logprob) is not reward-driven: turn one of them off")
+        elif self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         self.check_memory_options("grpo")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
@@ -302,8 +310,9 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
                 with replay_routing(model, routes) if routes is not None else record_routing(model) as rec:
                     logp["old"] = completion_logprobs(model, idx, starts, mask, targets, cfg.temperature)[0]
                 routes = rec if routes is None else routes
+        rows_adv = adv[a:b] if adv.dim() == 1 else adv[a:b, : mask.shape[1]]  # per-token advantages: this width
         out.append(MicroBatch(idx, mask, logp.get("old") if cfg.mu > 1 else None, starts, targets,
-                              adv[a:b].to(device), logp.get("ref"), rollout_logp, routes if moe else None))
+                              rows_adv.to(device), logp.get("ref"), rollout_logp, routes if moe else None))
     return out
 
 
@@ -530,8 +539,41 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
     return kept[:want], sampled, rnd + 1
 
 
+@torch.no_grad()
+def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, float]:
+    """On-policy distillation: the teacher scores every sampled token → (advantages (N, T), mean reverse KL)."""
+    device = model.embed.weight.device
+    T = max(len(r.sample.tokens) for r in rollouts)
+    adv, kl, n = torch.zeros(len(rollouts), T), 0.0, 0.0
+    for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
+        idx, mask, starts, _ = (t.to(device) for t in to_tensors(rollouts[a:b], pad_id))
+        t = mask.shape[1]
+        targets = completion_targets(idx, starts, t)
+        with autocast(device, resolve_dtype(cfg.dtype, device)):
+            student = completion_logprobs(model, idx, starts, mask, targets, cfg.temperature)[0]
+            scored = completion_logprobs(teacher, idx, starts, mask, targets, cfg.temperature)[0]
+        chunk = rl.TOKEN_ADVANTAGES[cfg.advantage](scored, student, mask)  # (n, t)
+        adv[a:b, :t] = chunk.cpu()
+        kl, n = kl - float(chunk.sum()), n + float(mask.sum())
+    return adv, kl / max(n, 1.0)
+
+
+def load_teacher(cfg: GRPOConfig, tok):
+    """The frozen teacher of on-policy distillation; it must read and write the policy's tokens."""
+    if cfg.advantage not in rl.TOKEN_ADVANTAGES:
+        return None
+    path = resolve_ckpt(cfg.teacher)
+    if not is_checkpoint(path):
+        raise ConfigError(f"grpo.teacher: {cfg.teacher} has no checkpoint (config.json)")
+    teacher, ttok = checkpoint.load(path, device=cfg.device, dtype=cfg.dtype)
+    if ttok.tk.get_vocab(with_added_tokens=True) != tok.tk.get_vocab(with_added_tokens=True):
+        raise ConfigError(f"grpo.teacher: {cfg.teacher} has another tokenizer than the policy; on-policy "
+                          "distillation scores the student's own tokens, so both must share one")
+    return teacher.eval().requires_grad_(False)
+
+
 def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
-               cursor: Cursor) -> tuple[dict, list[Rollout]]:
+               cursor: Cursor, teacher=None) -> tuple[dict, list[Rollout]]:
     t0 = time.perf_counter()
     with lora.merged(model):  # LoRA: sample with the adapters folded in (the base comes back bit for bit)
         trained, sampled, rounds = sample_groups(cfg, step, model, tok, task, problems, engine, cursor)
@@ -542,7 +584,10 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
     m = step_metrics(cfg, rollouts, rewards, zero_var)  # over everything sampled: the policy's own statistics
     batch = [r for g in trained for r in g]
     b_rewards = rewards_of(cfg, batch) if batch else rewards[:0]
-    adv = advantages_of(cfg, task, batch, b_rewards) if batch else b_rewards
+    if teacher is not None and batch:  # on-policy distillation: the teacher's per-token verdict, not the reward
+        adv, m["reverse_kl"] = teacher_advantages(cfg, model, teacher, batch, tok.pad_id)
+    else:
+        adv = advantages_of(cfg, task, batch, b_rewards) if batch else b_rewards
     # every advantage exactly 0 (no group with reward variance, for every estimator here; GDPO looks at the
     # reward parts) and no KL term: the update would be exactly zero — skip its forward, backward and
     # optimizer step (and the schedule: see Cursor)
@@ -578,6 +623,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
     engine, alarms = Engine(model, tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1]), Alarms(cfg)
+    teacher = load_teacher(cfg, tok)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
     spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
@@ -586,7 +632,7 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
         for step in range(start, start if spent else cfg.steps):
             t0 = time.perf_counter()
             try:
-                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, cursor)
+                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, cursor, teacher)
             except FloatingPointError as e:
                 print0(f"grpo: stopping at step {step + 1}: {e}; the last good checkpoint is {out / 'model'}")
                 return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step, failed=str(e))
