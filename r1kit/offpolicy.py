@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from r1kit.rl import LOG_RATIO_CLAMP, Stats, _masked_mean, _upcast
+from r1kit.rl.losses import LOG_RATIO_CLAMP, Stats, _masked_mean, _upcast
 
 
 def _log_ratio(logp_train: Tensor, logp_rollout: Tensor, mask: Tensor) -> Tensor:
