@@ -81,19 +81,19 @@ class GRPOConfig(MemoryOptions):
     gspo_eps_low: float = 3e-4  # GSPO clips a sequence-level ratio: a much narrower range
     gspo_eps_high: float = 4e-4  # GSPO's upper clip of the sequence-level ratio
     cispo_eps_low: float = 1.0  # CISPO clips the importance weight to [1 - low, 1 + high]; 1 = no lower bound
-    cispo_eps_high: float = 5.0
+    cispo_eps_high: float = 5.0  # CISPO: upper bound 1 + high of the clipped importance weight
     sapo_tau_pos: float = 1.0  # SAPO gate temperatures for A > 0 and A < 0
-    sapo_tau_neg: float = 1.05
+    sapo_tau_neg: float = 1.05  # SAPO gate temperature for A < 0 (sharper: negative updates fade faster)
     dppo_delta: float = 0.15  # DPPO-TV: mask tokens whose probability moved more than this (advantage's way)
     clip_cov_ratio: float = 2e-4  # Clip-Cov: share of tokens in the covariance band to detach
-    clip_cov_low: float = 1.0
-    clip_cov_high: float = 5.0
+    clip_cov_low: float = 1.0  # Clip-Cov: lower covariance bound of the band tokens are drawn from
+    clip_cov_high: float = 5.0  # Clip-Cov: upper covariance bound of that band
     kl_cov_ratio: float = 2e-3  # KL-Cov: share of top-covariance tokens to penalise
-    kl_cov_coef: float = 1.0
+    kl_cov_coef: float = 1.0  # KL-Cov: weight of the KL penalty on the selected tokens
     corrections: list[str] = field(default_factory=list)  # train–inference mismatch: tis | icepop | offpolicy_seq_mask
     tis_cap: float = 2.0  # TIS: weight min(pi_train / pi_rollout, cap)
     icepop_low: float = 0.5  # IcePop: drop tokens with pi_train / pi_rollout outside [low, high]
-    icepop_high: float = 5.0
+    icepop_high: float = 5.0  # IcePop: upper bound of the kept ratio band
     offpolicy_delta: float = 0.1  # V3.2: drop A < 0 sequences whose mean log(pi_rollout / pi_train) > delta
     entropy_top_frac: float = 0.0  # > 0: policy gradient only on this share of highest-entropy tokens (0.2), per micro-batch
     routing_replay: str = "off"  # MoE: off | trainer (R2: route like the pre-update forward) | rollout (R3: like the engine)
