@@ -17,6 +17,9 @@ parameters (built on PyTorch's meta device, LoRA adapters included, so counts ar
   reference    GRPO with β > 0: a frozen copy of the weights (none with LoRA: adapters switched off)
   rollout KV   GRPO: the engine's cache for prompts × G sequences of seq tokens
 
+The peak is weights + grads + optimizer + reference + the larger of (activations + logits) and the
+rollout KV cache: generation and the training forward/backward of a step never overlap.
+
 Saved activations per token and layer of the dense block (fp32, our modules; d hidden, f ffn,
 q = heads·head_dim, kv = kv_heads·head_dim): two RMSNorms save input, normalised input and output
 (3d each) → 6d; q, k, v and SDPA's output and its transposed copy → 3q + 2kv (plus a q-sized
@@ -38,6 +41,7 @@ GPU_PEAK_TFLOPS = {"h800": 989.0, "h100": 989.0, "h200": 989.0, "a100": 312.0, "
                    "rtx3090": 71.0, "rtx4090": 165.0, "l40s": 362.0}
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 STAGES = ("sft", "grpo", "pretrain", "distill")
+TRAIN_PARTS, ROLLOUT_PARTS = ("activations", "logits"), ("rollout KV",)
 
 
 class PlanError(ValueError):
@@ -63,7 +67,11 @@ class TrainPlan:
 
     @property
     def peak(self) -> float:
-        return sum(self.parts.values())
+        """Weights, gradients, optimizer and reference live throughout; a step's activations and logits
+        (training) and the rollout KV cache (generation) are never alive at the same time."""
+        train = sum(v for k, v in self.parts.items() if k in TRAIN_PARTS)
+        rollout = sum(v for k, v in self.parts.items() if k in ROLLOUT_PARTS)
+        return sum(self.parts.values()) - train - rollout + max(train, rollout)
 
 
 def build_meta(cfg: dict, where: str, sample_layers: bool = True):
@@ -240,7 +248,7 @@ def format_plan(p: TrainPlan, vram_gib: float) -> str:
              f"{c.trainable / 1e6:.2f} M trainable" + (f" (LoRA {c.lora / 1e6:.2f} M)" if c.lora else "")]
     for k, v in p.parts.items():
         lines.append(f"  {k:12s} {v / GiB:9.2f} GiB")
-    lines.append(f"  {'peak':12s} {p.peak / GiB:9.2f} GiB")
+    lines.append(f"  {'peak':12s} {p.peak / GiB:9.2f} GiB  (training and rollout buffers are not alive together)")
     if vram_gib > 0:
         verdict = "fits" if p.peak <= vram_gib * GiB else "does NOT fit"
         lines.append(f"{verdict} in {vram_gib:g} GiB")
