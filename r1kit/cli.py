@@ -18,6 +18,7 @@ VERBS = {
     "distill": ("r1kit.stages.distill", "rejection-sample a teacher and fine-tune a small dense student"),
     "eval": ("r1kit.stages.evaluate", "pass@1 over k samples, cons@k, pass@k, greedy accuracy"),
     "export": ("r1kit.export", "export a checkpoint to GGUF (F32/F16/Q8_0/Q4_K_M/Q5_K_M/Q6_K)"),
+    "convert": ("r1kit.convert", "convert a GGUF file into a Hugging Face checkpoint directory"),
     "fit": ("r1kit.plan", "will it fit: file size, KV cache, GPU layers and a speed bound"),
     "serve": ("r1kit.serve.server", "OpenAI-compatible API server with a web chat"),
     "chat": ("r1kit.serve.chat", "chat with a checkpoint in the terminal"),

@@ -314,8 +314,8 @@ def run(cfg: EvalConfig) -> dict:
     from r1kit.training import resolve_ckpt
 
     ckpt = resolve_ckpt(cfg.checkpoint)
-    if not (ckpt / "config.json").exists():
-        raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json)")
+    if not (ckpt / "config.json").exists() and not checkpoint.is_gguf(ckpt):
+        raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json) and is no .gguf file")
     if cfg.k < 1 or cfg.problems < 1:
         raise ConfigError(f"eval: k and problems must be ≥ 1, got k={cfg.k}, problems={cfg.problems}")
     model, tok = checkpoint.load(ckpt, device=cfg.device, dtype=cfg.dtype)
