@@ -59,7 +59,9 @@ class GGUFFile:
         try:
             self.reader = GGUFReader(self.path)
         except Exception as e:  # ValueError, struct/IndexError … on a truncated or foreign file
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({_first_line(e)})") from None
+            magic = self.path.open("rb").read(4)
+            why = "not a GGUF file (no GGUF magic)" if magic != b"GGUF" else "truncated or corrupt GGUF file"
+            raise CheckpointError(f"{self.path}: {why} ({_first_line(e)})") from None
         self.tensors = {t.name: TensorInfo(t.name, tuple(int(x) for x in reversed(t.shape.tolist())),
                                            QT(int(t.tensor_type)), int(t.n_bytes)) for t in self.reader.tensors}
         self.arch = self.get("general.architecture", str)
@@ -148,20 +150,24 @@ def n_vocab(g: GGUFFile) -> int:
 # ---------------------------------------------------------------------------------------------
 # Metadata → config
 # ---------------------------------------------------------------------------------------------
-def read_config(g: GGUFFile):
-    """→ (Hugging Face architecture name, r1kit model config) from the header alone."""
+def read_config(g: GGUFFile, rope_table: bool = True):
+    """→ (Hugging Face architecture name, r1kit model config) from the header.
+
+    `rope_table=False` reads no tensor data at all: a Llama 3 `rope_freqs.weight` is then not
+    decoded into rope_scaling (the planner needs shapes, not frequencies).
+    """
     arch = architecture(g)
     try:
         if arch == "DeepseekV3ForCausalLM":
             return arch, _deepseek_config(g)
-        return arch, _dense_config(g, arch)
+        return arch, _dense_config(g, arch, rope_table)
     except (ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{g.path}: {e}") from None
 
 
-def _dense_config(g: GGUFFile, arch: str):
+def _dense_config(g: GGUFFile, arch: str, rope_table: bool):
     from r1kit.models.llama import LlamaConfig
     heads = g.hp("attention.head_count")
     hidden = g.hp("embedding_length")
@@ -179,7 +185,7 @@ def _dense_config(g: GGUFFile, arch: str):
         num_key_value_heads=g.hp("attention.head_count_kv", int, heads), head_dim=head_dim,
         max_position_embeddings=g.hp("context_length", int, 2048),
         rms_norm_eps=g.hp("attention.layer_norm_rms_epsilon", float, 1e-5),
-        rope_theta=g.hp("rope.freq_base", float, 10000.0), rope_scaling=_dense_rope_scaling(g, head_dim),
+        rope_theta=g.hp("rope.freq_base", float, 10000.0), rope_scaling=_dense_rope_scaling(g, head_dim, rope_table),
         attention_bias=bias or arch == "Qwen2ForCausalLM", o_bias="blk.0.attn_output.bias" in g.tensors,
         qk_norm=arch == "Qwen3ForCausalLM", tie_word_embeddings="output.weight" not in g.tensors,
         architecture=arch)
@@ -189,14 +195,14 @@ def _dense_config(g: GGUFFile, arch: str):
 LLAMA3_BANDS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _dense_rope_scaling(g: GGUFFile, head_dim: int) -> dict | None:
+def _dense_rope_scaling(g: GGUFFile, head_dim: int, rope_table: bool) -> dict | None:
     kind = g.hp("rope.scaling.type", str, "none")
     if kind == "linear":
         return {"rope_type": "linear", "factor": g.hp("rope.scaling.factor", float)}
     if kind not in ("none",):
         raise CheckpointError(f"{g.path}: {g.arch}.rope.scaling.type {kind!r} is not supported for {g.arch} "
                               "(supported: none, linear, and Llama 3 factors in rope_freqs.weight)")
-    if "rope_freqs.weight" not in g.tensors:
+    if "rope_freqs.weight" not in g.tensors or not rope_table:
         return None
     factors = g.values("rope_freqs.weight").astype(np.float64)
     if factors.shape != (head_dim // 2,):
