@@ -191,8 +191,8 @@ def _dense_config(g: GGUFFile, arch: str, rope_table: bool):
         architecture=arch)
 
 
-# Meta's Llama 3.1 / 3.2 band limits: with these the factor table a GGUF stores is reproduced exactly
-LLAMA3_BANDS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Meta's Llama 3.1 / 3.2 band limits; the original context is solved from the table when it is not 8192
+LLAMA3_BANDS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
 def _dense_rope_scaling(g: GGUFFile, head_dim: int, rope_table: bool) -> dict | None:
@@ -208,13 +208,27 @@ def _dense_rope_scaling(g: GGUFFile, head_dim: int, rope_table: bool) -> dict | 
     if factors.shape != (head_dim // 2,):
         raise CheckpointError(f"{g.path}: tensor 'rope_freqs.weight' has shape {list(factors.shape)}, "
                               f"expected [{head_dim // 2}]")
-    scaling = {"rope_type": "llama3", "factor": float(factors.max()), **LLAMA3_BANDS}
-    probe = type("RopeProbe", (), {"head_dim": head_dim, "rope_theta": g.hp("rope.freq_base", float, 10000.0),
-                                   "rope_scaling": scaling})()
-    if not np.allclose(gguf_out.llama3_rope_factors(probe), factors, rtol=1e-5, atol=1e-6):
-        raise CheckpointError(f"{g.path}: tensor 'rope_freqs.weight' is not Llama 3 scaling with factor "
-                              f"{scaling['factor']:g} and Meta's band limits; r1kit cannot reproduce it")
-    return scaling
+    theta = g.hp("rope.freq_base", float, 10000.0)
+    for scaling in _llama3_candidates(factors, head_dim, theta):
+        probe = type("RopeProbe", (), {"head_dim": head_dim, "rope_theta": theta, "rope_scaling": scaling})()
+        if np.allclose(gguf_out.llama3_rope_factors(probe), factors, rtol=1e-5, atol=1e-6):
+            return scaling
+    raise CheckpointError(f"{g.path}: tensor 'rope_freqs.weight' is not Llama 3 rope scaling with Meta's band "
+                          f"limits (low 1, high 4); r1kit cannot reproduce it")
+
+
+def _llama3_candidates(factors: np.ndarray, head_dim: int, theta: float):
+    """Llama 3 scalings that may have made `factors`: 8192 original positions, then the context a
+    blended entry implies (inverting smooth = (old_ctx / wavelength - low) / (high - low))."""
+    factor, lo, hi = float(factors.max()), LLAMA3_BANDS["low_freq_factor"], LLAMA3_BANDS["high_freq_factor"]
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    olds = [8192]
+    for f, w in zip(factors, wavelen):
+        if factor > 1 and 1 + 1e-6 < f < factor - 1e-6:
+            smooth = (1 / f - 1 / factor) / (1 - 1 / factor)
+            olds.append(int(round(w * (smooth * (hi - lo) + lo))))
+    for old in dict.fromkeys(olds):
+        yield {"rope_type": "llama3", "factor": factor, **LLAMA3_BANDS, "original_max_position_embeddings": old}
 
 
 def _deepseek_config(g: GGUFFile):
