@@ -115,7 +115,7 @@ def _byte_bpe(pre, corpus, vocab_size=400) -> Tokenizer:
 CORPUS = ["The quick brown fox's 12345 jumps\n  over  the lazy dog. It's 2024; THEY'LL go.",
           "naïve café — ünïcödé ✓ 中文 日本語 😀 def f(x):\n\treturn x ** 2\n"] * 30
 TEXTS = TOKENIZE_CASES + ["emoji 😀👍🏽 and CJK 你好世界", "  lead\t\ttabs  trail   ", "x = [1, 22, 333, 4444]\n",
-                          "I'M DON'T we'd", "<|im_start|>user\nhi<|im_end|>\n", ""]
+                          "I'M DON'T we'd it'ſ 'K 'ß", "<|im_start|>user\nhi<|im_end|>\n", ""]
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,17 @@ Only the header is read (`tokenizer.ggml.*`, `tokenizer.chat_template`); no tens
 llama.cpp's BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) is byte-level BPE whose text
 splitting is chosen by the `tokenizer.ggml.pre` name. Each name maps to a list of regexes applied
 one after the other, every match and every gap becoming a piece — which is what a `Sequence` of
-`Split(regex, "isolated")` pre-tokenizers does in `tokenizers`. After the split: ByteLevel
-(bytes → the GPT-2 alphabet, no regex of its own), then the BPE merges by rank.
+`Split(regex, "isolated")` pre-tokenizers does in `tokenizers` (and `Digits`, and ByteLevel's own
+GPT-2 regex). Then bytes → the GPT-2 alphabet and the BPE merges by rank.
 Control tokens (`token_type` 3) become special added tokens, user-defined ones (4) plain added
 tokens: both are matched in text before splitting, as llama.cpp does with `special=true`.
-The regexes are llama.cpp's own spellings: the case-insensitive contraction group `(?i:'s|…)` of
-the Hugging Face originals written out as `'[sS]|…`, which is how llama.cpp matches it.
+llama.cpp spells the contraction group `(?i:'s|…)` as `'[sS]|…`; the two agree on every text in
+the tests (tests/test_gguf_read.py and tests/real/), so the Hugging Face spelling is kept.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from gguf import TokenType
 from tokenizers import AddedToken, Regex
@@ -26,26 +27,33 @@ from r1kit.formats.gguf_read import GGUFFile, open_gguf
 from r1kit.formats.hf import CheckpointError
 from r1kit.tokenizer import QWEN2_SPLIT, Tokenizer, TokenizerError, _compiled, detect_style
 
-_CONTRACTIONS_HF = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-_CONTRACTIONS_LLAMA_CPP = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-
-
 @dataclass(frozen=True)
 class PreTokenizer:
-    regexes: tuple[str, ...]  # applied in order, as llama.cpp's regex_exprs
+    build: Callable[[], pre_tokenizers.PreTokenizer]  # the splitting, ByteLevel included
     ignore_merges: bool = False  # a whole piece that is a token is taken as is (Llama 3)
     add_bos: bool = False  # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
 
 
-_QWEN2 = PreTokenizer((QWEN2_SPLIT.replace(_CONTRACTIONS_HF, _CONTRACTIONS_LLAMA_CPP),))
-_LLAMA3 = PreTokenizer((LLAMA3_SPLIT.replace(_CONTRACTIONS_HF, _CONTRACTIONS_LLAMA_CPP),), ignore_merges=True,
-                       add_bos=True)
-# tokenizer.ggml.pre → splitting, from llama.cpp's llama-vocab.cpp (names it maps to the same type share an entry)
+def _split(regex: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _gpt2() -> pre_tokenizers.PreTokenizer:  # ByteLevel's own regex is GPT-2's
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _smollm() -> pre_tokenizers.PreTokenizer:  # every digit alone, then GPT-2's split
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2()])
+
+
+_QWEN2, _LLAMA3 = PreTokenizer(_split(QWEN2_SPLIT)), PreTokenizer(_split(LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
+# tokenizer.ggml.pre → splitting, after llama.cpp's llama-vocab.cpp (names it maps to one type share an entry).
+# Written the way the models' own tokenizer.json files spell them, so a converted checkpoint carries the
+# familiar pre-tokenizer and exports back to the same name.
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    "gpt-2": PreTokenizer((GPT2_SPLIT,)),
-    "smollm": PreTokenizer((r"\p{N}", GPT2_SPLIT)),
-    "starcoder": PreTokenizer((r"\p{N}", GPT2_SPLIT)),
+    "gpt-2": PreTokenizer(_gpt2),
+    "smollm": PreTokenizer(_smollm),
     "qwen2": _QWEN2,
     "deepseek-r1-qwen": _QWEN2,
     "llama-bpe": _LLAMA3,
@@ -92,9 +100,7 @@ def build_hf_tokenizer(g: GGUFFile) -> tuple[HFTokenizer, dict[str, int | None]]
                                   "into a third")
         merges.append((a, b))
     tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.pre_tokenizer = pre.build()
     tk.decoder = decoders.ByteLevel()
     control, user = int(TokenType.CONTROL), int(TokenType.USER_DEFINED)
     tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
