@@ -188,6 +188,15 @@ def test_convert_writes_a_directory_transformers_loads(exported, family, tmp_pat
     torch.testing.assert_close(logits(again), logits(model), atol=2e-5, rtol=1e-5)
 
 
+def test_fit_reads_deepseek2_kv_shape_from_metadata(exported, monkeypatch):
+    model, path = exported["deepseek-v3"]
+    monkeypatch.setattr(gguf_read.GGUFFile, "values", lambda *a: pytest.fail("tensor data was read"))
+    r = plan_fit(str(path), ctx=64, vram_gib=0)
+    c = model.config
+    assert r.shape.mla and r.kv_per_token == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
+    assert r.sizes.file_bytes == path.stat().st_size and r.sizes.types == {"F32": len(gguf_read.open_gguf(path).tensors)}
+
+
 def test_fit_reads_the_file_as_stored(tiny_tok, tmp_path, monkeypatch):
     model = tiny_model("llama", hidden_size=256, intermediate_size=512)
     res = export_gguf(model, tiny_tok, tmp_path / "m.gguf", "Q8_0")

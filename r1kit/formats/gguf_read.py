@@ -13,8 +13,8 @@ read right to left, the same q/k row interleave undone, the same metadata keys r
   * `llama`: llama.cpp's converter interleaves each q/k head's rows for its "normal" RoPE;
     r1kit (and Hugging Face) keep the half-split layout, so rows are de-interleaved on load.
   * Llama 3.1 rope scaling lives in a `rope_freqs.weight` tensor, not in keys: it is matched
-    against the llama3 formula with Meta's published band limits (low 1, high 4, original 8192
-    positions) and refused if it is anything else.
+    against the llama3 formula with Meta's band limits (low 1, high 4), the original context
+    8192 or the one a blended entry implies, and refused when no such scaling reproduces it.
   * `deepseek2`: attn_k_b / attn_v_b (absorbed MLA) are joined back into one wkv_b; stacked
     experts are unstacked; the router's bias is `exp_probs_b.bias`.
 """

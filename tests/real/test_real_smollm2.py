@@ -152,7 +152,8 @@ def test_cli_generate_and_eval_take_the_gguf(smol_path, tmp_path, capsys):
     assert result["n_problems"] == 2
 
 
-@pytest.mark.parametrize("mix", ["F16", "Q8_0", "Q5_K_M"])
+# F16 is plain rounding (slow-marked to keep the default run short); Q8_0 and the K-quant search run by default
+@pytest.mark.parametrize("mix", [pytest.param("F16", marks=pytest.mark.slow), "Q8_0", "Q5_K_M"])
 def test_export_is_byte_identical_to_llama_cpp_quantizer(smol, smol_f32, llama_cpp, tmp_path, mix):
     model, tok = smol
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
