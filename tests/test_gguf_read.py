@@ -19,11 +19,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import r1kit
 from r1kit import checkpoint
 from r1kit.cli import main as cli_main
-from r1kit.formats import gguf_read, gguf_vocab
+from r1kit.formats import gguf_read
 from r1kit.formats.gguf import LLAMA3_SPLIT, export_gguf
 from r1kit.formats.hf import CheckpointError
 from r1kit.plan import plan_fit
-from r1kit.tokenizer import Tokenizer, build_bpe_tokenizer
+from r1kit.tokenizer import Tokenizer
 
 IDS = [5, 17, 200, 3, 99, 42, 7, 150, 11, 0, 64, 300]
 

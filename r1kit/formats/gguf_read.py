@@ -62,6 +62,7 @@ class GGUFFile:
             magic = self.path.open("rb").read(4)
             why = "not a GGUF file (no GGUF magic)" if magic != b"GGUF" else "truncated or corrupt GGUF file"
             raise CheckpointError(f"{self.path}: {why} ({_first_line(e)})") from None
+        self._raw = {t.name: t for t in self.reader.tensors}  # views into the map: nothing read yet
         self.tensors = {t.name: TensorInfo(t.name, tuple(int(x) for x in reversed(t.shape.tolist())),
                                            QT(int(t.tensor_type)), int(t.n_bytes)) for t in self.reader.tensors}
         self.arch = self.get("general.architecture", str)
@@ -105,9 +106,8 @@ class GGUFFile:
     def values(self, name: str) -> np.ndarray:
         """Tensor `name` dequantized to float32, NumPy shape (reads its bytes, and only its)."""
         info = self.tensors[name]
-        t = next(t for t in self.reader.tensors if t.name == name)
         try:
-            x = dequantize(np.asarray(t.data), info.qtype)
+            x = dequantize(np.asarray(self._raw[name].data), info.qtype)
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor '{name}' has type {info.qtype.name}, which the gguf "
                                   "package cannot dequantize") from None

@@ -141,6 +141,24 @@ def test_greedy_on_the_quantized_file_reports_agreement(ours_greedy, smol, smol_
     assert all(k >= 1 for _, k, _ in rows), rows  # the first token survives the kernels' rounding
 
 
+def test_convert_gives_a_checkpoint_transformers_loads(smol, smol_path, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    model, tok = smol
+    assert cli_main(["convert", str(smol_path), "--out", str(tmp_path / "hf")]) == 0
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                                       dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = tok.chat_prompt("What is 2+3?")
+    with torch.no_grad():
+        assert float((hf_model(torch.tensor([ids])).logits[0] - model(torch.tensor([ids]))[0]).abs().max()) <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in CORPUS:  # the saved tokenizer.json splits as llama.cpp does, in transformers too
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert hf_tok.encode(rendered, add_special_tokens=False) == ids
+
+
 def test_cli_generate_and_eval_take_the_gguf(smol_path, tmp_path, capsys):
     assert cli_main(["generate", str(smol_path), "--prompt", "What is 2+3?", "--max-new-tokens", "12",
                      "--temperature", "0", "--device", "cpu"]) == 0
