@@ -159,19 +159,24 @@ def test_convert_gives_a_checkpoint_transformers_loads(smol, smol_path, tmp_path
     assert hf_tok.encode(rendered, add_special_tokens=False) == ids
 
 
-def test_cli_generate_and_eval_take_the_gguf(smol_path, tmp_path, capsys):
+def test_cli_generate_takes_the_gguf(smol_path, capsys):
     assert cli_main(["generate", str(smol_path), "--prompt", "What is 2+3?", "--max-new-tokens", "12",
                      "--temperature", "0", "--device", "cpu"]) == 0
     assert "5" in capsys.readouterr().out
+
+
+def test_cli_eval_takes_the_gguf(smol_path, tmp_path):
     out = tmp_path / "eval.json"
-    assert cli_main(["eval", str(smol_path), "--problems", "2", "--k", "1", "--max-new-tokens", "16",
+    assert cli_main(["eval", str(smol_path), "--problems", "2", "--k", "1", "--max-new-tokens", "8",
                      "--no-greedy", "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["n_problems"] == 2
+    assert result["n_problems"] == 2 and result["checkpoint"] == str(smol_path)
 
 
-# F16 is plain rounding (slow-marked to keep the default run short); Q8_0 and the K-quant search run by default
-@pytest.mark.parametrize("mix", [pytest.param("F16", marks=pytest.mark.slow), "Q8_0", "Q5_K_M"])
+# the K-quant mix (whose scale search real weight distributions exercise) runs by default; F16 and Q8_0
+# (rounding only, covered on tiny models in tests/test_gguf.py) are slow-marked to keep the default run short
+@pytest.mark.parametrize("mix", [pytest.param("F16", marks=pytest.mark.slow), pytest.param("Q8_0", marks=pytest.mark.slow),
+                                 "Q5_K_M"])
 def test_export_is_byte_identical_to_llama_cpp_quantizer(smol, smol_f32, llama_cpp, tmp_path, mix):
     model, tok = smol
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
