@@ -194,7 +194,8 @@ def test_fit_reads_deepseek2_kv_shape_from_metadata(exported, monkeypatch):
     r = plan_fit(str(path), ctx=64, vram_gib=0)
     c = model.config
     assert r.shape.mla and r.kv_per_token == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
-    assert r.sizes.file_bytes == path.stat().st_size and r.sizes.types == {"F32": len(gguf_read.open_gguf(path).tensors)}
+    assert r.sizes.file_bytes == path.stat().st_size
+    assert r.sizes.types == {"F32": len(gguf_read.open_gguf(path).tensors)}
 
 
 def test_fit_reads_the_file_as_stored(tiny_tok, tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ def _smollm() -> pre_tokenizers.PreTokenizer:  # every digit alone, then GPT-2's
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2()])
 
 
-_QWEN2, _LLAMA3 = PreTokenizer(_split(QWEN2_SPLIT)), PreTokenizer(_split(LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
+_QWEN2 = PreTokenizer(_split(QWEN2_SPLIT))
+_LLAMA3 = PreTokenizer(_split(LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
 # tokenizer.ggml.pre → splitting, after llama.cpp's llama-vocab.cpp (names it maps to one type share an entry).
 # Written the way the models' own tokenizer.json files spell them, so a converted checkpoint carries the
 # familiar pre-tokenizer and exports back to the same name.

@@ -175,8 +175,8 @@ def test_cli_eval_takes_the_gguf(smol_path, tmp_path):
 
 # the K-quant mix (whose scale search real weight distributions exercise) runs by default; F16 and Q8_0
 # (rounding only, covered on tiny models in tests/test_gguf.py) are slow-marked to keep the default run short
-@pytest.mark.parametrize("mix", [pytest.param("F16", marks=pytest.mark.slow), pytest.param("Q8_0", marks=pytest.mark.slow),
-                                 "Q5_K_M"])
+@pytest.mark.parametrize("mix", [pytest.param("F16", marks=pytest.mark.slow),
+                                 pytest.param("Q8_0", marks=pytest.mark.slow), "Q5_K_M"])
 def test_export_is_byte_identical_to_llama_cpp_quantizer(smol, smol_f32, llama_cpp, tmp_path, mix):
     model, tok = smol
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
