@@ -226,7 +226,9 @@ def shape_from_gguf(path) -> tuple[str, Shape, dict[str, QT], int, str]:
     from r1kit.formats import gguf_read
     g = gguf_read.open_gguf(path)
     _, c = gguf_read.read_config(g, rope_table=False)
-    tensors = [(t.name, t.shape) for t in g.tensors.values()]
+    # MTP (nextn) blocks a deepseek2 file appends are counted in the file size, not as layers
+    main = [t for t in g.tensors.values() if _layer_of(t.name) is None or _layer_of(t.name) < c.num_hidden_layers]
+    tensors = [(t.name, t.shape) for t in main]
     if c.architecture == "DeepseekV3ForCausalLM":
         shape = Shape("deepseek2", c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, 1,
                       c.kv_lora_rank + c.qk_rope_head_dim, c.intermediate_size, c.max_position_embeddings, tensors,
@@ -241,7 +243,7 @@ def shape_from_gguf(path) -> tuple[str, Shape, dict[str, QT], int, str]:
         label = LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "as stored"
     except ValueError:
         label = f"file type {ftype}"
-    return g.path.name, shape, {t.name: t.qtype for t in g.tensors.values()}, g.path.stat().st_size, label
+    return g.path.name, shape, {t.name: t.qtype for t in main}, g.path.stat().st_size, label
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,12 +262,17 @@ def test_unknown_pre_tokenizer(tmp_path, capsys):
         r1kit.load_tokenizer(path)
 
 
-def _rewrite(src, dst, drop: str | None = None, n_tokens: int | None = None):
-    """A copy of GGUF `src` without tensor `drop`, or with its vocabulary cut to `n_tokens` entries."""
+def _rewrite(src, dst, drop: str | None = None, n_tokens: int | None = None, nextn: int = 0):
+    """A copy of GGUF `src` without tensor `drop`, with its vocabulary cut to `n_tokens` entries, or with
+    `nextn` MTP blocks appended the way llama.cpp's deepseek2 converter writes them (copies of block 1)."""
     g = gguf_read.open_gguf(src)
     w = GGUFWriter(str(dst), g.arch)
+    n_layer = g.hp("block_count")
+    if nextn:
+        w.add_uint32(f"{g.arch}.nextn_predict_layers", nextn)
+        w.add_block_count(n_layer + nextn)
     for key, f in g.reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or (nextn and key.endswith(".block_count")):
             continue
         v = f.contents()
         if n_tokens is not None and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
@@ -278,6 +283,10 @@ def _rewrite(src, dst, drop: str | None = None, n_tokens: int | None = None):
     for name in g.tensors:
         if name != drop:
             w.add_tensor(name, g.values(name))
+    for k in range(nextn):
+        for name in [n for n in g.tensors if n.startswith("blk.1.")]:
+            w.add_tensor(name.replace("blk.1.", f"blk.{n_layer + k}.", 1), g.values(name))
+        w.add_tensor(f"blk.{n_layer + k}.nextn.eh_proj.weight", np.zeros((8, 16), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -291,6 +300,16 @@ def test_vocabulary_disagrees_with_embedding_rows(exported, tmp_path, capsys):
                                               r"'token_embd\.weight' has 320 rows"):
         r1kit.load(path, device="cpu")
     _one_line_cli_error(["convert", str(path), "--out", str(tmp_path / "o")], capsys, "v.gguf", "token_embd.weight")
+
+
+def test_deepseek2_mtp_blocks_in_the_file_are_left_out(exported, tmp_path):
+    model, src = exported["deepseek-v3"]
+    path = _rewrite(src, tmp_path / "mtp.gguf", nextn=1)
+    got, _ = r1kit.load(path, device="cpu")
+    assert got.config.num_hidden_layers == model.config.num_hidden_layers
+    torch.testing.assert_close(logits(got), logits(model), atol=2e-5, rtol=1e-5)
+    r = plan_fit(str(path), ctx=64, vram_gib=0)
+    assert r.shape.layers == model.config.num_hidden_layers and r.sizes.file_bytes == path.stat().st_size
 
 
 def test_missing_tensor_is_named(exported, tmp_path):

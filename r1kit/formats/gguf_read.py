@@ -16,7 +16,8 @@ read right to left, the same q/k row interleave undone, the same metadata keys r
     against the llama3 formula with Meta's band limits (low 1, high 4), the original context
     8192 or the one a blended entry implies, and refused when no such scaling reproduces it.
   * `deepseek2`: attn_k_b / attn_v_b (absorbed MLA) are joined back into one wkv_b; stacked
-    experts are unstacked; the router's bias is `exp_probs_b.bias`.
+    experts are unstacked; the router's bias is `exp_probs_b.bias`; MTP blocks a file appends
+    (`nextn_predict_layers`) are left out, as the export leaves r1kit's own out.
 """
 from __future__ import annotations
 
@@ -242,7 +243,8 @@ def _deepseek_config(g: GGUFFile):
         qk, v = g.hp("attention.key_length_mla"), g.hp("attention.value_length_mla")
     else:  # older files: per-head sizes in key_length / value_length, attn_kv_b unsplit
         qk, v = g.hp("attention.key_length"), g.hp("attention.value_length")
-    n_layer = g.hp("block_count")
+    # newer files append the MTP (nextn) blocks to block_count; r1kit loads the main model without them
+    n_layer = main_layers(g) or g.hp("block_count")
     return DeepseekConfig(
         vocab_size=n_vocab(g), hidden_size=g.hp("embedding_length"), intermediate_size=g.hp("feed_forward_length"),
         moe_intermediate_size=g.hp("expert_feed_forward_length"), num_hidden_layers=n_layer,
@@ -296,13 +298,22 @@ def deinterleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def main_layers(g: GGUFFile) -> int | None:
+    """Blocks of the main model when the file appends MTP (nextn) blocks to block_count, else None."""
+    nextn = g.hp("nextn_predict_layers", int, 0)
+    return g.hp("block_count") - nextn if nextn else None
+
+
 def read_state(g: GGUFFile, model) -> dict[str, np.ndarray]:
     """{r1kit parameter: float32 array} for every tensor of `g`, checked against `model`'s state dict."""
     c, spec = model.config, gguf_out.ARCHS[model.config.architecture]
     inverse, out = _inverse_map(spec), {}
+    n_main = main_layers(g)
     for gname in g.tensors:
         if gname == "rope_freqs.weight":
             continue  # already folded into the config's rope_scaling
+        if n_main is not None and (layer := re.match(r"blk\.(\d+)\.", gname)) and int(layer.group(1)) >= n_main:
+            continue  # an MTP (nextn) block the file declares: a speculation aid, not the main model
         if gname.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
             if gname.endswith(".attn_k_b.weight"):
                 out[gname.replace("blk.", "layers.", 1).replace(".attn_k_b.weight", ".attn.wkv_b.weight")] = \
