@@ -1,6 +1,7 @@
 """r1kit — the DeepSeek-R1 recipe, small, fast and hackable on PyTorch.
 
-    model, tok = r1kit.load("path/to/checkpoint")          # r1kit or Hugging Face directory
+    model, tok = r1kit.load("path/to/checkpoint")          # r1kit or Hugging Face directory, or a .gguf
+    tok = r1kit.load_tokenizer("model.gguf")               # a checkpoint dir, a tokenizer.json or a .gguf
     print(r1kit.generate(model, tok, ["What is 2+3?"], max_new_tokens=64))
     r1kit.save(model, tok, "path/to/new_checkpoint")
 """
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from r1kit.checkpoint import load, save  # noqa: E402
+from r1kit.checkpoint import load, load_tokenizer, save  # noqa: E402
 
-__all__ = ["load", "save", "generate"]
+__all__ = ["load", "load_tokenizer", "save", "generate"]
 
 
 def generate(model, tok, prompts, n: int = 1, max_new_tokens: int = 256, temperature: float = 0.6,

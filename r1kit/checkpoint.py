@@ -83,13 +83,17 @@ def has_trainer_state(path) -> bool:
 
 
 def load(path, device=None, dtype=None):
-    """→ (model, tokenizer) from a checkpoint directory (ours or a Hugging Face one), or a LoRA
-    adapter directory in PEFT's format (its base, named by base_model_name_or_path, plus the adapter)."""
-    hf.recover_swap(path)
-    if peft.is_adapter_dir(path):
-        return load_adapter_dir(path, device, dtype)
+    """→ (model, tokenizer) from a checkpoint directory (ours or a Hugging Face one), a .gguf file, or a
+    LoRA adapter directory in PEFT's format (its base, named by base_model_name_or_path, plus the adapter)."""
     from r1kit.common import resolve_device, resolve_dtype
     device = resolve_device(device)
+    hf.recover_swap(path)  # finish a swap a crash interrupted (a no-op for files and intact directories)
+    if peft.is_adapter_dir(path):
+        return load_adapter_dir(path, device, dtype)
+    if is_gguf(path):  # weights dequantized from the file, tokenizer from its header
+        from r1kit.formats import gguf_read, gguf_vocab
+        g = gguf_read.open_gguf(path)
+        return gguf_read.load_model(g, device=device, dtype=resolve_dtype(dtype, device)), gguf_vocab.load_tokenizer(g)
     model = hf.load_model(path, device=device, dtype=resolve_dtype(dtype, device))
     tok = Tokenizer.load(path)
     if tok.vocab_size > model.config.vocab_size:
@@ -115,6 +119,24 @@ def load_adapter_dir(path, device=None, dtype=None):
     if (path / "tokenizer.json").exists():
         tok = Tokenizer.load(path)
     return model, tok
+
+
+def is_gguf(path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer.json (its tokenizer_config.json beside it) or a .gguf."""
+    p = Path(path)
+    if is_gguf(p):
+        from r1kit.formats import gguf_vocab
+        return gguf_vocab.load_tokenizer(p)
+    if p.is_file() and p.name == "tokenizer.json":
+        return Tokenizer.load(p.parent)
+    if not p.is_dir():
+        raise hf.CheckpointError(f"{p}: expected a checkpoint directory, a tokenizer.json or a .gguf file")
+    hf.recover_swap(p)
+    return Tokenizer.load(p)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ VERBS = {
     "eval": ("r1kit.stages.evaluate", "pass@1 over k samples, cons@k, pass@k, greedy accuracy"),
     "merge": ("r1kit.merge", "fold a LoRA adapter (PEFT format) into its base as a full checkpoint"),
     "export": ("r1kit.export", "export a checkpoint to GGUF (F32/F16/Q8_0/Q4_K_M/Q5_K_M/Q6_K)"),
+    "convert": ("r1kit.convert", "convert a GGUF file into a Hugging Face checkpoint directory"),
     "fit": ("r1kit.plan", "will it fit: file size, KV cache, GPU layers and a speed bound"),
     "serve": ("r1kit.serve.server", "OpenAI-compatible API server with a web chat"),
     "chat": ("r1kit.serve.chat", "chat with a checkpoint in the terminal"),

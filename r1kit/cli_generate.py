@@ -10,7 +10,7 @@ from r1kit.tokenizer import TokenizerError
 
 
 def add_args(p) -> None:
-    p.add_argument("ckpt", help="checkpoint directory (r1kit or Hugging Face format)")
+    p.add_argument("ckpt", help="checkpoint directory (r1kit or Hugging Face format) or a .gguf file")
     p.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     p.add_argument("-n", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per sample (default 256)")

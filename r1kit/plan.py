@@ -217,6 +217,37 @@ def _deepseek_shape(d: dict, where: str) -> Shape:
                  mha_kv_dims=nope + rope + vdim, mtp_layers=f("num_nextn_predict_layers", 0))
 
 
+def shape_from_gguf(path) -> tuple[str, Shape, dict[str, QT], int, str]:
+    """A GGUF's header → (name, Shape, {tensor: stored type}, exact file bytes, file-type label).
+
+    Only the header is read: tensor shapes and types from the tensor infos, the KV-cache shape
+    from the metadata (the same keys llama.cpp sizes its cache by).
+    """
+    from gguf import LlamaFileType
+
+    from r1kit.formats import gguf_read
+    g = gguf_read.open_gguf(path)
+    _, c = gguf_read.read_config(g, rope_table=False)
+    # MTP (nextn) blocks a deepseek2 file appends are counted in the file size, not as layers
+    main = [t for t in g.tensors.values() if _layer_of(t.name) is None or _layer_of(t.name) < c.num_hidden_layers]
+    tensors = [(t.name, t.shape) for t in main]
+    if c.architecture == "DeepseekV3ForCausalLM":
+        shape = Shape("deepseek2", c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, 1,
+                      c.kv_lora_rank + c.qk_rope_head_dim, c.intermediate_size, c.max_position_embeddings, tensors,
+                      kv_lora_rank=c.kv_lora_rank, rope_dim=c.qk_rope_head_dim, n_expert=c.n_routed_experts,
+                      n_expert_used=c.num_experts_per_tok, expert_ffn=c.moe_intermediate_size,
+                      mha_kv_dims=c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+    else:
+        shape = Shape(g.arch, c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                      c.num_key_value_heads, c.head_dim, c.intermediate_size, c.max_position_embeddings, tensors)
+    ftype = g.get("general.file_type", int, None)
+    try:
+        label = LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "as stored"
+    except ValueError:
+        label = f"file type {ftype}"
+    return g.path.name, shape, {t.name: t.qtype for t in main}, g.path.stat().st_size, label
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes
 # ---------------------------------------------------------------------------------------------
@@ -253,13 +284,15 @@ class Sizes:
     layer_active: list[float]  # bytes one token reads per layer (MoE: active experts only)
     output_bytes: int  # output matrix (+ output_norm): on the GPU only when -ngl > layers
     embd_bytes: int  # token_embd: always in RAM, one row read per token
+    measured: bool = False  # file_bytes is a real file's size, not a prediction
 
 
-def model_sizes(s: Shape, mix: str) -> Sizes:
-    m = quants.get_mix(mix)
+def model_sizes(s: Shape, mix: str, stored: dict[str, QT] | None = None, stored_bytes: int | None = None) -> Sizes:
+    """Sizes at `mix` (llama.cpp's per-tensor rules), or of a GGUF as it is: its own types and file size."""
     info = quants.ArchInfo(arch=s.arch, n_layer=s.layers, n_expert=s.n_expert, n_head=s.heads,
                            n_head_kv=s.kv_heads, tied_embeddings=not any(n == "output.weight" for n, _ in s.tensors))
-    plan = quants.plan_types(((n, shp, QT.F32) for n, shp in s.tensors), m, info)
+    plan = stored if stored is not None else \
+        quants.plan_types(((n, shp, QT.F32) for n, shp in s.tensors), quants.get_mix(mix), info)
     shapes = dict(s.tensors)
     layer_bytes, active = [0] * s.layers, [0.0] * s.layers
     types: dict[str, int] = {}
@@ -279,8 +312,9 @@ def model_sizes(s: Shape, mix: str) -> Sizes:
     if info.tied_embeddings:  # llama.cpp gives the output layer its own copy of token_embd
         out += embd
     metadata = 40 * s.vocab + 4096  # tokens, types and merges strings: ~40 bytes a token
-    file_bytes = metadata + sum(tensor_bytes(shapes[n], t) + 31 for n, t in plan.items())
-    return Sizes(params, file_bytes, types, layer_bytes, active, out, embd)
+    file_bytes = stored_bytes if stored_bytes is not None else \
+        metadata + sum(tensor_bytes(shapes[n], t) + 31 for n, t in plan.items())
+    return Sizes(params, file_bytes, types, layer_bytes, active, out, embd, measured=stored_bytes is not None)
 
 
 def _numel(shape) -> int:
@@ -367,13 +401,17 @@ def plan_fit(model: str, quant: str = "Q4_K_M", vram_gib: float = 24.0, ctx: int
     for what, v in (("--ctx", ctx), ("--ubatch", ubatch), ("--gpu-bandwidth", gpu_bw), ("--cpu-bandwidth", cpu_bw)):
         if v <= 0:
             raise FitError(f"{what} must be > 0, got {v}")
-    try:
-        quants.get_mix(quant)
-    except ValueError as e:
-        raise FitError(str(e)) from None
-    name, cfg, where = resolve_config(model)
-    shape = shape_from_config(cfg, where)
-    sizes = model_sizes(shape, quant)
+    if Path(model).suffix.lower() == ".gguf":  # the file as it is: its tensors, types, size and metadata
+        name, shape, stored, n_bytes, label = shape_from_gguf(model)
+        sizes = model_sizes(shape, label, stored, n_bytes)
+    else:
+        try:
+            quants.get_mix(quant)
+        except ValueError as e:
+            raise FitError(str(e)) from None
+        name, cfg, where = resolve_config(model)
+        shape = shape_from_config(cfg, where)
+        sizes, label = model_sizes(shape, quant), quant.upper()
     kv_tok_layer = kv_bytes_per_token_layer(shape, kv_type)
     kv_layer = kv_tok_layer * ctx
     compute = compute_buffer_bytes(shape, ctx, ubatch, flash_attn)
@@ -387,7 +425,7 @@ def plan_fit(model: str, quant: str = "Q4_K_M", vram_gib: float = 24.0, ctx: int
     gpu_read = sum(sizes.layer_active[i] for i in gpu_ids) + n_gpu * kv_layer + (sizes.output_bytes if out_gpu else 0)
     cpu_read = sum(sizes.layer_active[i] for i in cpu_ids) + len(cpu_ids) * kv_layer \
         + (0 if out_gpu else sizes.output_bytes)
-    report = FitReport(name, shape, quant.upper(), ctx, kv_type, sizes, kv_tok_layer * shape.layers, compute,
+    report = FitReport(name, shape, label, ctx, kv_type, sizes, kv_tok_layer * shape.layers, compute,
                        vram, overhead, n_gpu, out_gpu,
                        gpu_bytes=(gpu_w + n_gpu * kv_layer + compute + overhead) if vram_gib > 0 else 0.0,
                        ram_bytes=cpu_w + len(cpu_ids) * kv_layer + compute,
@@ -441,7 +479,8 @@ def format_report(r: FitReport) -> str:
     lines = [
         f"{r.name}: {s.arch}, {s.kind}, {z.params / 1e9:.2f} B parameters, {s.layers} layers, {kv_desc}, "
         f"vocab {s.vocab}",
-        f"file ({r.mix}): {z.file_bytes / GB:.2f} GB = {_gib(z.file_bytes)}, "
+        f"file ({r.mix}{', as stored' if z.measured else ''}): "
+        + (f"{z.file_bytes:,} bytes = " if z.measured else "") + f"{z.file_bytes / GB:.2f} GB = {_gib(z.file_bytes)}, "
         f"{8 * z.file_bytes / z.params:.2f} bits/weight  [{counts}]",
         _kv_line(r),
         f"compute buffer (n_ubatch {r.ubatch}, flash attention {'on' if r.flash_attn else 'off'}): "
@@ -477,10 +516,12 @@ def _placement_lines(r: FitReport) -> list[str]:
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_args(p) -> None:
-    p.add_argument("model", nargs="?", help="checkpoint directory, a config.json, or a known name "
+    p.add_argument("model", nargs="?", help="a .gguf file (sized as stored), a checkpoint directory, a config.json, "
+                   "or a known name "
                    "(e.g. llama-3.1-70b, qwen2.5-7b, deepseek-r1; --list shows them)")
     p.add_argument("--quant", default="Q4_K_M", type=str.upper, choices=list(quants.MIXES),
-                   help="GGUF mix (default Q4_K_M); sizes use llama.cpp's per-tensor rules")
+                   help="GGUF mix (default Q4_K_M); sizes use llama.cpp's per-tensor rules (a .gguf MODEL is "
+                   "sized with its own types)")
     p.add_argument("--vram", type=float, default=24.0, help="GPU memory in GiB (a '24 GB' card has 24 GiB); "
                    "0 = CPU only (default 24)")
     p.add_argument("--ctx", type=int, default=8192, help="context length to hold in the KV cache (default 8192)")

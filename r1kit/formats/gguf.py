@@ -396,6 +396,7 @@ PRE_TOKENIZERS: dict[tuple, tuple[str, bool]] = {
     (("Split", QWEN2_SPLIT, "Isolated", False), _BYTELEVEL): ("qwen2", False),
     (("Split", LLAMA3_SPLIT, "Isolated", False), _BYTELEVEL): ("llama-bpe", True),
     (("ByteLevel", False, True),): ("gpt-2", False),
+    (("Digits", True), ("ByteLevel", False, True)): ("smollm", False),  # SmolLM: every digit alone
 }
 
 
@@ -411,6 +412,8 @@ def _pre_signature(pt: dict | None) -> tuple:
             sig.append(("Split", pat.get("Regex", pat.get("String")), s.get("behavior"), bool(s.get("invert"))))
         elif kind == "ByteLevel":
             sig.append(("ByteLevel", bool(s.get("add_prefix_space")), bool(s.get("use_regex", True))))
+        elif kind == "Digits":
+            sig.append(("Digits", bool(s.get("individual_digits"))))
         else:
             sig.append((kind,))
     return tuple(sig)

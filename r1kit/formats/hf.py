@@ -69,6 +69,8 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:  # a binary file (a .gguf, a .safetensors) given where JSON belongs
+        raise CheckpointError(f"{path}: not a JSON file (not UTF-8 text)") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object at the top level")
     return d

@@ -359,11 +359,11 @@ def run(cfg: EvalConfig) -> dict:
     from r1kit.common import print0
     from r1kit.config import ConfigError
     from r1kit.tasks import get_task
-    from r1kit.training import resolve_ckpt
+    from r1kit.training import is_checkpoint, resolve_ckpt
 
     ckpt = resolve_ckpt(cfg.checkpoint)
-    if not (ckpt / "config.json").exists():
-        raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json)")
+    if not is_checkpoint(ckpt) and not checkpoint.is_gguf(ckpt):
+        raise ConfigError(f"eval: {cfg.checkpoint} has no checkpoint (config.json) and is no .gguf file")
     if cfg.k < 1 or cfg.problems < 0:
         raise ConfigError(f"eval: k must be ≥ 1 and problems ≥ 0 (0: all), got k={cfg.k}, problems={cfg.problems}")
     if cfg.split not in SPLIT_CHOICES:
