@@ -10,11 +10,11 @@ tokens, max tokens, seed). Log-probs are those of the distribution the token was
 softmax(logits / temperature) before top-p/top-k truncation (raw logits when greedy) — the
 same quantity a trainer recomputes with a forward pass, so GRPO can use them as old log-probs.
 
-Works with any model that keeps the r1kit contract and has `new_cache(batch, max_len)`.
+Works with any model that keeps the r1kit contract and has `new_cache(batch, max_len)` returning a
+cache that keeps the protocol of models/llama.py's `KVCache` (lens, leading_rows, select, insert, nbytes).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -147,9 +147,7 @@ class Batch:
         self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0  # idle slots stay empty
         # slots fill lowest first, so a lightly loaded batch only runs the rows up to its last busy one
         n = slots[-1] + 1
-        cache = self.cache if n == len(self.rows) else _leading_rows(self.cache, n)
-        if cache is None:
-            cache, n = self.cache, len(self.rows)
+        cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
         logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
         tokens, logp = self._sample(logits[slots], slots)
         self.last[slots] = tokens
@@ -212,17 +210,6 @@ class Batch:
                 self.rows[i] = None
                 return True
         return False
-
-
-def _leading_rows(cache, n: int):
-    """The first `n` rows of a KV cache as a view whose writes land in `cache`, or None when the
-    cache is not laid out as k, v (layers, batch, ...) and lens (batch,) (then step runs full width)."""
-    k, v, lens = (getattr(cache, a, None) for a in ("k", "v", "lens"))
-    if not all(isinstance(t, torch.Tensor) for t in (k, v, lens)):
-        return None
-    view = copy.copy(cache)
-    view.k, view.v, view.lens = k[:, :n], v[:, :n], lens[:n]  # basic slices share storage
-    return view
 
 
 def _truncate(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,13 @@ from r1kit.serve.text import ChoiceText  # noqa: E402
 PAIRS = qa_pairs()  # (question, reasoning, answer)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "deepseek"])
+def ckpt(request, tmp_path_factory):
+    """Every test below runs on a dense and on a DeepSeek-V3 (MLA latent cache, MoE) checkpoint."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
     try:
-        return tiny_reasoning_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+        return tiny_reasoning_checkpoint(tmp_path_factory.mktemp("serve") / request.param, family=request.param)
     finally:
         torch.set_num_threads(threads)
 
@@ -43,6 +44,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt):
     backend = load_backend(str(ckpt), name="tiny", max_batch=8)
+    assert backend.kv_cache_bytes() == backend.batch.cache.nbytes() > 0
     with ServerThread(create_app(backend)) as url:
         yield SimpleNamespace(url=url, backend=backend)
 

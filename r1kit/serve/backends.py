@@ -71,7 +71,7 @@ class TorchBackend:
         return cls(model, tok, name, capacity, max_len or min(limit, 4096), defaults)
 
     def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.batch.cache.k, self.batch.cache.v))
+        return self.batch.cache.nbytes()
 
     def prompt(self, messages: list[dict]) -> tuple[list[int], bool]:
         ids = self.tok.chat_prompt(messages)
