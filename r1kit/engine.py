@@ -6,9 +6,16 @@ copied into free slots; then every `step()` decodes one token for all slots at o
 free up as rows finish and new prompts can join at any time (continuous batching).
 
 Each row carries its own sampling settings (temperature, top-p, top-k, stop strings, stop
-tokens, max tokens, seed). Log-probs are those of the distribution the token was drawn from,
-softmax(logits / temperature) before top-p/top-k truncation (raw logits when greedy) — the
-same quantity a trainer recomputes with a forward pass, so GRPO can use them as old log-probs.
+tokens, max tokens, seed); sampling.py draws the tokens (transformers' temperature → top-k →
+top-p order). Log-probs are log π_rollout: the log-probability of each token under the
+distribution it was drawn from, after temperature and truncation (log-softmax of the raw logits
+when greedy) — what an importance-sampling correction divides by. With top-p/top-k they differ
+from what a trainer's forward gives (log π_θ of the untruncated distribution), so GRPO
+recomputes its old log-probs with a forward pass rather than reading these.
+
+A seeded row draws from its own generator, one number per token, so its tokens do not depend on
+which other rows share the batch; `Engine.generate(seed=s)` seeds row r (sample j of prompt i,
+r = i·n + j) with `row_seed(s, r)`, whatever `max_batch` and however rows are admitted.
 
 Works with any model that keeps the r1kit contract and has `new_cache(batch, max_len)` returning a
 cache that keeps the protocol of models/llama.py's `KVCache` (lens, leading_rows, select, insert, nbytes).
@@ -18,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from r1kit import sampling
 
 
 @dataclass
@@ -154,24 +163,12 @@ class Batch:
         return self._record(slots, tokens.tolist(), logp.tolist())
 
     def _sample(self, logits: torch.Tensor, slots: list[int]):
-        """logits (n, V) for `slots` → (tokens (n,), logprobs (n,))."""
-        logits = logits.float()
-        temp = self.temp[slots][:, None]  # (n, 1)
-        greedy = temp == 0
-        logp_all = torch.log_softmax(logits / torch.where(greedy, 1.0, temp), dim=-1)  # (n, V)
-        probs = logp_all.exp()
-        top_p, top_k = self.top_p[slots], self.top_k[slots]
-        if bool((top_p < 1).any()) or bool((top_k > 0).any()):
-            probs = _truncate(probs, top_p, top_k)
-        uniform = torch.rand(probs.shape, generator=self.shared_gen, device=probs.device)
-        for j, s in enumerate(slots):  # rows with their own seed draw their own noise
-            if self.rows[s].generator is not None:
-                uniform[j] = torch.rand(probs.shape[-1], generator=self.rows[s].generator, device=probs.device)
-        noise = -torch.log(uniform)  # Exp(1); several times cheaper than exponential_() on CPU
-        # argmax(p / E), E ~ Exp(1), is an exact draw from p (the exponential race)
-        sampled = torch.argmax(probs / noise, dim=-1)
-        tokens = torch.where(greedy[:, 0], logits.argmax(-1), sampled)
-        return tokens, logp_all.gather(1, tokens[:, None])[:, 0]
+        """logits (n, V) for `slots` → (tokens (n,), log π_rollout (n,))."""
+        u = torch.rand(len(slots), generator=self.shared_gen, device=self.device)  # one call for unseeded rows
+        seeded = [(j, self.rows[s].generator) for j, s in enumerate(slots) if self.rows[s].generator is not None]
+        if seeded:  # rows with their own seed draw from their own generator: one number per token
+            u[[j for j, _ in seeded]] = torch.cat([torch.rand(1, generator=g, device=self.device) for _, g in seeded])
+        return sampling.sample(logits, self.temp[slots], self.top_p[slots], self.top_k[slots], u)
 
     def _record(self, slots, tokens, logps):
         events = []
@@ -212,16 +209,9 @@ class Batch:
         return False
 
 
-def _truncate(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Zero the tail of each row: keep the k most likely tokens and the smallest set with mass ≥ p."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)  # (n, V)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-    drop = mass_before >= top_p[:, None]
-    drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    drop[:, 0] = False  # always keep the most likely token
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row` of a generate(seed=seed) call: distinct rows, distinct streams."""
+    return hash((seed, row)) & (2**63 - 1)  # int tuples hash the same in every process
 
 
 def stop_text(text: str, stops: tuple[str, ...]) -> str:
@@ -253,9 +243,9 @@ class Engine:
             raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
                              f"context (max_position_embeddings = {limit})")
         batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len)
-        if params.seed is not None:  # one seed makes the whole call reproducible
-            batch.shared_gen.manual_seed(params.seed)
-        row_params = replace(params, seed=None)
+        # one seed makes the whole call reproducible: each row gets its own stream from (seed, row)
+        row_params = [replace(params, seed=None if params.seed is None else row_seed(params.seed, r))
+                      for r in range(len(rows))]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -264,7 +254,7 @@ class Engine:
                 free = len(batch.free_slots)
                 if waiting and free:  # admit waiting rows into the slots finished ones left
                     take, waiting = waiting[:free], waiting[free:]
-                    batch.add([rows[t][1] for t in take], [row_params] * len(take), take)
+                    batch.add([rows[t][1] for t in take], [row_params[t] for t in take], take)
                 if batch.active:
                     batch.step()
         finally:
