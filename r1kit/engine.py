@@ -55,10 +55,14 @@ class SamplingParams:
 class Sample:
     """One finished completion."""
     prompt_index: int
-    tokens: list[int]  # generated ids, the stop token included when one ended the row
-    logprobs: list[float]
+    tokens: list[int]  # generated ids: up to the stop token, or the token that completed a stop string
+    logprobs: list[float]  # log π_rollout of each token (see the module docstring)
     finish_reason: str  # "stop" (end token or stop string) | "length"
-    text: str = ""  # decoded, end tokens skipped, cut before a matched stop string
+    text: str = ""  # decode(tokens), end tokens skipped, cut before a matched stop string
+
+    # With a stop string, `tokens` is the shortest prefix whose text contains it: it ends with the
+    # token that completed the stop string (whose text may run past the cut), never a token wholly
+    # after it — so a trainer sees the tokens the reward judged, and only those.
 
 
 @dataclass
@@ -191,11 +195,8 @@ class Batch:
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         if token in row.stop_ids:
             return "stop"
-        if row.params.stop and self.tok is not None:
-            width = 4 * max(len(s) for s in row.params.stop) + 8  # tokens, enough chars for any stop
-            tail = self.tok.decode(row.tokens[-width:])
-            if any(s in tail for s in row.params.stop):
-                return "stop"
+        if row.params.stop and self.tok is not None and _tail_has_stop(self.tok, row.tokens, row.params.stop):
+            return "stop"
         if len(row.tokens) >= row.params.max_new_tokens or row.prompt_len + len(row.tokens) >= self.max_len:
             return "length"
         return None
@@ -212,6 +213,35 @@ class Batch:
 def row_seed(seed: int, row: int) -> int:
     """The seed of row `row` of a generate(seed=seed) call: distinct rows, distinct streams."""
     return hash((seed, row)) & (2**63 - 1)  # int tuples hash the same in every process
+
+
+def _tail_has_stop(tok, tokens: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether the text of `tokens` contains a stop string that ends in its last token.
+
+    Decodes only a tail, widened until it holds the last token's text plus the longest stop string
+    (tokens that decode to nothing, such as skipped special tokens, would otherwise hide one).
+    """
+    need = max(len(s) for s in stops) + len(tok.decode(tokens[-1:]))
+    width = 2 * max(len(s) for s in stops) + 8
+    while True:
+        tail = tok.decode(tokens[-width:])
+        if len(tail) >= need or width >= len(tokens):
+            return any(s in tail for s in stops)
+        width *= 4
+
+
+def stop_prefix(tok, tokens: list[int], stops: tuple[str, ...]) -> int | None:
+    """Length of the shortest prefix of `tokens` whose text contains a stop string; None if none does."""
+    if not stops or not any(s in tok.decode(tokens) for s in stops):
+        return None
+    lo, hi = 1, len(tokens)  # a prefix's text grows with its length: binary search the first that holds one
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tok.decode(tokens[:mid]) for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def stop_text(text: str, stops: tuple[str, ...]) -> str:
@@ -265,7 +295,10 @@ class Engine:
         return out
 
     def to_sample(self, prompt_index: int, row: _Row) -> Sample:
-        text = ""
-        if self.tok is not None:
-            text = stop_text(self.tok.decode(row.tokens), row.params.stop)
-        return Sample(prompt_index, row.tokens, row.logprobs, row.finish_reason, text)
+        if self.tok is None:
+            return Sample(prompt_index, row.tokens, row.logprobs, row.finish_reason)
+        n = stop_prefix(self.tok, row.tokens, row.params.stop)
+        reason = row.finish_reason if n is None else "stop"
+        tokens = row.tokens[:n]  # [:None] keeps them all
+        text = stop_text(self.tok.decode(tokens), row.params.stop)
+        return Sample(prompt_index, tokens, row.logprobs[:n], reason, text)
