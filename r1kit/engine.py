@@ -49,6 +49,9 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is out of range")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop={self.stop!r}: stop strings must be non-empty strings")
 
 
 @dataclass
@@ -74,7 +77,8 @@ class _Row:
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     generator: torch.Generator | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error" (then `error` holds the exception)
+    error: Exception | None = None
 
 
 class Batch:
@@ -134,11 +138,16 @@ class Batch:
             tmp.select(which)
         slot_t = torch.tensor(slots, device=self.device)
         self.cache.insert(slot_t, tmp)
-        for s, p, sp, tag in zip(slots, prompts, params, tags):
-            self._open_row(s, p, sp, tag)
-        tokens, logp = self._sample(logits, slots)
+        try:
+            for s, p, sp, tag in zip(slots, prompts, params, tags):
+                self._open_row(s, p, sp, tag)
+            tokens, logp = self._sample(logits, slots)
+        except BaseException:
+            for s in slots:  # all or nothing: no half-opened row stays behind
+                self.rows[s] = None
+            raise
         self.last[slot_t] = tokens
-        self._record(slots, tokens.tolist(), logp.tolist())
+        self._record(slots, tokens, logp)
         return slots
 
     def _open_row(self, slot: int, prompt: list[int], sp: SamplingParams, tag) -> None:
@@ -164,7 +173,7 @@ class Batch:
         logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
         tokens, logp = self._sample(logits[slots], slots)
         self.last[slots] = tokens
-        return self._record(slots, tokens.tolist(), logp.tolist())
+        return self._record(slots, tokens, logp)
 
     def _sample(self, logits: torch.Tensor, slots: list[int]):
         """logits (n, V) for `slots` → (tokens (n,), log π_rollout (n,))."""
@@ -174,13 +183,20 @@ class Batch:
             u[[j for j, _ in seeded]] = torch.cat([torch.rand(1, generator=g, device=self.device) for _, g in seeded])
         return sampling.sample(logits, self.temp[slots], self.top_p[slots], self.top_k[slots], u)
 
-    def _record(self, slots, tokens, logps):
+    def _record(self, slots: list[int], tokens: torch.Tensor, logps: torch.Tensor):
+        """Append each slot's new token; end the rows that finished. A row whose own checks raise (a bad
+        stop string, say) ends with reason "error" and its exception, and the other rows carry on."""
+        # ids are exact in float64: one device → host transfer per step for both
+        pairs = torch.stack((tokens.double(), logps.double())).T.tolist()
         events = []
-        for s, t, lp in zip(slots, tokens, logps):
-            row = self.rows[s]
+        for s, (t, lp) in zip(slots, pairs):
+            row, t = self.rows[s], int(t)
             row.tokens.append(t)
             row.logprobs.append(lp)
-            reason = self._finish_reason(row, t)
+            try:
+                reason = self._finish_reason(row, t)
+            except Exception as e:  # noqa: BLE001 — the row's own failure, reported with it
+                reason, row.error = "error", e
             events.append((row.tag, t, lp, reason))
             if reason is not None:
                 row.finish_reason = reason
@@ -200,6 +216,12 @@ class Batch:
         if len(row.tokens) >= row.params.max_new_tokens or row.prompt_len + len(row.tokens) >= self.max_len:
             return "length"
         return None
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step), keeping the KV cache: no second allocation."""
+        self.rows = [None] * len(self.rows)
+        self.finished = []
+        self.cache.lens.zero_()
 
     def cancel(self, tag) -> bool:
         """Free the slot of the row tagged `tag` (e.g. a client went away)."""
@@ -290,7 +312,11 @@ class Engine:
         finally:
             self.model.train(was_training)
         out: list[list[Sample]] = [[] for _ in prompts]
-        for r in sorted(batch.pop_finished(), key=lambda r: r.tag):
+        done = sorted(batch.pop_finished(), key=lambda r: r.tag)
+        failed = next((r for r in done if r.error is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"prompt {rows[failed.tag][0]}: {failed.error}") from failed.error
+        for r in done:
             out[rows[r.tag][0]].append(self.to_sample(rows[r.tag][0], r))
         return out
 

@@ -386,3 +386,21 @@ def test_speculative_equals_greedy():
     want = greedy[0][0].tokens
     stop = want[3]
     assert mtp_generate(m, [5, 0], 20, stop_ids={stop}).tokens == want[: want.index(stop) + 1]
+
+
+def test_a_row_that_fails_its_own_checks_ends_alone(tiny_tok):
+    from r1kit.engine import Batch
+    m = make_model("llama3")
+    batch = Batch(m, tiny_tok, 3, 64)
+    ok, bad = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True), SamplingParams(max_new_tokens=6, stop=("x",))
+    bad.stop = (5,)  # slipped past validation: its stop check raises
+    batch.add([[1, 2], [3, 4]], [ok, bad], ["ok", "bad"])
+    while batch.active:
+        batch.step()
+    rows = {r.tag: r for r in batch.pop_finished()}
+    assert rows["bad"].finish_reason == "error" and isinstance(rows["bad"].error, TypeError)
+    assert rows["ok"].finish_reason == "length" and len(rows["ok"].tokens) == 6
+    with pytest.raises(ValueError, match="stop strings must be non-empty strings"):
+        SamplingParams(stop=("",))
+    with pytest.raises(ValueError, match="stop strings must be non-empty strings"):
+        Engine(m, tiny_tok).generate([[1, 2]], bad)  # generate() re-checks the params it copies

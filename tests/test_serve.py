@@ -22,7 +22,9 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from r1kit.engine import SamplingParams  # noqa: E402
 from r1kit.serve.backends import load_backend  # noqa: E402
+from r1kit.serve.scheduler import RequestFailed, Scheduler  # noqa: E402
 from r1kit.serve.server import create_app  # noqa: E402
 from r1kit.serve.testing import ServerThread, qa_pairs, tiny_reasoning_checkpoint  # noqa: E402
 from r1kit.serve.text import ChoiceText  # noqa: E402
@@ -270,6 +272,82 @@ def test_errors_through_the_openai_client(client):
     assert res.status_code == 404 and res.json()["error"]["type"] == "not_found_error"
     q, r, a = PAIRS[6]
     assert client.chat.completions.create(model="tiny", messages=ask(q), temperature=0).choices[0].message.content == a
+
+
+# ---------------------------------------------------------------------------------------------
+# failures stay with the request that caused them
+# ---------------------------------------------------------------------------------------------
+async def _collect(handle):
+    """→ {choice index: tokens} when the request completes, or the RequestFailed message."""
+    tokens: dict[int, list] = {}
+    try:
+        async for index, token, _ in handle.events():
+            tokens.setdefault(index, []).append(token)
+    except RequestFailed as e:
+        return str(e)
+    return tokens
+
+
+def _answered(backend, tokens, pair) -> bool:
+    text = backend.decode(tokens)
+    return pair[1] in text and text.rstrip().endswith(pair[2])
+
+
+def test_a_failing_request_fails_alone(ckpt):
+    backend = load_backend(str(ckpt), name="tiny", max_batch=4)
+    cache = backend.batch.cache
+    prompts = [backend.prompt(ask(q))[0] for q, _, _ in PAIRS[:3]]
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+    bad_stop = SamplingParams(max_new_tokens=60, temperature=0, stop=("never",))
+    bad_stop.stop = (5,)  # set after validation: its stop check raises TypeError on the first token
+
+    async def run():
+        sched = Scheduler(backend)
+        sched.start()
+        try:  # all admitted in one tick, so they share one prefill that fails
+            handles = [sched.submit(prompts[0], [greedy]),
+                       sched.submit(prompts[1][:-1] + [10 ** 6], [greedy, greedy]),  # no such token: prefill raises
+                       sched.submit(prompts[1], [greedy]),
+                       sched.submit(prompts[2], [bad_stop])]
+            return await asyncio.gather(*(_collect(h) for h in handles))
+        finally:
+            await sched.stop()
+
+    ok0, bad_prompt, ok1, bad = asyncio.run(run())
+    assert _answered(backend, ok0[0], PAIRS[0]) and _answered(backend, ok1[0], PAIRS[1])
+    assert "IndexError" in bad_prompt and "TypeError" in bad
+    assert backend.batch.cache is cache and backend.active == 0
+
+
+def test_a_failed_step_fails_its_rows_and_keeps_the_cache(ckpt, monkeypatch):
+    backend = load_backend(str(ckpt), name="tiny", max_batch=4)
+    cache, step = backend.batch.cache, backend.batch.step
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return step()
+
+    monkeypatch.setattr(backend.batch, "step", flaky)
+    prompts = [backend.prompt(ask(q))[0] for q, _, _ in PAIRS[:2]]
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+
+    async def run():
+        sched = Scheduler(backend)
+        sched.start()
+        try:
+            first = await asyncio.gather(*(_collect(sched.submit(p, [greedy])) for p in prompts))
+            again = await _collect(sched.submit(prompts[0], [greedy]))
+            return first, again
+        finally:
+            await sched.stop()
+
+    first, again = asyncio.run(run())
+    assert all("out of memory" in f for f in first)
+    assert backend.batch.cache is cache  # reset() reuses the KV cache, no second allocation
+    assert _answered(backend, again[0], PAIRS[0])
 
 
 # ---------------------------------------------------------------------------------------------
