@@ -275,6 +275,37 @@ def test_errors_through_the_openai_client(client):
 
 
 # ---------------------------------------------------------------------------------------------
+# the checkpoint's own generation_config.json
+# ---------------------------------------------------------------------------------------------
+def test_serve_adopts_the_checkpoints_generation_config(ckpt, tmp_path):
+    import json
+
+    from r1kit.serve.backends import BackendError
+    from r1kit.serve.protocol import ChatRequest
+    from r1kit.serve.server import _prepare
+    own = tmp_path / "own"
+    shutil.copytree(ckpt, own)
+    (own / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3, "top_p": 0.8,
+                                                            "top_k": 20, "eos_token_id": [1]}))
+    backend = load_backend(str(own), name="tiny")
+    assert backend.defaults == {"temperature": 0.3, "top_p": 0.8, "top_k": 20}
+    _, _, params = _prepare(backend, ChatRequest(model="tiny", messages=ask("hi")))
+    assert (params[0].temperature, params[0].top_p, params[0].top_k) == (0.3, 0.8, 20)
+    _, _, params = _prepare(backend, ChatRequest(model="tiny", messages=ask("hi"), temperature=1.2, top_k=0))
+    assert (params[0].temperature, params[0].top_p, params[0].top_k) == (1.2, 0.8, 0)  # the request wins
+    (own / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert load_backend(str(own), name="tiny").defaults == {"temperature": 0.0}  # published as greedy
+    (own / "generation_config.json").unlink()
+    assert load_backend(str(own), name="tiny").defaults == {}
+    for bad, needle in [({"top_p": 1.5}, "'top_p' must be a number in (0, 1], got 1.5"),
+                        ({"top_k": "50"}, "'top_k' must be an integer ≥ 0"), ("{oops", "not valid JSON")]:
+        (own / "generation_config.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(BackendError, match="generation_config.json") as e:
+            load_backend(str(own), name="tiny")
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # failures stay with the request that caused them
 # ---------------------------------------------------------------------------------------------
 async def _collect(handle):

@@ -45,6 +45,40 @@ class Admission:
     params: SamplingParams
 
 
+_GENERATION_KEYS = {  # key → (check, what it must be)
+    "temperature": (lambda v: v >= 0, "a number ≥ 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: v >= 0 and float(v).is_integer(), "an integer ≥ 0"),
+}
+
+
+def generation_defaults(path) -> dict:
+    """The sampling defaults a checkpoint was published with: its own generation_config.json
+    (temperature, top_p, top_k), as vLLM adopts them; `do_sample: false` means greedy. A request's own
+    values win. No file → {} (the API's defaults). A value the engine cannot use → BackendError naming it.
+    """
+    f = Path(path) / "generation_config.json"
+    if not f.exists():
+        return {}
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BackendError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BackendError(f"{f}: expected a JSON object")
+    defaults = {}
+    for key, (ok, what) in _GENERATION_KEYS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise BackendError(f"{f}: '{key}' must be {what}, got {v!r}")
+        defaults[key] = int(v) if key == "top_k" else float(v)
+    if cfg.get("do_sample") is False:  # published as greedy
+        defaults["temperature"] = 0.0
+    return defaults
+
+
 def _starts_in_reasoning(prompt_text: str) -> bool:
     """A template that ends the prompt with an open <think> makes the completion reasoning."""
     return prompt_text.rstrip().endswith("<think>")
@@ -68,14 +102,7 @@ class TorchBackend:
         limit = model.max_seq_len
         if max_len is not None and max_len > limit:
             raise BackendError(f"--max-len {max_len} exceeds the model's {limit} positions")
-        defaults = {}
-        gen = Path(path) / "generation_config.json"
-        if gen.exists():  # sampling defaults the model was published with, as vLLM uses them
-            cfg = json.loads(gen.read_text())
-            defaults = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if isinstance(cfg.get(k), (int, float))}
-            if cfg.get("do_sample") is False:  # published as greedy
-                defaults["temperature"] = 0.0
-        return cls(model, tok, name, capacity, max_len or min(limit, 4096), defaults)
+        return cls(model, tok, name, capacity, max_len or min(limit, 4096), generation_defaults(path))
 
     def kv_cache_bytes(self) -> int:
         return self.batch.cache.nbytes()
