@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 PREFILTER = 1024  # tokens kept by the top-k prefilter before a full sort is needed
@@ -46,12 +47,13 @@ def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u:
     logits = logits.float()
     greedy = temperature == 0
     logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)  # (n, V)
-    tokens = logp.argmax(-1)  # greedy rows: argmax of the raw logits (the tempered ones agree)
-    out_logp = logp.gather(1, tokens[:, None])[:, 0]
     truncated = ~greedy & ((top_p < 1) | (top_k > 0))
-    plain = ~greedy & ~truncated
-    for kind, draw in ((plain, lambda r: _draw_full(logp[r], u[r])),
-                       (truncated, lambda r: draw_truncated(logp[r], top_p[r], top_k[r], u[r], prefilter))):
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    out_logp = torch.empty(logits.shape[0], device=logits.device)
+    kinds = ((greedy, lambda r: _draw_greedy(logp[r])),  # greedy rows: argmax of the raw logits
+             (~greedy & ~truncated, lambda r: _draw_full(logp[r], u[r])),
+             (truncated, lambda r: draw_truncated(logp[r], top_p[r], top_k[r], u[r], prefilter)))
+    for kind, draw in kinds:
         if bool(kind.all()):  # the usual case: one kind of row, no gather of (n, V)
             return draw(slice(None))
         if bool(kind.any()):
@@ -60,10 +62,31 @@ def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u:
     return tokens, out_logp
 
 
-def _draw_full(logp: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Untruncated rows: inverse CDF over the vocabulary in id order (no sort). logp (n, V), u (n,)."""
-    c = logp.exp().cumsum(-1)  # (n, V)
-    pos = torch.searchsorted(c, (u.to(c.dtype) * c[:, -1])[:, None], right=True).clamp_(max=c.shape[-1] - 1)  # (n, 1)
+def _draw_greedy(logp: Tensor) -> tuple[Tensor, Tensor]:
+    tokens = logp.argmax(-1)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _draw_full(logp: Tensor, u: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
+    """Untruncated rows: inverse CDF over the vocabulary in id order (no sort). logp (n, V), u (n,).
+
+    In two levels, since a cumulative sum over a whole 49k vocabulary is a slow sequential scan on
+    CPU: pick the block of `block` ids whose cumulative mass interval holds u·mass (block sums are
+    a vectorised reduction), then the token inside that block alone.
+    """
+    n, V = logp.shape
+    p = logp.exp()
+    if V % block:
+        p = F.pad(p, (0, block - V % block))  # zero mass past the vocabulary
+    blocks = p.view(n, -1, block)  # (n, V/block, block)
+    cb = blocks.sum(-1).cumsum(-1)  # (n, V/block) mass up to the end of each block
+    target = u.to(p.dtype)[:, None] * cb[:, -1:]  # (n, 1)
+    j = torch.searchsorted(cb, target, right=True).clamp_(max=cb.shape[-1] - 1)  # (n, 1) the block
+    rest = target - torch.where(j > 0, cb.gather(1, (j - 1).clamp(min=0)), 0.0)  # mass left inside it
+    inner = blocks.gather(1, j[:, :, None].expand(n, 1, block))[:, 0].cumsum(-1)  # (n, block)
+    # past the block's last nonzero token only by rounding: stay on it
+    last = (inner < inner[:, -1:]).sum(-1, keepdim=True).clamp(max=block - 1)
+    pos = j * block + torch.searchsorted(inner, rest, right=True).minimum(last)  # (n, 1)
     return pos[:, 0], logp.gather(1, pos)[:, 0]
 
 
