@@ -7,8 +7,8 @@ in one process (the machine is shared and noisy) and the medians are reported, w
 
   flop   tokens/s as a fraction of the FLOP limit: 87 GFLOP/s / (2 × multiply-adds per token,
          attention at the mean context included);
-  ceil   the same against the matmul ceiling measured here: bare `F.linear` over this config's
-         weight shapes at this batch, i.e. the best any engine built on torch matmuls can do.
+  ceil   the same against the matmul ceiling measured in the same rounds: bare `F.linear` over this
+         config's weight shapes at this batch, i.e. the best any engine built on torch matmuls can do.
 
 Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
 `--profile` prints where one decode step of the real config at batch 16 spends its time.
@@ -56,20 +56,17 @@ def macs_per_token(cfg: LlamaConfig, ctx: float) -> float:
     return weights + cfg.num_hidden_layers * 2 * cfg.num_attention_heads * cfg.head_dim * ctx
 
 
-def matmul_ceiling(cfg: LlamaConfig, rows: int, repeats: int = 5) -> float:
-    """Tokens/s if a decode step were only its weight matmuls at `rows` rows (bare F.linear, median)."""
-    total = 0.0
-    for o, i, n in weight_shapes(cfg):
-        x, w = torch.randn(rows, i), torch.randn(o, i)
-        F.linear(x, w)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(8):
-                F.linear(x, w)
-            times.append((time.perf_counter() - t0) / 8)
-        total += statistics.median(times) * n
-    return rows / total
+def matmul_steps(cfg: LlamaConfig, rows: int, steps: int):
+    """A callable running `steps` decode steps' worth of bare F.linear over the config's weight shapes
+    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers."""
+    mats = [(torch.randn(rows, i), torch.randn(o, i), n) for o, i, n in weight_shapes(cfg)]
+
+    def run():
+        for _ in range(steps):
+            for x, w, n in mats:
+                for _ in range(n):
+                    F.linear(x, w)
+    return run
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -107,11 +104,11 @@ def bench(name: str, batch: int, new: int, args, built) -> dict:
         with torch.inference_mode():
             ref.generate(prompts, attention_mask=torch.ones_like(prompts), **gen_kw)
 
-    t = interleaved({"r1kit": lambda: engine.generate(prompts.tolist(), sp), "hf": theirs}, args.repeats)
+    t = interleaved({"r1kit": lambda: engine.generate(prompts.tolist(), sp), "hf": theirs,
+                     "matmuls": matmul_steps(cfg, batch, new)}, args.repeats)
     n = batch * new
-    ours, hf_tps = n / t["r1kit"], n / t["hf"]
+    ours, hf_tps, ceiling = n / t["r1kit"], n / t["hf"], n / t["matmuls"]
     limit = PEAK / (2 * macs_per_token(cfg, args.prompt + new / 2))
-    ceiling = matmul_ceiling(cfg, batch)
     print(f"{name:6s} batch {batch:3d}  r1kit {ours:7.0f} tok/s   transformers {hf_tps:7.0f} tok/s   "
           f"ratio {ours / hf_tps:4.2f}x   flop {ours / limit:4.0%} (limit {limit:6.0f})   "
           f"ceil {ours / ceiling:4.0%} (matmuls alone {ceiling:6.0f} tok/s)", flush=True)

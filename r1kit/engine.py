@@ -171,7 +171,9 @@ class Batch:
         n = slots[-1] + 1
         cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
         logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
-        tokens, logp = self._sample(logits[slots], slots)
+        if len(slots) < n:  # a hole among the leading rows: only busy ones sample (a full batch copies nothing)
+            logits = logits[slots]
+        tokens, logp = self._sample(logits, slots)
         self.last[slots] = tokens
         return self._record(slots, tokens, logp)
 
