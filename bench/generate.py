@@ -1,73 +1,175 @@
 """r1kit's batched sampling vs transformers' generate on the same random weights, one thread.
 
-Batch 16, 32-token prompts, exactly 128 new tokens, temperature 1. Prints tokens/s for each and
-the final line `ratio_vs_hf=<small> <medium>`.
-    python bench/generate.py [--batch 16 --prompt 32 --new 128 --threads 1]
+Three configs — small, medium (the two FINDINGS.md measured transformers on) and real (the
+SmolLM2-135M shape: 30 layers, hidden 576, 9 heads / 3 KV, ffn 1536, vocab 49152, tied) — at
+batch 16 and 64: 32-token prompts, exactly `--new` new tokens, temperature 1. Peers run interleaved
+in one process (the machine is shared and noisy) and the medians are reported, with
+
+  flop   tokens/s as a fraction of the FLOP limit: 87 GFLOP/s / (2 × multiply-adds per token,
+         attention at the mean context included);
+  ceil   the same against the matmul ceiling measured in the same rounds: bare `F.linear` over this
+         config's weight shapes at this batch, i.e. the best any engine built on torch matmuls can do.
+
+Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
+`--profile` prints where one decode step of the real config at batch 16 spends its time.
+    python bench/generate.py [--new 128 --new-real 64 --repeats 3 --threads 1 --profile]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
-from r1kit.engine import Engine, SamplingParams
+from r1kit import sampling
+from r1kit.engine import Batch, Engine, SamplingParams
 from r1kit.formats import hf
 from r1kit.models.llama import Llama, LlamaConfig
 
-CONFIGS = {  # the two sizes FINDINGS.md measured transformers on
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=688),
-    "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                   intermediate_size=1376),
+PEAK = 87e9  # fp32 FLOP/s of one thread in a large matmul on this machine (FINDINGS.md)
+CONFIGS = {
+    "small": dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=688),
+    "medium": dict(vocab_size=512, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4, intermediate_size=1376),
+    "real": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True),
 }
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def weight_shapes(cfg: LlamaConfig) -> list[tuple[int, int, int]]:
+    """(out, in, count) of every matmul a decode step runs per token."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    per_layer = [(cfg.num_attention_heads * hd, d), (cfg.num_key_value_heads * hd, d),
+                 (cfg.num_key_value_heads * hd, d), (d, cfg.num_attention_heads * hd),
+                 (cfg.intermediate_size, d), (cfg.intermediate_size, d), (d, cfg.intermediate_size)]
+    L = cfg.num_hidden_layers
+    return [(o, i, L) for o, i in per_layer] + [(cfg.vocab_size, d, 1)]
+
+
+def macs_per_token(cfg: LlamaConfig, ctx: float) -> float:
+    """Multiply-adds per generated token: the weights, plus q·k and p·v over `ctx` cached positions."""
+    weights = sum(o * i * n for o, i, n in weight_shapes(cfg))
+    return weights + cfg.num_hidden_layers * 2 * cfg.num_attention_heads * cfg.head_dim * ctx
+
+
+def matmul_steps(cfg: LlamaConfig, rows: int, steps: int):
+    """A callable running `steps` decode steps' worth of bare F.linear over the config's weight shapes
+    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers."""
+    mats = [(torch.randn(rows, i), torch.randn(o, i), n) for o, i, n in weight_shapes(cfg)]
+
+    def run():
+        for _ in range(steps):
+            for x, w, n in mats:
+                for _ in range(n):
+                    F.linear(x, w)
+    return run
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Run each callable once to warm up, then `repeats` rounds in turn → median seconds of each."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(name: str, args) -> float:
+def build(name: str):
     import transformers
-    cfg = LlamaConfig(vocab_size=512, max_position_embeddings=1024, **CONFIGS[name])
+    cfg = LlamaConfig(max_position_embeddings=1024, **CONFIGS[name])
     model = Llama(cfg).init_weights(seed=0).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_model(model, d)
         ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    prompts = torch.randint(0, 512, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    return cfg, model, ref
+
+
+def bench(name: str, batch: int, new: int, args, built) -> dict:
+    cfg, model, ref = built
+    prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(0))
     engine = Engine(model)
-    sp = SamplingParams(max_new_tokens=args.new, temperature=1.0, ignore_eos=True, seed=0)
-    ours = best_of(lambda: engine.generate(prompts.tolist(), sp), args.repeats)
-    gen_kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=True, temperature=1.0,
-                  top_p=1.0, top_k=0, pad_token_id=0, eos_token_id=None)
-    with torch.inference_mode():
-        theirs = best_of(lambda: ref.generate(prompts, attention_mask=torch.ones_like(prompts), **gen_kw),
-                         args.repeats)
-    n = args.batch * args.new
-    print(f"{name:6s} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M  "
-          f"r1kit {n/ours:8.0f} tok/s ({ours:.2f}s)   transformers {n/theirs:8.0f} tok/s ({theirs:.2f}s)   "
-          f"ratio {theirs/ours:.2f}x", flush=True)
-    return theirs / ours
+    sp = SamplingParams(max_new_tokens=new, temperature=1.0, ignore_eos=True, seed=0)
+    gen_kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                  pad_token_id=0, eos_token_id=None)
+
+    def theirs():
+        with torch.inference_mode():
+            ref.generate(prompts, attention_mask=torch.ones_like(prompts), **gen_kw)
+
+    t = interleaved({"r1kit": lambda: engine.generate(prompts.tolist(), sp), "hf": theirs,
+                     "matmuls": matmul_steps(cfg, batch, new)}, args.repeats)
+    n = batch * new
+    ours, hf_tps, ceiling = n / t["r1kit"], n / t["hf"], n / t["matmuls"]
+    limit = PEAK / (2 * macs_per_token(cfg, args.prompt + new / 2))
+    print(f"{name:6s} batch {batch:3d}  r1kit {ours:7.0f} tok/s   transformers {hf_tps:7.0f} tok/s   "
+          f"ratio {ours / hf_tps:4.2f}x   flop {ours / limit:4.0%} (limit {limit:6.0f})   "
+          f"ceil {ours / ceiling:4.0%} (matmuls alone {ceiling:6.0f} tok/s)", flush=True)
+    return {"ratio": ours / hf_tps, "flop": ours / limit}
+
+
+def sampling_times(vocab: int, rows: int, repeats: int = 20) -> None:
+    """Top-p 0.95 truncation over a real vocabulary: the full sort against the top-k prefilter.
+
+    Logits N(0, 5²): a peaked next-token distribution like a trained model's, whose 0.95 nucleus fits in
+    the prefilter (with N(0, 3²) it would not: the near-flat tail of a random model spills to the full sort).
+    """
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 5
+    args = (logits, torch.ones(rows), torch.full((rows,), 0.95), torch.zeros(rows, dtype=torch.long), torch.rand(rows))
+    t = interleaved({"sort": lambda: sampling.sample(*args, prefilter=0),
+                     "prefilter": lambda: sampling.sample(*args)}, repeats)
+    print(f"top-p 0.95 over {vocab} tokens, {rows} rows: full sort {t['sort'] * 1e3:.1f} ms, "
+          f"top-k prefilter {t['prefilter'] * 1e3:.1f} ms ({t['sort'] / t['prefilter']:.1f}x)", flush=True)
+
+
+def profile_step(built, batch: int = 16, prompt: int = 32) -> None:
+    """torch.profiler over decode steps of a running batch: the top operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg, model, _ = built
+    b = Batch(model, None, batch, prompt + 64)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
+    b.add(ids, [SamplingParams(max_new_tokens=64, temperature=1.0, ignore_eos=True, seed=i) for i in range(batch)],
+          list(range(batch)))
+    for _ in range(4):
+        b.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(8):
+            b.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128, help="new tokens per row, small and medium")
+    ap.add_argument("--new-real", type=int, default=64, help="new tokens per row, real config")
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ratios = [bench(name, args) for name in ("small", "medium")]
-    print("ratio_vs_hf=" + " ".join(f"{r:.2f}" for r in ratios))
+    results = {}
+    for name in args.configs:
+        built = build(name)
+        for batch in args.batches:
+            results[name, batch] = bench(name, batch, args.new_real if name == "real" else args.new, args, built)
+        if name == "real":
+            sampling_times(CONFIGS["real"]["vocab_size"], 16)
+            if args.profile:
+                profile_step(built)
+        del built
+    b = args.batches[0]
+    print("ratio_vs_hf=" + " ".join(f"{results[n, b]['ratio']:.2f}" for n in args.configs if (n, b) in results))
+    print("flop_fraction=" + " ".join(f"{results[n, b]['flop']:.2f}" for n in ("small", "medium") if (n, b) in results))
 
 
 if __name__ == "__main__":

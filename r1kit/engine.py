@@ -6,20 +6,28 @@ copied into free slots; then every `step()` decodes one token for all slots at o
 free up as rows finish and new prompts can join at any time (continuous batching).
 
 Each row carries its own sampling settings (temperature, top-p, top-k, stop strings, stop
-tokens, max tokens, seed). Log-probs are those of the distribution the token was drawn from,
-softmax(logits / temperature) before top-p/top-k truncation (raw logits when greedy) — the
-same quantity a trainer recomputes with a forward pass, so GRPO can use them as old log-probs.
+tokens, max tokens, seed); sampling.py draws the tokens (transformers' temperature → top-k →
+top-p order). Log-probs are log π_rollout: the log-probability of each token under the
+distribution it was drawn from, after temperature and truncation (log-softmax of the raw logits
+when greedy) — what an importance-sampling correction divides by. With top-p/top-k they differ
+from what a trainer's forward gives (log π_θ of the untruncated distribution), so GRPO
+recomputes its old log-probs with a forward pass rather than reading these.
 
-Works with any model that keeps the r1kit contract and has `new_cache(batch, max_len)`.
+A seeded row draws from its own generator, one number per token, so its tokens do not depend on
+which other rows share the batch; `Engine.generate(seed=s)` seeds row r (sample j of prompt i,
+r = i·n + j) with `row_seed(s, r)`, whatever `max_batch` and however rows are admitted.
+
+Works with any model that keeps the r1kit contract and has `new_cache(batch, max_len)` returning a
+cache that keeps the protocol of models/llama.py's `KVCache` (lens, leading_rows, select, insert, nbytes).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from r1kit import sampling
 from r1kit.models.routing import record_routing
 
 
@@ -43,19 +51,26 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is out of range")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop={self.stop!r}: stop strings must be non-empty strings")
 
 
 @dataclass
 class Sample:
     """One finished completion."""
     prompt_index: int
-    tokens: list[int]  # generated ids, the stop token included when one ended the row
-    logprobs: list[float]
+    tokens: list[int]  # generated ids: up to the stop token, or the token that completed a stop string
+    logprobs: list[float]  # log π_rollout of each token (see the module docstring)
     finish_reason: str  # "stop" (end token or stop string) | "length"
-    text: str = ""  # decoded, end tokens skipped, cut before a matched stop string
+    text: str = ""  # decode(tokens), end tokens skipped, cut before a matched stop string
     # MoE routing replay (R3), when the engine records it: per gate, the (P + T - 1, k) expert ids of
     # every token the sampler fed (prompt, then all generated tokens but the last); None per gate that never ran
     routes: list | None = None
+
+    # With a stop string, `tokens` is the shortest prefix whose text contains it: it ends with the
+    # token that completed the stop string (whose text may run past the cut), never a token wholly
+    # after it — so a trainer sees the tokens the reward judged, and only those.
 
 
 @dataclass
@@ -67,7 +82,8 @@ class _Row:
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     generator: torch.Generator | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error" (then `error` holds the exception)
+    error: Exception | None = None
     routes: list | None = None  # per gate: (n_i, k) chunks of expert ids, when the batch records routing
 
 
@@ -130,14 +146,19 @@ class Batch:
             tmp.select(which)
         slot_t = torch.tensor(slots, device=self.device)
         self.cache.insert(slot_t, tmp)
-        for j, (s, p, sp, tag) in enumerate(zip(slots, prompts, params, tags)):
-            self._open_row(s, p, sp, tag)
-            if routes is not None:  # (U*L, k) per gate → this row's prompt tokens
-                self.rows[s].routes = [[] if r is None else [r.view(*ids.shape, -1)[which[j], : len(p)]]
-                                       for r in routes]
-        tokens, logp = self._sample(logits, slots)
+        try:
+            for j, (s, p, sp, tag) in enumerate(zip(slots, prompts, params, tags)):
+                self._open_row(s, p, sp, tag)
+                if routes is not None:  # (U*L, k) per gate → this row's prompt tokens
+                    self.rows[s].routes = [[] if r is None else [r.view(*ids.shape, -1)[which[j], : len(p)]]
+                                           for r in routes]
+            tokens, logp = self._sample(logits, slots)
+        except BaseException:
+            for s in slots:  # all or nothing: no half-opened row stays behind
+                self.rows[s] = None
+            raise
         self.last[slot_t] = tokens
-        self._record(slots, tokens.tolist(), logp.tolist())
+        self._record(slots, tokens, logp)
         return slots
 
     def _open_row(self, slot: int, prompt: list[int], sp: SamplingParams, tag) -> None:
@@ -159,9 +180,7 @@ class Batch:
         self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0  # idle slots stay empty
         # slots fill lowest first, so a lightly loaded batch only runs the rows up to its last busy one
         n = slots[-1] + 1
-        cache = self.cache if n == len(self.rows) else _leading_rows(self.cache, n)
-        if cache is None:
-            cache, n = self.cache, len(self.rows)
+        cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
         with self._routing() as routes:
             logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
         if routes is not None:  # one fed token per slot: (n, k) per gate
@@ -169,40 +188,37 @@ class Batch:
                 for chunks, r in zip(self.rows[s].routes, routes):
                     if r is not None:
                         chunks.append(r[s: s + 1])
-        tokens, logp = self._sample(logits[slots], slots)
+        if len(slots) < n:  # a hole among the leading rows: only busy ones sample (a full batch copies nothing)
+            logits = logits[slots]
+        tokens, logp = self._sample(logits, slots)
         self.last[slots] = tokens
-        return self._record(slots, tokens.tolist(), logp.tolist())
+        return self._record(slots, tokens, logp)
 
     def _routing(self):
         return record_routing(self.model) if self.record_routing else contextlib.nullcontext()
 
     def _sample(self, logits: torch.Tensor, slots: list[int]):
-        """logits (n, V) for `slots` → (tokens (n,), logprobs (n,))."""
-        logits = logits.float()
-        temp = self.temp[slots][:, None]  # (n, 1)
-        greedy = temp == 0
-        logp_all = torch.log_softmax(logits / torch.where(greedy, 1.0, temp), dim=-1)  # (n, V)
-        probs = logp_all.exp()
-        top_p, top_k = self.top_p[slots], self.top_k[slots]
-        if bool((top_p < 1).any()) or bool((top_k > 0).any()):
-            probs = _truncate(probs, top_p, top_k)
-        uniform = torch.rand(probs.shape, generator=self.shared_gen, device=probs.device)
-        for j, s in enumerate(slots):  # rows with their own seed draw their own noise
-            if self.rows[s].generator is not None:
-                uniform[j] = torch.rand(probs.shape[-1], generator=self.rows[s].generator, device=probs.device)
-        noise = -torch.log(uniform)  # Exp(1); several times cheaper than exponential_() on CPU
-        # argmax(p / E), E ~ Exp(1), is an exact draw from p (the exponential race)
-        sampled = torch.argmax(probs / noise, dim=-1)
-        tokens = torch.where(greedy[:, 0], logits.argmax(-1), sampled)
-        return tokens, logp_all.gather(1, tokens[:, None])[:, 0]
+        """logits (n, V) for `slots` → (tokens (n,), log π_rollout (n,))."""
+        u = torch.rand(len(slots), generator=self.shared_gen, device=self.device)  # one call for unseeded rows
+        seeded = [(j, self.rows[s].generator) for j, s in enumerate(slots) if self.rows[s].generator is not None]
+        if seeded:  # rows with their own seed draw from their own generator: one number per token
+            u[[j for j, _ in seeded]] = torch.cat([torch.rand(1, generator=g, device=self.device) for _, g in seeded])
+        return sampling.sample(logits, self.temp[slots], self.top_p[slots], self.top_k[slots], u)
 
-    def _record(self, slots, tokens, logps):
+    def _record(self, slots: list[int], tokens: torch.Tensor, logps: torch.Tensor):
+        """Append each slot's new token; end the rows that finished. A row whose own checks raise (a bad
+        stop string, say) ends with reason "error" and its exception, and the other rows carry on."""
+        # ids are exact in float64: one device → host transfer per step for both
+        pairs = torch.stack((tokens.double(), logps.double())).T.tolist()
         events = []
-        for s, t, lp in zip(slots, tokens, logps):
-            row = self.rows[s]
+        for s, (t, lp) in zip(slots, pairs):
+            row, t = self.rows[s], int(t)
             row.tokens.append(t)
             row.logprobs.append(lp)
-            reason = self._finish_reason(row, t)
+            try:
+                reason = self._finish_reason(row, t)
+            except Exception as e:  # noqa: BLE001 — the row's own failure, reported with it
+                reason, row.error = "error", e
             events.append((row.tag, t, lp, reason))
             if reason is not None:
                 row.finish_reason = reason
@@ -217,14 +233,17 @@ class Batch:
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         if token in row.stop_ids:
             return "stop"
-        if row.params.stop and self.tok is not None:
-            width = 4 * max(len(s) for s in row.params.stop) + 8  # tokens, enough chars for any stop
-            tail = self.tok.decode(row.tokens[-width:])
-            if any(s in tail for s in row.params.stop):
-                return "stop"
+        if row.params.stop and self.tok is not None and _tail_has_stop(self.tok, row.tokens, row.params.stop):
+            return "stop"
         if len(row.tokens) >= row.params.max_new_tokens or row.prompt_len + len(row.tokens) >= self.max_len:
             return "length"
         return None
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step), keeping the KV cache: no second allocation."""
+        self.rows = [None] * len(self.rows)
+        self.finished = []
+        self.cache.lens.zero_()
 
     def cancel(self, tag) -> bool:
         """Free the slot of the row tagged `tag` (e.g. a client went away)."""
@@ -235,27 +254,38 @@ class Batch:
         return False
 
 
-def _leading_rows(cache, n: int):
-    """The first `n` rows of a KV cache as a view whose writes land in `cache`, or None when the
-    cache is not laid out as k, v (layers, batch, ...) and lens (batch,) (then step runs full width)."""
-    k, v, lens = (getattr(cache, a, None) for a in ("k", "v", "lens"))
-    if not all(isinstance(t, torch.Tensor) for t in (k, v, lens)):
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row` of a generate(seed=seed) call: distinct rows, distinct streams."""
+    return hash((seed, row)) & (2**63 - 1)  # int tuples hash the same in every process
+
+
+def _tail_has_stop(tok, tokens: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether the text of `tokens` contains a stop string that ends in its last token.
+
+    Decodes only a tail, widened until it holds the last token's text plus the longest stop string
+    (tokens that decode to nothing, such as skipped special tokens, would otherwise hide one).
+    """
+    need = max(len(s) for s in stops) + len(tok.decode(tokens[-1:]))
+    width = 2 * max(len(s) for s in stops) + 8
+    while True:
+        tail = tok.decode(tokens[-width:])
+        if len(tail) >= need or width >= len(tokens):
+            return any(s in tail for s in stops)
+        width *= 4
+
+
+def stop_prefix(tok, tokens: list[int], stops: tuple[str, ...]) -> int | None:
+    """Length of the shortest prefix of `tokens` whose text contains a stop string; None if none does."""
+    if not stops or not any(s in tok.decode(tokens) for s in stops):
         return None
-    view = copy.copy(cache)
-    view.k, view.v, view.lens = k[:, :n], v[:, :n], lens[:n]  # basic slices share storage
-    return view
-
-
-def _truncate(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Zero the tail of each row: keep the k most likely tokens and the smallest set with mass ≥ p."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)  # (n, V)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-    drop = mass_before >= top_p[:, None]
-    drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    drop[:, 0] = False  # always keep the most likely token
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    lo, hi = 1, len(tokens)  # a prefix's text grows with its length: binary search the first that holds one
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tok.decode(tokens[:mid]) for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def stop_text(text: str, stops: tuple[str, ...]) -> str:
@@ -288,9 +318,9 @@ class Engine:
             raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
                              f"context (max_position_embeddings = {limit})")
         batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len, self.record_routing)
-        if params.seed is not None:  # one seed makes the whole call reproducible
-            batch.shared_gen.manual_seed(params.seed)
-        row_params = replace(params, seed=None)
+        # one seed makes the whole call reproducible: each row gets its own stream from (seed, row)
+        row_params = [replace(params, seed=None if params.seed is None else row_seed(params.seed, r))
+                      for r in range(len(rows))]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -299,19 +329,28 @@ class Engine:
                 free = len(batch.free_slots)
                 if waiting and free:  # admit waiting rows into the slots finished ones left
                     take, waiting = waiting[:free], waiting[free:]
-                    batch.add([rows[t][1] for t in take], [row_params] * len(take), take)
+                    batch.add([rows[t][1] for t in take], [row_params[t] for t in take], take)
                 if batch.active:
                     batch.step()
         finally:
             self.model.train(was_training)
         out: list[list[Sample]] = [[] for _ in prompts]
-        for r in sorted(batch.pop_finished(), key=lambda r: r.tag):
+        done = sorted(batch.pop_finished(), key=lambda r: r.tag)
+        failed = next((r for r in done if r.error is not None), None)
+        if failed is not None:
+            raise RuntimeError(f"prompt {rows[failed.tag][0]}: {failed.error}") from failed.error
+        for r in done:
             out[rows[r.tag][0]].append(self.to_sample(rows[r.tag][0], r))
         return out
 
     def to_sample(self, prompt_index: int, row: _Row) -> Sample:
-        text = ""
-        if self.tok is not None:
-            text = stop_text(self.tok.decode(row.tokens), row.params.stop)
         routes = None if row.routes is None else [torch.cat(c) if c else None for c in row.routes]
-        return Sample(prompt_index, row.tokens, row.logprobs, row.finish_reason, text, routes)
+        if self.tok is None:
+            return Sample(prompt_index, row.tokens, row.logprobs, row.finish_reason, routes=routes)
+        n = stop_prefix(self.tok, row.tokens, row.params.stop)
+        reason = row.finish_reason if n is None else "stop"
+        tokens = row.tokens[:n]  # [:None] keeps them all
+        text = stop_text(self.tok.decode(tokens), row.params.stop)
+        if routes is not None and n is not None:  # the fed tokens of the kept prefix: prompt + n - 1
+            routes = [None if r is None else r[: row.prompt_len + n - 1] for r in routes]
+        return Sample(prompt_index, tokens, row.logprobs[:n], reason, text, routes)

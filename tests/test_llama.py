@@ -1,4 +1,5 @@
-"""Dense family: parity with transformers, HF round trip, cache and padding invariance, bad input."""
+"""Dense family against transformers (parity, HF round trip, sharded checkpoints) and bad input; the engine
+and KV-cache tests, which need no transformers, are in test_engine.py."""
 import json
 import shutil
 
@@ -8,29 +9,10 @@ import torch
 import r1kit
 from r1kit.engine import Engine, SamplingParams
 from r1kit.formats import hf
-from r1kit.models.llama import Llama, LlamaConfig
+
+from model_fixtures import FAMILIES, make_model
 
 transformers = pytest.importorskip("transformers")
-
-FAMILIES = {
-    "llama3": dict(architecture="LlamaForCausalLM", max_position_embeddings=512,
-                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "qwen2": dict(architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True, rope_theta=1e6),
-    "qwen3": dict(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=24),
-}
-
-
-def make_model(family, seed=0):
-    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, **FAMILIES[family])
-    m = Llama(cfg).init_weights(seed=seed, std=0.1)
-    with torch.no_grad():  # non-trivial norms and biases so every parameter matters
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in m.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return m.eval()
 
 
 def hf_greedy(ref, ids, n):
@@ -72,68 +54,6 @@ def test_sharded_checkpoint_round_trip(tmp_path, tiny_tok):
     with torch.no_grad():
         assert (m2(idx) - m(idx)).abs().max() == 0
         assert (ref(idx).logits - m(idx)).abs().max() <= 1e-4
-
-
-def test_cached_equals_uncached():
-    m = make_model("qwen3")
-    idx = torch.randint(0, 320, (3, 16))
-    with torch.no_grad():
-        full = m(idx)
-        cache = m.new_cache(3, 32)
-        parts = [m(idx[:, :9], kv_cache=cache)] + [m(idx[:, t:t + 1], kv_cache=cache) for t in range(9, 16)]
-    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
-
-
-def test_ragged_batch_matches_each_prompt_alone():
-    m = make_model("llama3")
-    eng = Engine(m)
-    prompts = [[5, 6, 7], list(range(10, 30)), [42], [7] * 11]
-    sp = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
-    batched = eng.generate(prompts, sp)
-    for p, got in zip(prompts, batched):
-        assert got[0].tokens == eng.generate([p], sp)[0][0].tokens
-
-
-def test_per_token_nll_and_logprobs_agree():
-    m = make_model("qwen2")
-    eng = Engine(m)
-    out = eng.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True, seed=1))
-    s = out[0][0]
-    seq = torch.tensor([[1, 2, 3, 4] + s.tokens])
-    targets = torch.cat([seq[:, 1:], torch.full((1, 1), -100)], 1)
-    targets[:, :3] = -100  # only completion tokens
-    with torch.no_grad():
-        nll = m(seq, targets=targets, loss_reduction="none")
-    assert nll.shape == seq.shape
-    got = -nll[0, 3:3 + len(s.tokens)]
-    assert torch.allclose(got, torch.tensor(s.logprobs), atol=1e-4)
-
-
-def test_sampling_is_seeded_and_top_p_truncates():
-    m = make_model("llama3")
-    eng = Engine(m)
-    sp = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.5, n=3, seed=7, ignore_eos=True)
-    a, b = eng.generate([[1, 2]], sp), eng.generate([[1, 2]], sp)
-    assert [s.tokens for s in a[0]] == [s.tokens for s in b[0]]
-    tiny_p = eng.generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-6, ignore_eos=True))
-    greedy = eng.generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
-    assert tiny_p[0][0].tokens == greedy[0][0].tokens
-
-
-def test_stop_strings_and_eos(tiny_tok):
-    m = make_model("llama3")
-    eng = Engine(m, tiny_tok)
-    out = eng.generate([tiny_tok.encode("12+34=")], SamplingParams(max_new_tokens=20, temperature=0))
-    s = out[0][0]
-    text = tiny_tok.decode(s.tokens)
-    stop = text[2:4] if len(text) >= 4 else None
-    if stop:
-        cut = eng.generate([tiny_tok.encode("12+34=")], SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,)))
-        assert cut[0][0].finish_reason == "stop" and stop not in cut[0][0].text
-    eos = tiny_tok.eos_id
-    forced = eng.generate([tiny_tok.encode("12+34=")],
-                          SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=(s.tokens[0],)))
-    assert forced[0][0].tokens == [s.tokens[0]] and forced[0][0].finish_reason == "stop" and eos is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,12 +141,3 @@ def test_a_crash_between_the_two_renames_of_a_save_loses_nothing(tmp_path, tiny_
     assert checkpoint.has_trainer_state(tmp_path / "c")
     m2, _ = r1kit.load(tmp_path / "c")
     assert (tmp_path / "c" / "config.json").exists() and oct((tmp_path / "c").stat().st_mode)[-3:] != "700"
-
-
-def test_more_rows_than_max_batch_wait_for_free_slots():
-    m = make_model("qwen3")
-    prompts = [[i + 1, i + 2, i + 3] for i in range(7)]
-    sp = SamplingParams(max_new_tokens=6, temperature=0, n=2, ignore_eos=True)
-    small = Engine(m, max_batch=3).generate(prompts, sp)
-    big = Engine(m).generate(prompts, sp)
-    assert [[s.tokens for s in g] for g in small] == [[s.tokens for s in g] for g in big]

@@ -22,7 +22,9 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from r1kit.engine import SamplingParams  # noqa: E402
 from r1kit.serve.backends import load_backend  # noqa: E402
+from r1kit.serve.scheduler import RequestFailed, Scheduler  # noqa: E402
 from r1kit.serve.server import create_app  # noqa: E402
 from r1kit.serve.testing import ServerThread, qa_pairs, tiny_reasoning_checkpoint  # noqa: E402
 from r1kit.serve.text import ChoiceText  # noqa: E402
@@ -30,12 +32,13 @@ from r1kit.serve.text import ChoiceText  # noqa: E402
 PAIRS = qa_pairs()  # (question, reasoning, answer)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "deepseek"])
+def ckpt(request, tmp_path_factory):
+    """Every test below runs on a dense and on a DeepSeek-V3 (MLA latent cache, MoE) checkpoint."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
     try:
-        return tiny_reasoning_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+        return tiny_reasoning_checkpoint(tmp_path_factory.mktemp("serve") / request.param, family=request.param)
     finally:
         torch.set_num_threads(threads)
 
@@ -43,6 +46,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt):
     backend = load_backend(str(ckpt), name="tiny", max_batch=8)
+    assert backend.kv_cache_bytes() == backend.batch.cache.nbytes() > 0
     with ServerThread(create_app(backend)) as url:
         yield SimpleNamespace(url=url, backend=backend)
 
@@ -268,6 +272,115 @@ def test_errors_through_the_openai_client(client):
     assert res.status_code == 404 and res.json()["error"]["type"] == "not_found_error"
     q, r, a = PAIRS[6]
     assert client.chat.completions.create(model="tiny", messages=ask(q), temperature=0).choices[0].message.content == a
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint's own generation_config.json
+# ---------------------------------------------------------------------------------------------
+def test_serve_adopts_the_checkpoints_generation_config(ckpt, tmp_path):
+    import json
+
+    from r1kit.serve.backends import BackendError
+    from r1kit.serve.protocol import ChatRequest
+    from r1kit.serve.server import _prepare
+    own = tmp_path / "own"
+    shutil.copytree(ckpt, own)
+    (own / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3, "top_p": 0.8,
+                                                            "top_k": 20, "eos_token_id": [1]}))
+    backend = load_backend(str(own), name="tiny")
+    assert backend.defaults == {"temperature": 0.3, "top_p": 0.8, "top_k": 20}
+    _, _, params = _prepare(backend, ChatRequest(model="tiny", messages=ask("hi")))
+    assert (params[0].temperature, params[0].top_p, params[0].top_k) == (0.3, 0.8, 20)
+    _, _, params = _prepare(backend, ChatRequest(model="tiny", messages=ask("hi"), temperature=1.2, top_k=0))
+    assert (params[0].temperature, params[0].top_p, params[0].top_k) == (1.2, 0.8, 0)  # the request wins
+    (own / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert load_backend(str(own), name="tiny").defaults == {"temperature": 0.0}  # published as greedy
+    (own / "generation_config.json").unlink()
+    assert load_backend(str(own), name="tiny").defaults == {}
+    from r1kit.formats.hf import CheckpointError
+    for bad, needle, error in [({"top_p": 1.5}, "'top_p' must be a number in (0, 1], got 1.5", BackendError),
+                               ({"top_k": "50"}, "'top_k' must be an integer ≥ 0", BackendError),
+                               ("{oops", "invalid JSON at line 1", CheckpointError)]:  # the loader reads the file
+        (own / "generation_config.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(error, match="generation_config.json") as e:
+            load_backend(str(own), name="tiny")
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# failures stay with the request that caused them
+# ---------------------------------------------------------------------------------------------
+async def _collect(handle):
+    """→ {choice index: tokens} when the request completes, or the RequestFailed message."""
+    tokens: dict[int, list] = {}
+    try:
+        async for index, token, _ in handle.events():
+            tokens.setdefault(index, []).append(token)
+    except RequestFailed as e:
+        return str(e)
+    return tokens
+
+
+def _answered(backend, tokens, pair) -> bool:
+    text = backend.decode(tokens)
+    return pair[1] in text and text.rstrip().endswith(pair[2])
+
+
+def test_a_failing_request_fails_alone(ckpt):
+    backend = load_backend(str(ckpt), name="tiny", max_batch=4)
+    cache = backend.batch.cache
+    prompts = [backend.prompt(ask(q))[0] for q, _, _ in PAIRS[:3]]
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+    bad_stop = SamplingParams(max_new_tokens=60, temperature=0, stop=("never",))
+    bad_stop.stop = (5,)  # set after validation: its stop check raises TypeError on the first token
+
+    async def run():
+        sched = Scheduler(backend)
+        sched.start()
+        try:  # all admitted in one tick, so they share one prefill that fails
+            handles = [sched.submit(prompts[0], [greedy]),
+                       sched.submit(prompts[1][:-1] + [10 ** 6], [greedy, greedy]),  # no such token: prefill raises
+                       sched.submit(prompts[1], [greedy]),
+                       sched.submit(prompts[2], [bad_stop])]
+            return await asyncio.gather(*(_collect(h) for h in handles))
+        finally:
+            await sched.stop()
+
+    ok0, bad_prompt, ok1, bad = asyncio.run(run())
+    assert _answered(backend, ok0[0], PAIRS[0]) and _answered(backend, ok1[0], PAIRS[1])
+    assert "IndexError" in bad_prompt and "TypeError" in bad
+    assert backend.batch.cache is cache and backend.active == 0
+
+
+def test_a_failed_step_fails_its_rows_and_keeps_the_cache(ckpt, monkeypatch):
+    backend = load_backend(str(ckpt), name="tiny", max_batch=4)
+    cache, step = backend.batch.cache, backend.batch.step
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return step()
+
+    monkeypatch.setattr(backend.batch, "step", flaky)
+    prompts = [backend.prompt(ask(q))[0] for q, _, _ in PAIRS[:2]]
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+
+    async def run():
+        sched = Scheduler(backend)
+        sched.start()
+        try:
+            first = await asyncio.gather(*(_collect(sched.submit(p, [greedy])) for p in prompts))
+            again = await _collect(sched.submit(prompts[0], [greedy]))
+            return first, again
+        finally:
+            await sched.stop()
+
+    first, again = asyncio.run(run())
+    assert all("out of memory" in f for f in first)
+    assert backend.batch.cache is cache  # reset() reuses the KV cache, no second allocation
+    assert _answered(backend, again[0], PAIRS[0])
 
 
 # ---------------------------------------------------------------------------------------------

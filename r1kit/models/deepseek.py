@@ -177,33 +177,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 # ---------------------------------------------------------------------------------------------
-# KV caches — the llama.KVCache protocol (lens, positions, attn_mask, write, advance, select, insert)
+# KV caches — the llama.KVCache protocol; each names its storage in BUFFERS
 # ---------------------------------------------------------------------------------------------
-class _Measured:
-    def bytes_per_token_per_layer(self) -> float:
-        """Measured from the cache's own tensors: total bytes / (layers × rows × token slots)."""
-        L, B = self.tensors()[0].shape[:2]
-        return sum(t.numel() * t.element_size() for t in self.tensors()) / (L * B * self.max_len)
-
-
-class NaiveMLACache(_Measured, KVCache):
+class NaiveMLACache(KVCache):
     """Per-head keys (L, B, H, T, d_nope + d_rope) and values (L, B, H, T, d_v): what MHA would cache."""
 
     def __init__(self, n_layers, batch, n_heads, max_len, qk_head_dim, v_head_dim, dtype, device):
         super().__init__(n_layers, batch, n_heads, max_len, qk_head_dim, dtype, device)
         self.v = torch.zeros(n_layers, batch, n_heads, max_len, v_head_dim, dtype=dtype, device=device)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.k, self.v]
 
-
-class MLACache(_Measured, KVCache):
+class MLACache(KVCache):
     """The latent cache: per token and layer only [c_kv | k_pe], kv_lora_rank + qk_rope_head_dim numbers.
 
     One buffer kv (L, B, T, kv_lora_rank + rope_dim) with `c_kv` and `k_pe` as views of it, so the
     absorbed attention's key [c_kv | k_pe] is read in place instead of concatenated every step.
-    Positions/attn_mask/advance are llama.KVCache's; storage is our own.
+    Positions/attn_mask/advance and the row operations are llama.KVCache's; storage is our own.
     """
+    BUFFERS = {"kv": 2}
 
     def __init__(self, n_layers, batch, max_len, kv_lora_rank, rope_dim, dtype, device):  # own storage: no super()
         self.kv = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
@@ -224,16 +215,6 @@ class MLACache(_Measured, KVCache):
         rows = torch.arange(latent.shape[0], device=latent.device)[:, None].expand_as(pos)  # (B, T)
         self.kv[layer][rows, pos] = latent
         return self.kv[layer, :, :Tk]
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.kv, self.lens = self.kv[:, rows], self.lens[rows]
-
-    def insert(self, slots: torch.Tensor, other: "MLACache") -> None:
-        self.kv[:, slots, : other.kv.shape[2]] = other.kv
-        self.lens[slots] = other.lens
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.kv]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ MoE family reads it (its load statistics), the dense family accepts it so call s
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, fields
 
@@ -167,7 +168,17 @@ class KVCache:
     k, v: (L, B, n_kv_heads, max_len, head_dim). Rows fill independently (`lens` (B,)), so
     ragged prompts need no left padding: a row's tokens always sit at positions 0..len-1,
     and RoPE positions equal cache columns.
+
+    The protocol every r1kit cache keeps — the engine and the server ask nothing else of a cache:
+      lens (B,), max_len, batch_size          filled length of each row, capacity, rows
+      positions(T), attn_mask(pos), advance(T) what a cached forward needs
+      nbytes(), bytes_per_token_per_layer()   memory, measured from the cache's own tensors
+      leading_rows(n)                         the first n rows as a view whose writes land here
+      select(rows), insert(slots, other)      shrink to rows; copy a prefilled batch into slots
+    A subclass with other storage only names its tensors in `BUFFERS`: attribute → token axis,
+    each tensor laid out (layers, batch, …); the row operations above are written once, here.
     """
+    BUFFERS = {"k": 3, "v": 3}
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
@@ -202,15 +213,41 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.lens += T
 
+    # -- the row operations of the protocol, over BUFFERS ------------------------------------------
+    def buffers(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.BUFFERS]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def bytes_per_token_per_layer(self) -> float:
+        """total bytes / (layers × rows × token slots)."""
+        L, B = self.buffers()[0].shape[:2]
+        return self.nbytes() / (L * B * self.max_len)
+
+    def leading_rows(self, n: int) -> "KVCache":
+        """The first `n` rows as a cache of the same type sharing storage (basic slices are views),
+        so a forward through it writes into this cache and advances these rows' lens."""
+        view = copy.copy(self)
+        for name in self.BUFFERS:
+            setattr(view, name, getattr(self, name)[:, :n])
+        view.lens = self.lens[:n]
+        return view
+
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (e.g. drop finished sequences to shrink the batch)."""
-        self.k, self.v, self.lens = self.k[:, rows], self.v[:, rows], self.lens[rows]
+        """Keep only `rows` (e.g. copy a prefilled prompt to the G rows that sample it)."""
+        for name in self.BUFFERS:
+            setattr(self, name, getattr(self, name)[:, rows])
+        self.lens = self.lens[rows]
 
     def insert(self, slots: torch.Tensor, other: "KVCache") -> None:
-        """Copy `other`'s rows (a freshly prefilled batch) into rows `slots` of this cache."""
-        n = other.k.shape[3]
-        self.k[:, slots, :, :n] = other.k
-        self.v[:, slots, :, :n] = other.v
+        """Copy `other`'s rows (a freshly prefilled batch, same type) into rows `slots` of this cache."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot insert a {type(other).__name__} into a {type(self).__name__}")
+        for name, axis in self.BUFFERS.items():
+            src = getattr(other, name)
+            cols = (slice(None),) * (axis - 2) + (slice(0, src.shape[axis]),)  # the other's token slots
+            getattr(self, name)[(slice(None), slots, *cols)] = src
         self.lens[slots] = other.lens
 
 

@@ -4,7 +4,10 @@ Both speak one small, synchronous protocol that the scheduler drives from a sing
 thread (so only one model forward ever runs at a time):
 
     prompt(messages) → (ids, starts_in_reasoning)      decode(ids) → text (special tokens skipped)
-    tick(admit, cancel) → [(tag, token, finish_reason | None)]   one decoding step for every row
+    tick(admit, cancel) → [(tag, token, finish_reason | None)]   one decoding step for every row;
+        a row that failed on its own (its prefill raised, its stop check raised) comes back as
+        (tag, None, RowFailed) and the others carry on; an exception out of tick() means the step
+        itself failed (every running row is lost) and the caller calls reset()
     free_slots, active, capacity, context_len, name, defaults
 
 - `TorchBackend`: an r1kit / Hugging Face checkpoint directory on r1kit's engine. Its `Batch`
@@ -24,11 +27,15 @@ import torch
 
 from r1kit.engine import Batch, SamplingParams
 
-Event = tuple  # (tag, token id, finish reason or None)
+Event = tuple  # (tag, token id, finish reason or None), or (tag, None, RowFailed) for a failed row
 
 
 class BackendError(ValueError):
     """A model that cannot be served (missing file, no chat template, backend not installed)."""
+
+
+class RowFailed(RuntimeError):
+    """One row's own failure (its prefill or its stop check raised): only its request fails."""
 
 
 @dataclass
@@ -36,6 +43,34 @@ class Admission:
     tag: tuple  # (request id, choice index)
     prompt: list[int]
     params: SamplingParams
+
+
+_GENERATION_KEYS = {  # key → (check, what it must be)
+    "temperature": (lambda v: v >= 0, "a number ≥ 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: v >= 0 and float(v).is_integer(), "an integer ≥ 0"),
+}
+
+
+def generation_defaults(cfg: dict | None, f) -> dict:
+    """The sampling defaults a checkpoint was published with: its own generation_config.json `f`
+    (temperature, top_p, top_k; read and parsed once, by the checkpoint loader: `model.generation_config`),
+    as vLLM adopts them; `do_sample: false` means greedy. A request's own values win. No file → {}
+    (the API's defaults). A value the engine cannot use → BackendError naming it.
+    """
+    if cfg is None:
+        return {}
+    defaults = {}
+    for key, (ok, what) in _GENERATION_KEYS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise BackendError(f"{f}: '{key}' must be {what}, got {v!r}")
+        defaults[key] = int(v) if key == "top_k" else float(v)
+    if cfg.get("do_sample") is False:  # published as greedy
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def _starts_in_reasoning(prompt_text: str) -> bool:
@@ -61,17 +96,11 @@ class TorchBackend:
         limit = model.max_seq_len
         if max_len is not None and max_len > limit:
             raise BackendError(f"--max-len {max_len} exceeds the model's {limit} positions")
-        defaults = {}
-        gen = Path(path) / "generation_config.json"
-        if gen.exists():  # sampling defaults the model was published with, as vLLM uses them
-            cfg = json.loads(gen.read_text())
-            defaults = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if isinstance(cfg.get(k), (int, float))}
-            if cfg.get("do_sample") is False:  # published as greedy
-                defaults["temperature"] = 0.0
+        defaults = generation_defaults(getattr(model, "generation_config", None), Path(path) / "generation_config.json")
         return cls(model, tok, name, capacity, max_len or min(limit, 4096), defaults)
 
     def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.batch.cache.k, self.batch.cache.v))
+        return self.batch.cache.nbytes()
 
     def prompt(self, messages: list[dict]) -> tuple[list[int], bool]:
         ids = self.tok.chat_prompt(messages)
@@ -95,24 +124,50 @@ class TorchBackend:
                 self.batch.cancel(tag)
             events = self._admit(admit) if admit else []
             if self.batch.active:
-                events += [(tag, tok, reason) for tag, tok, _, reason in self.batch.step()]
+                events += [_event(tag, tok, reason, self.batch) for tag, tok, _, reason in self.batch.step()]
         self.batch.pop_finished()  # the events carry everything; finished rows need not pile up
         return events
 
     def _admit(self, admit: list[Admission]) -> list[Event]:
-        """Prefill new rows; their first token is sampled by the prefill itself."""
+        """Prefill new rows together; their first token is sampled by the prefill itself. When that
+        fails, each row is tried alone, so one bad request (a prompt the model cannot take) fails alone."""
+        try:
+            return self._add(admit)
+        except Exception as e:  # noqa: BLE001 — find the culprit below
+            if len(admit) == 1:
+                return [(admit[0].tag, None, RowFailed(_describe(e)))]
+        events = []
+        for a in admit:
+            try:
+                events += self._add([a])
+            except Exception as e:  # noqa: BLE001 — this request's own failure
+                events.append((a.tag, None, RowFailed(_describe(e))))
+        return events
+
+    def _add(self, admit: list[Admission]) -> list[Event]:
         slots = self.batch.add([a.prompt for a in admit], [a.params for a in admit], [a.tag for a in admit])
         ended = {r.tag: r for r in self.batch.finished}  # rows whose first token already ended them
         events = []
         for slot, a in zip(slots, admit):
             row = self.batch.rows[slot]
             row = row if row is not None and row.tag == a.tag else ended[a.tag]
-            events.append((a.tag, row.tokens[0], row.finish_reason))  # None while it runs
+            events.append(_event(a.tag, row.tokens[0], row.finish_reason, self.batch))  # None while it runs
         return events
 
     def reset(self) -> None:
-        """After a failed step: drop every row and start from an empty batch."""
-        self.batch = Batch(self.model, self.tok, self.capacity, self.context_len)
+        """After a failed step: drop every row and start again from an empty batch, same KV cache."""
+        self.batch.clear()
+
+
+def _event(tag, token: int, reason: str | None, batch: Batch) -> Event:
+    if reason != "error":
+        return tag, token, reason
+    row = next(r for r in batch.finished if r.tag == tag)
+    return tag, None, RowFailed(_describe(row.error))
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -176,7 +231,10 @@ class LlamaCppBackend:
         if self.seq is not None and self.seq.tag in cancel:
             self._end()
         if admit:
-            self._start(admit[0])
+            try:
+                self._start(admit[0])
+            except Exception as e:  # noqa: BLE001 — this request's own failure
+                return [(admit[0].tag, None, RowFailed(_describe(e)))]
         if self.seq is None:
             return []
         seq = self.seq

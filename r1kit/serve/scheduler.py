@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from r1kit.engine import SamplingParams
-from r1kit.serve.backends import Admission
+from r1kit.serve.backends import Admission, RowFailed
 
 log = logging.getLogger("r1kit.serve")
 _CANCELLED = object()  # queue sentinel: the request was cancelled, stop reading
@@ -135,7 +135,12 @@ class Scheduler:
     def _dispatch(self, events) -> None:
         for (rid, index), token, reason in events:
             handle = self._handles.get(rid)
-            if handle is None:  # cancelled while the step ran
+            if handle is None:  # cancelled, finished or failed while the step ran
+                continue
+            if isinstance(reason, RowFailed):  # this request alone fails; its other rows are freed
+                log.warning("request %s failed: %s", rid, reason)
+                self._fail(rid, handle, RequestFailed(f"generation failed: {reason}"))
+                self._cancels.extend((rid, i) for i in range(handle.n) if i != index)
                 continue
             handle.queue.put_nowait((index, token, reason))
             if reason is not None:
@@ -143,6 +148,11 @@ class Scheduler:
                 if handle.running == 0:
                     del self._handles[rid]
                     self.finished += 1
+
+    def _fail(self, rid: str, handle: Handle, error: RequestFailed) -> None:
+        handle.queue.put_nowait(error)
+        self._pending = deque(a for a in self._pending if a.tag[0] != rid)
+        del self._handles[rid]
 
     def _fail_all(self, error: Exception) -> None:
         """Requests with rows in the backend get the error and the backend restarts empty;
@@ -152,8 +162,6 @@ class Scheduler:
             waiting[a.tag[0]] = waiting.get(a.tag[0], 0) + 1
         for rid, handle in list(self._handles.items()):
             if waiting.get(rid, 0) < handle.running:  # some of its rows were in the failed batch
-                handle.queue.put_nowait(RequestFailed(f"generation failed: {type(error).__name__}: {error}"))
-                self._pending = deque(a for a in self._pending if a.tag[0] != rid)
-                del self._handles[rid]
+                self._fail(rid, handle, RequestFailed(f"generation failed: {type(error).__name__}: {error}"))
         self._cancels.clear()
         self.backend.reset()

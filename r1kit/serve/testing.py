@@ -26,21 +26,21 @@ def qa_pairs() -> list[tuple[str, str, str]]:
             for w in SUBJECTS]
 
 
-def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accuracy: float = 1.0):
+def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accuracy: float = 1.0,
+                              family: str = "llama"):
     """Train and save a tiny model that answers `qa_pairs()` under greedy decoding → path.
+
+    family "llama" (dense) or "deepseek" (DeepSeek-V3: MLA with the latent cache, MoE).
 
     Raises RuntimeError when training did not reach `min_accuracy` (exact greedy answers).
     """
     import r1kit
-    from r1kit.models.llama import Llama, LlamaConfig
     from r1kit.tokenizer import build_bpe_tokenizer
 
     pairs = qa_pairs()
     replies = [f"<think>\n{r}\n</think>\n\n{a}" for _, r, a in pairs]
     tok = build_bpe_tokenizer([q for q, _, _ in pairs] + replies, vocab_size=320, force_think=True)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = Llama(cfg).init_weights(seed=seed)
+    model = _tiny_model(family, tok.vocab_size, seed)
     ids, targets = _training_batch(tok, pairs, replies)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     # decaying to zero settles the memorised answers; a constant rate keeps kicking them loose
@@ -51,6 +51,8 @@ def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accurac
         loss.backward()
         opt.step()
         sched.step()
+        if hasattr(model, "after_optimizer_step"):  # MoE: the aux-loss-free bias update
+            model.after_optimizer_step()
     model.eval()
     got = r1kit.generate(model, tok, [q for q, _, _ in pairs], max_new_tokens=40, temperature=0)
     right = sum(g == reply.removeprefix("<think>\n") for g, reply in zip(got, replies))
@@ -58,6 +60,22 @@ def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accurac
         raise RuntimeError(f"tiny model learned only {right}/{len(pairs)} answers in {steps} steps")
     r1kit.save(model, tok, path)
     return path
+
+
+def _tiny_model(family: str, vocab_size: int, seed: int):
+    if family == "llama":
+        from r1kit.models.llama import Llama, LlamaConfig
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+        return Llama(cfg).init_weights(seed=seed)
+    if family == "deepseek":
+        from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
+        cfg = DeepseekConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                             num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_rope_head_dim=8,
+                             qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                             first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=1024)
+        return DeepseekV3(cfg).init_weights(seed)
+    raise ValueError(f"family must be 'llama' or 'deepseek', got {family!r}")
 
 
 def _training_batch(tok, pairs, replies):
