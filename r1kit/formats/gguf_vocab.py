@@ -137,7 +137,10 @@ def load_tokenizer(path) -> Tokenizer:
         except Exception as e:  # jinja2.TemplateSyntaxError, the template's raise_exception, …
             raise TokenizerError(f"{g.path}: tokenizer.chat_template does not render ({e})") from None
         force = opened.rstrip().endswith("<think>")
-    tok = Tokenizer(tk, detect_style(template), force, template or None, eos=eos, bos=bos or "")
+    unk = _token_id(g, "tokenizer.ggml.unknown_token_id", len(g.get_array("tokenizer.ggml.tokens")))
+    # the file's own padding and unknown tokens travel with it, so a re-export writes the same ids
+    tok = Tokenizer(tk, detect_style(template), force, template or None, eos=eos, bos=bos or "",
+                    pad=text(ids["pad"]), unk=text(unk))
     # every end-of-generation token the file names stops generation, beside the family defaults
     tok.stop_ids = sorted({*tok.stop_ids, *(i for i in (ids["eos"], ids["eot"]) if i is not None)})
     return tok

@@ -18,7 +18,6 @@ thread (so only one model forward ever runs at a time):
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path

@@ -191,3 +191,15 @@ def test_export_is_byte_identical_to_llama_cpp_quantizer(smol, smol_f32, llama_c
         assert g.tensor_type == w.tensor_type == result.types[w.name], w.name
         assert np.array_equal(np.asarray(w.data).view(np.uint8), np.asarray(g.data).view(np.uint8)), w.name
     assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_reexport_keeps_every_tokenizer_key(smol_path, smol_f32):
+    """Loaded from the GGUF and written again, the tokenizer metadata says what the original said."""
+    import numpy as np
+
+    from r1kit.formats.gguf_file import GGUFHeader
+    a, b = GGUFHeader(smol_path), GGUFHeader(smol_f32)
+    keys = [k for k in a.fields if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_space_prefix"]
+    for k in keys:  # add_space_prefix = false is llama.cpp's default for BPE; the export leaves it out
+        va, vb = a.value(k), b.value(k)
+        assert (np.array_equal(va, vb) if isinstance(va, np.ndarray) else va == vb), k
