@@ -63,68 +63,84 @@ def _seq_sum(a: np.ndarray) -> np.ndarray:
 def _qkx2_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants for every column of x (block_len, m) at once.
 
-    Returns (L, scale, the_min): levels in [0, nmax] as float32, and per column the
-    scale and the (positive) offset.
+    Returns (scale, the_min, levels): per column the scale and the (positive) offset, and
+    `levels(cols)`, which rebuilds the winning step's levels in [0, nmax] for those columns (the
+    caller needs them only where its second pass cannot re-quantise). A step's levels are a pure
+    function of its (iscale, shift), so improvements record those two numbers instead of
+    copying levels.
     """
     fnmax = _F32(nmax)
-    xmin_true = x.min(axis=0)
-    mn = np.minimum(xmin_true, _F32(0))
+    n, m = x.shape
+    xmin = x.min(axis=0)
+    mn = np.minimum(xmin, _F32(0))
     mx = x.max(axis=0)
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
-    live = mx != mn  # all-equal columns get L = 0 and scale 0 below, like the reference
+    live = mx != mn  # all-equal columns get L = 0 and scale 0, like the reference
+    dead = ~live  # their iscale is set to 0, so their levels are 0 and nothing overflows
+    t = np.empty_like(x)
+    prods = np.empty((n, 3, m), dtype=_F32)  # w*l, w*l*l, w*l*x side by side: one reduction
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = fnmax / (mx - mn)
         scale = _F32(1) / iscale
-        L = _levels(x, mn, iscale, fnmax, _rint_ok(iscale, mx, mn, xmin_true, live), np.empty_like(x))
-        best = _weighted_sq_err(scale, L, mn, x, w)
-        l_try = np.empty_like(x)
-        tmp = np.empty_like(x)
+        iscale[dead] = 0
+        lev_iscale, lev_shift = iscale.copy(), mn.copy()
+        _levels(x, mn, iscale, fnmax, xmin, mx, t)
+        best = _weighted_sq_err(scale, t, mn, x, w, out=prods[:, 0])
         for step in range(nstep + 1):
             # `mn` may have moved to an earlier step's fitted min: the reference reuses it here
             iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + fnmax) / (mx - mn)
-            _levels(x, mn, iscale, fnmax, _rint_ok(iscale, mx, mn, xmin_true, live), l_try)
-            np.multiply(w, l_try, out=tmp)
-            sum_l = _seq_sum(tmp)
-            sum_l2 = _seq_sum(tmp * l_try)
-            sum_xl = _seq_sum(np.multiply(tmp, x, out=tmp))
+            np.copyto(iscale, 0, where=dead)
+            _levels(x, mn, iscale, fnmax, xmin, mx, t)
+            wl = np.multiply(w, t, out=prods[:, 0])
+            np.multiply(wl, t, out=prods[:, 1])
+            np.multiply(wl, x, out=prods[:, 2])
+            sum_l, sum_l2, sum_xl = _seq_sum(prods)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
-            this_min[pos] = 0
-            this_scale[pos] = (sum_xl / sum_l2)[pos]
-            cur = _weighted_sq_err(this_scale, l_try, this_min, x, w, out=tmp)
+            np.copyto(this_min, 0, where=pos)
+            np.copyto(this_scale, sum_xl / sum_l2, where=pos)
+            cur = _weighted_sq_err(this_scale, t, this_min, x, w, out=prods[:, 0])
             better = live & (D > 0) & (cur < best)
-            if better.any():
-                np.copyto(L, l_try, where=better)
-                best[better] = cur[better]
-                scale[better] = this_scale[better]
-                mn[better] = this_min[better]
-    L[:, ~live] = 0
-    scale[~live] = 0
-    return L, scale, -mn
+            np.copyto(best, cur, where=better)
+            np.copyto(scale, this_scale, where=better)
+            np.copyto(lev_iscale, iscale, where=better)
+            np.copyto(lev_shift, mn, where=better)  # the shift these levels were made with
+            np.copyto(mn, this_min, where=better)
+    scale[dead] = 0
+
+    def levels(cols):
+        xc = x[:, cols]
+        return _levels(xc, lev_shift[cols], lev_iscale[cols], fnmax, xmin[cols], mx[cols], np.empty_like(xc))
+
+    return scale, -mn, levels
 
 
-def _rint_ok(iscale, mx, mn, xmin_true, live) -> bool:
-    """True when every |iscale*(x - mn)| of a live column stays below 2**22 (rint is exact)."""
-    reach = np.maximum(np.abs(mx - mn), np.abs(xmin_true - mn))
-    bound = (np.abs(iscale) * reach)[live]
-    return bool(np.all(bound < _RINT_SAFE))
+def _levels(x, mn, iscale, fnmax, xmin, xmax, out):
+    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) into `out`, per column of x.
 
-
-def _levels(x, mn, iscale, fnmax, rint_ok: bool, out):
-    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) into `out`."""
+    fl(iscale*fl(x - mn)) is monotone in x, so the column's min and max give its exact range:
+    the clamps, and the bit-exact nearest_int for values past 2**22, run only when some column
+    reaches them.
+    """
+    a, b = (xmin - mn) * iscale, (xmax - mn) * iscale
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
     np.subtract(x, mn, out=out)
     out *= iscale
-    if rint_ok:
-        np.rint(out, out=out)
-    else:
+    if not (lo.min() > -_RINT_SAFE and hi.max() < _RINT_SAFE):
         out[...] = nearest_int(out)
-    return np.clip(out, 0, fnmax, out=out)
+        return np.clip(out, 0, fnmax, out=out)
+    np.rint(out, out=out)
+    if np.signbit(lo).any():  # clip also turns rint's -0.0 into the reference's integer 0
+        np.clip(out, 0, fnmax, out=out)
+    elif np.rint(hi.max()) > fnmax:
+        np.minimum(out, fnmax, out=out)
+    return out
 
 
-def _weighted_sq_err(scale, L, mn, x, w, out=None):
+def _weighted_sq_err(scale, L, mn, x, w, out):
     # sum_i w_i * ((scale*L_i + mn) - x_i)**2, in the reference's operation order
     d = np.multiply(L, scale, out=out)
     d += mn
@@ -156,7 +172,7 @@ def _q45k_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     av_x = np.sqrt(sum_x2 / _F32(32))
     w = np.abs(xs)
     w += av_x
-    L, scales, mins = _qkx2_search(xs, w, nmax, rmin, 0.1, nstep)
+    scales, mins, levels = _qkx2_search(xs, w, nmax, rmin, 0.1, nstep)
     scales = scales.reshape(nb, 8)
     mins = mins.reshape(nb, 8)
     max_scale = np.maximum(scales.max(axis=1), _F32(0))
@@ -172,8 +188,10 @@ def _q45k_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     sub_d = (d[:, None] * ls.astype(_F32)).reshape(-1)
     sub_m = (dmin[:, None] * lm.astype(_F32)).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        requant = np.clip(nearest_int((xs + sub_m) / sub_d), 0, _F32(nmax))
-    np.copyto(L, requant, where=sub_d != 0)
+        L = np.clip(nearest_int((xs + sub_m) / sub_d), 0, _F32(nmax))
+    unscaled = np.flatnonzero(sub_d == 0)  # a zero stored scale keeps the search's own levels
+    if unscaled.size:
+        L[:, unscaled] = levels(unscaled)
     L8 = L.T.astype(np.uint8).reshape(nb, 4, 2, 32)
     return d16, dmin16, _pack_scales_mins(ls, lm), L8
 
