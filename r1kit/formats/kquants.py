@@ -26,7 +26,7 @@ import numpy as np
 __all__ = ["QK_K", "nearest_int", "quantize_k"]
 
 QK_K = 256
-_CHUNK_SUPERBLOCKS = 512  # 512*256 floats = 512 KiB per (32, n) temporary
+_CHUNK_SUPERBLOCKS = 1024
 
 _F32 = np.float32
 _MAGIC = _F32(12582912.0)  # 1.5 * 2**23: adding it leaves round(v) in the low mantissa bits
@@ -42,11 +42,6 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     """llama.cpp's ``nearest_int`` bit for bit (also for huge / non-finite input), as float32."""
     bits = (np.asarray(v, dtype=_F32) + _MAGIC).view(np.int32)
     return ((bits & 0x007FFFFF) - 0x00400000).astype(_F32)
-
-
-def _round(v: np.ndarray, exact: bool) -> np.ndarray:
-    # np.rint equals nearest_int while |v| < 2**22; `exact` covers the rare rest
-    return nearest_int(v) if exact else np.rint(v, out=v)
 
 
 def _fp16_round_trip(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,31 +62,31 @@ def _qkx2_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     `levels(cols)`, which rebuilds the winning step's levels in [0, nmax] for those columns (the
     caller needs them only where its second pass cannot re-quantise). A step's levels are a pure
     function of its (iscale, shift), so improvements record those two numbers instead of
-    copying levels.
+    copying levels. Per-column work is kept to few NumPy calls: at a few thousand columns a
+    call costs more than its arithmetic.
     """
     fnmax = _F32(nmax)
     n, m = x.shape
-    xmin = x.min(axis=0)
-    mn = np.minimum(xmin, _F32(0))
-    mx = x.max(axis=0)
+    ext = np.stack([x.min(axis=0), x.max(axis=0)])  # (2, m): each column's min and max
+    mn = np.minimum(ext[0], _F32(0))
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
-    live = mx != mn  # all-equal columns get L = 0 and scale 0, like the reference
-    dead = ~live  # their iscale is set to 0, so their levels are 0 and nothing overflows
+    dead = ext[1] == mn  # all-equal columns: the reference returns L = 0, scale 0
     t = np.empty_like(x)
     prods = np.empty((n, 3, m), dtype=_F32)  # w*l, w*l*l, w*l*x side by side: one reduction
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = fnmax / (mx - mn)
+        span = ext[1] - mn
+        iscale = fnmax / span
         scale = _F32(1) / iscale
-        iscale[dead] = 0
+        span[dead] = np.inf  # iscale 0 there: levels 0, so D = 0 and the column never improves
+        iscale = fnmax / span
         lev_iscale, lev_shift = iscale.copy(), mn.copy()
-        _levels(x, mn, iscale, fnmax, xmin, mx, t)
+        _levels(x, mn, iscale, ext, fnmax, t)
         best = _weighted_sq_err(scale, t, mn, x, w, out=prods[:, 0])
         for step in range(nstep + 1):
             # `mn` may have moved to an earlier step's fitted min: the reference reuses it here
-            iscale = (_F32(rmin) + _F32(rdelta) * _F32(step) + fnmax) / (mx - mn)
-            np.copyto(iscale, 0, where=dead)
-            _levels(x, mn, iscale, fnmax, xmin, mx, t)
+            iscale = np.divide(_F32(rmin) + _F32(rdelta) * _F32(step) + fnmax, span)
+            _levels(x, mn, iscale, ext, fnmax, t)
             wl = np.multiply(w, t, out=prods[:, 0])
             np.multiply(wl, t, out=prods[:, 1])
             np.multiply(wl, x, out=prods[:, 2])
@@ -99,45 +94,57 @@ def _qkx2_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            np.copyto(this_min, 0, where=pos)
-            np.copyto(this_scale, sum_xl / sum_l2, where=pos)
+            pos = np.flatnonzero(this_min > 0)
+            if pos.size:
+                this_min[pos] = 0
+                this_scale[pos] = sum_xl[pos] / sum_l2[pos]
             cur = _weighted_sq_err(this_scale, t, this_min, x, w, out=prods[:, 0])
-            better = live & (D > 0) & (cur < best)
-            np.copyto(best, cur, where=better)
-            np.copyto(scale, this_scale, where=better)
-            np.copyto(lev_iscale, iscale, where=better)
-            np.copyto(lev_shift, mn, where=better)  # the shift these levels were made with
-            np.copyto(mn, this_min, where=better)
+            better = np.flatnonzero((D > 0) & (cur < best))
+            if better.size:
+                best[better] = cur[better]
+                scale[better] = this_scale[better]
+                lev_iscale[better] = iscale[better]
+                lev_shift[better] = mn[better]  # the shift these levels were made with
+                mn[better] = this_min[better]
+                span[better] = ext[1, better] - mn[better]
     scale[dead] = 0
 
     def levels(cols):
         xc = x[:, cols]
-        return _levels(xc, lev_shift[cols], lev_iscale[cols], fnmax, xmin[cols], mx[cols], np.empty_like(xc))
+        return _levels(xc, lev_shift[cols], lev_iscale[cols], ext[:, cols], fnmax, np.empty_like(xc))
 
     return scale, -mn, levels
 
 
-def _levels(x, mn, iscale, fnmax, xmin, xmax, out):
-    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) into `out`, per column of x.
-
-    fl(iscale*fl(x - mn)) is monotone in x, so the column's min and max give its exact range:
-    the clamps, and the bit-exact nearest_int for values past 2**22, run only when some column
-    reaches them.
-    """
-    a, b = (xmin - mn) * iscale, (xmax - mn) * iscale
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
+def _levels(x, mn, iscale, ext, fnmax, out):
+    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) into `out`, for x (n, m) whose columns have
+    minimum and maximum ext (2, m)."""
     np.subtract(x, mn, out=out)
     out *= iscale
-    if not (lo.min() > -_RINT_SAFE and hi.max() < _RINT_SAFE):
-        out[...] = nearest_int(out)
-        return np.clip(out, 0, fnmax, out=out)
-    np.rint(out, out=out)
-    if np.signbit(lo).any():  # clip also turns rint's -0.0 into the reference's integer 0
-        np.clip(out, 0, fnmax, out=out)
-    elif np.rint(hi.max()) > fnmax:
-        np.minimum(out, fnmax, out=out)
-    return out
+    # fl(iscale*fl(x - mn)) is monotone in x: the columns' ends give its exact range
+    ends = ext - mn
+    ends *= iscale
+    return _round_clamp(out, ends, _F32(0), fnmax)
+
+
+def _round_clamp(v, ends, qmin, qmax):
+    """clamp(nearest_int(v), qmin, qmax) in place, for v whose every value lies between the
+    least and the largest of `ends`.
+
+    The clamps, and the bit-exact nearest_int for values past 2**22, run only when some value
+    reaches them; on the rest of the range rint is nearest_int and a clamp changes nothing.
+    """
+    lo, hi = ends.min(), ends.max()
+    if not (lo > -_RINT_SAFE and hi < _RINT_SAFE):  # also catches NaN
+        v[...] = nearest_int(v)
+        return np.clip(v, qmin, qmax, out=v)
+    np.rint(v, out=v)
+    # with qmin = 0, clip also turns rint's -0.0 into the reference's integer 0
+    if np.rint(lo) < qmin or (qmin == 0 and lo == 0 and np.signbit(ends).any()):
+        np.clip(v, qmin, qmax, out=v)
+    elif np.rint(hi) > qmax:
+        np.minimum(v, qmax, out=v)
+    return v
 
 
 def _weighted_sq_err(scale, L, mn, x, w, out):
@@ -215,46 +222,64 @@ def _q5k_chunk(x: np.ndarray) -> np.ndarray:
                            sc, qh, qs], axis=1)
 
 
-def _qx_search(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(16, 32, rmse_type=1) for every column of x (16, m): (L in [0,63], scale)."""
+def _qx_search(x: np.ndarray):
+    """make_qx_quants(16, 32, rmse_type=1) for every column of x (16, m).
+
+    Returns (scale, levels): per column the scale, and `levels(cols)`, the winning step's levels
+    in [0, 63] for those columns (recorded as that step's iscale, as in `_qkx2_search`).
+    """
     nmax = _F32(32)
+    n, m = x.shape
     idx = np.abs(x).argmax(axis=0)  # first index of the largest |x|, like the strict '>' scan
     xmax = np.take_along_axis(x, idx[None, :], axis=0)[0]
-    zero = np.abs(xmax) < _GROUP_MAX_EPS
+    zero = np.abs(xmax) < _GROUP_MAX_EPS  # the reference returns L = 0, scale 0 for these
+    ext = np.stack([x.min(axis=0), x.max(axis=0)])  # (2, m): each column's min and max
+    t = np.empty_like(x)
+    prods = np.empty((n, 2, m), dtype=_F32)  # w*x*l and w*l*l side by side: one reduction
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = -nmax / xmax
-        exact = not bool(np.all(np.isfinite(iscale[~zero])))
-        wx = x * x * x  # w = x*x, then (w*x): same two roundings as the reference's w*x[i]
         w = x * x
-        l = np.clip(_round(iscale * x, exact), -nmax, nmax - 1)
-        sumlx = _seq_sum(wx * l)
-        suml2 = _seq_sum(w * l * l)
+        wx = w * x  # w = x*x, then (w*x): the reference's two roundings of w*x[i]
+
+        def sums(iscale):
+            np.multiply(x, iscale, out=t)
+            _round_clamp(t, ext * iscale, -nmax, nmax - 1)  # fl(iscale*x) is monotone in x
+            np.multiply(wx, t, out=prods[:, 0])
+            np.multiply(w, t, out=prods[:, 1])
+            prods[:, 1] *= t
+            return _seq_sum(prods)
+
+        xmax[zero] = np.inf  # iscale 0: levels 0, sums 0, so a zero column never improves
+        iscale = -nmax / xmax
+        sumlx, suml2 = sums(iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0)).astype(_F32)
         best = scale * sumlx
-        L = l + nmax
-        t = np.empty_like(x)
+        lev_iscale = iscale.copy()
         for step in range(-9, 10):
             if step == 0:
                 continue
-            iscale = -(nmax + _F32(0.1) * _F32(step)) / xmax
-            np.multiply(x, iscale, out=t)
-            np.clip(_round(t, exact), -nmax, nmax - 1, out=t)
-            sumlx = _seq_sum(wx * t)
-            suml2 = _seq_sum(np.multiply(w, t, out=l) * t)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            if better.any():
-                np.copyto(L, t + nmax, where=better)
-                scale[better] = (sumlx / suml2)[better]
+            iscale = np.divide(-(nmax + _F32(0.1) * _F32(step)), xmax)
+            sumlx, suml2 = sums(iscale)
+            better = np.flatnonzero((suml2 > 0) & (sumlx * sumlx > best * suml2))
+            if better.size:
+                scale[better] = sumlx[better] / suml2[better]
                 best[better] = scale[better] * sumlx[better]
-    L[:, zero] = 0
+                lev_iscale[better] = iscale[better]
     scale[zero] = 0
-    return L, scale
+
+    def levels(cols):
+        ic = lev_iscale[cols]
+        lc = _round_clamp(x[:, cols] * ic, ext[:, cols] * ic, -nmax, nmax - 1)
+        lc += nmax
+        lc[:, zero[cols]] = 0
+        return lc
+
+    return scale, levels
 
 
 def _q6k_chunk(x: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
     xs = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, nb*16), column = sub-block
-    L, scales = _qx_search(xs)
+    scales, levels = _qx_search(xs)
     scales = scales.reshape(nb, 16)
     # the signed scale of largest magnitude (first one on ties) sets the super-block scale
     pick = np.abs(scales).argmax(axis=1)
@@ -267,8 +292,10 @@ def _q6k_chunk(x: np.ndarray) -> np.ndarray:
         sc = np.minimum(nearest_int(iscale[:, None] * scales), _F32(127))
         sc8 = sc.astype(np.int32).astype(np.int8)
         sub_d = (d[:, None] * sc8.astype(_F32)).reshape(-1)
-        requant = np.clip(nearest_int(xs / sub_d), _F32(-32), _F32(31)) + _F32(32)
-    np.copyto(L, requant, where=sub_d != 0)
+        L = np.clip(nearest_int(xs / sub_d), _F32(-32), _F32(31)) + _F32(32)
+    unscaled = np.flatnonzero(sub_d == 0)  # a zero stored scale keeps the search's own levels
+    if unscaled.size:
+        L[:, unscaled] = levels(unscaled)
     L8 = L.T.astype(np.uint8).reshape(nb, 2, 4, 32)
     ql = ((L8[:, :, 0:2] & 0xF) | ((L8[:, :, 2:4] & 0xF) << 4)).reshape(nb, 128)
     hi = L8 >> 4
