@@ -138,9 +138,10 @@ def _round_clamp(v, ends, qmin, qmax):
         v[...] = nearest_int(v)
         return np.clip(v, qmin, qmax, out=v)
     np.rint(v, out=v)
-    # with qmin = 0, clip also turns rint's -0.0 into the reference's integer 0. (A one-sided
-    # np.minimum is no cheaper than np.clip with float32 bounds: 2.5x slower, measured.)
-    if np.rint(lo) < qmin or np.rint(hi) > qmax or (qmin == 0 and lo == 0 and np.signbit(ends).any()):
+    # rint may leave -0.0 where the reference has the integer 0: a zero level contributes a
+    # zero product either way, and a column whose levels are all 0 has D = 0 and is skipped.
+    # (One clip with float32 bounds: a one-sided np.minimum measured 2.5x slower.)
+    if np.rint(lo) < qmin or np.rint(hi) > qmax:
         np.clip(v, qmin, qmax, out=v)
     return v
 
