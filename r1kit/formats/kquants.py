@@ -252,8 +252,13 @@ def _qx_search(x: np.ndarray, ext: np.ndarray):
     in [0, 63] for those columns (recorded as that step's iscale, as in `_qkx2_search`).
     """
     nmax = _F32(32)
-    idx = np.abs(x).argmax(axis=0)  # first index of the largest |x|, like the strict '>' scan
-    xmax = np.take_along_axis(x, idx[None, :], axis=0)[0]
+    # the value of largest |x| (the first one on ties, like the strict '>' scan): the column's
+    # max or min, unless both have that magnitude (argmax along axis 0 is 30x slower than max)
+    xmax = np.where(ext[1] > -ext[0], ext[1], ext[0])
+    tie = np.flatnonzero(ext[1] == -ext[0])
+    if tie.size:
+        xt = x[:, tie]
+        xmax[tie] = np.take_along_axis(xt, np.abs(xt).argmax(axis=0)[None, :], axis=0)[0]
     zero = np.abs(xmax) < _GROUP_MAX_EPS  # the reference returns L = 0, scale 0 for these
     t, p, q = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
