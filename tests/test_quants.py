@@ -1,7 +1,9 @@
 """GGUF quantizers and mixes: round trips through gguf's dequantizer, llama.cpp's per-tensor rules,
 and byte identity with llama.cpp's own quantizer (skipped when llama_cpp is not installed)."""
 
+import ctypes
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from gguf.quants import dequantize
 from gguf_fixtures import TinySpec, write_tiny_gguf
 
 from r1kit.formats.gguf_file import GGUFHeader
-from r1kit.formats.kquants import nearest_int
+from r1kit.formats.kquants import _seq_sum, nearest_int, quantize_k
 from r1kit.formats.quants import (MIXES, SUPPORTED_TYPES, ArchInfo, plan_types, quantize,
                                  quantize_gguf, tensor_type)
 
@@ -186,3 +188,98 @@ def test_byte_identical_to_llama_cpp(llama_cpp, sources, tmp_path, model, mix):
         wb, gb = np.asarray(w.data).view(np.uint8), np.asarray(g.data).view(np.uint8)
         assert np.array_equal(wb, gb), f"{w.name} ({w.tensor_type.name}): bytes differ"
     assert ours.read_bytes() == ref.read_bytes(), "tensors match but the files differ (metadata?)"
+
+
+# ---------------------------------------------------------------------------------------------
+# K-quant search against ggml's own row quantizers, on inputs that reach its corner cases
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(16, 1), (16, 8192), (32, 7), (32, 8192)])
+def test_seq_sum_adds_rows_one_after_another(shape):
+    # the searches' byte identity rests on this: ggml sums a sub-block's values in a C loop
+    rng = np.random.default_rng(shape[1])
+    a = (rng.standard_normal(shape) * 10.0 ** rng.integers(-7, 8, shape)).astype(np.float32)
+    want = a[0].copy()
+    for row in a[1:]:
+        want += row
+    assert np.array_equal(_seq_sum(a), want)
+    if shape[1] > 1:  # the data tells orders apart: pairwise sums of the same rows differ
+        pairwise = np.add.reduce(np.ascontiguousarray(a.T), axis=1)
+        assert not np.array_equal(pairwise, want)
+
+
+def _hard_inputs():
+    """Named float32 inputs of 64 super-blocks that drive the K-quant searches off the easy path."""
+    rng = np.random.default_rng(7)
+    n = 256 * 64
+    gauss = rng.standard_normal(n)
+    zeros_consts = gauss.copy()
+    zeros_consts[: n // 2] = 0  # all-zero super-blocks, then constant sub-blocks in live ones
+    zeros_consts[n // 2: n // 2 + 32 * 7] = 0.25
+    spikes = gauss.copy()
+    spikes[::32] *= 1e4  # one huge value per sub-block
+    beside = gauss.copy()
+    beside[rng.random(n // 32).repeat(32) < 0.3] *= 1e-40  # subnormal sub-blocks in normal ones
+    sparse = np.zeros(n)
+    sparse[::97] = 1.0
+    return {
+        "gauss": gauss,
+        "outliers": np.where(rng.random(n) < 0.003, gauss * 50, rng.laplace(size=n)),
+        "zeros_and_constants": zeros_consts,
+        "all_positive": np.abs(gauss) + 0.5,
+        "all_negative": -np.abs(gauss) - 0.5,
+        "tiny_1e-30": gauss * 1e-30,  # fp16 scales flush to zero: levels come from the search
+        "subnormal": gauss * 1e-40,  # iscale overflows to inf: ggml's nearest_int garbage
+        "subnormal_beside_normal": beside,  # ... and that garbage is what gets stored
+        "spikes": spikes,
+        # sub-blocks 1e-8..1e4 apart inside a super-block: small ones get a stored scale of 0
+        "mixed_magnitudes": gauss * 10.0 ** rng.integers(-8, 5, n // 32).repeat(32),
+        "sparse": sparse,
+        "gridded": np.round(gauss * 4) / 4,  # many ties for the rounding
+        "narrow_range": 1.0 + gauss * 1e-7,
+    }
+
+
+HARD = _hard_inputs()
+
+
+@pytest.fixture(scope="module")
+def ggml_quantize(llama_cpp):
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    found = sorted(lib_dir.glob("libggml-base.*"))
+    if not found:
+        pytest.skip(f"no libggml-base in {lib_dir}")
+    lib = ctypes.CDLL(str(found[0]))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
+
+    def run(x, qtype, block_bytes):
+        rows = x.reshape(-1, 256)
+        out = np.empty((rows.shape[0], block_bytes), np.uint8)
+        fn(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], 256, None)  # no imatrix
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("case", list(HARD))
+def test_k_quants_byte_identical_to_ggml_on_hard_inputs(ggml_quantize, case, kind):
+    x = np.ascontiguousarray(HARD[case], dtype=np.float32)
+    with np.errstate(all="ignore"):
+        ours = quantize_k(x, kind)
+    want = ggml_quantize(x, QT[kind], ours.shape[1])
+    differ = np.flatnonzero((ours != want).any(axis=1))
+    assert differ.size == 0, f"{case}/{kind}: super-blocks {differ[:8].tolist()} differ"
+
+
+def test_hard_inputs_reach_zero_stored_scales():
+    # the levels a search picked survive only where a sub-block's stored scale is 0; the
+    # inputs above must reach that path for every K-type, or the identity test misses it
+    q4 = quantize_k(HARD["mixed_magnitudes"].astype(np.float32), "Q4_K")
+    sc = q4[:, 4:8] & 63  # first four 6-bit sub-block scales
+    assert ((sc == 0) & (q4[:, 0:2].view(np.uint16) != 0)).any()
+    q6 = quantize_k(HARD["mixed_magnitudes"].astype(np.float32), "Q6_K")
+    assert ((q6[:, 192:208] == 0).any(axis=1) & (q6[:, 208:210].view(np.uint16)[:, 0] != 0)).any()
