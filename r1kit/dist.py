@@ -88,6 +88,13 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Wo
     return world(), device
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a run (no-op outside torchrun)."""
+    if tdist.is_initialized():
+        barrier("finishing the run")
+        tdist.destroy_process_group()
+
+
 def _check_same_backend(device: torch.device) -> None:
     """All ranks on the same kind of device: a mix (one node without GPUs) would deadlock in NCCL."""
     kinds = [None] * tdist.get_world_size()
@@ -344,4 +351,4 @@ def _quiet():
 __all__ = ["DistError", "World", "world", "init", "wrap", "unwrap", "shard", "shard_range", "loss_scale",
            "all_reduce_sum", "all_reduce_mean", "all_reduce_max", "global_sum", "all_gather", "broadcast",
            "barrier", "all_reduce_", "no_sync", "after_optimizer_step", "full_state_dict", "save_optimizer",
-           "load_optimizer", "print0", "is_main_process", "PARALLEL"]
+           "load_optimizer", "shutdown", "print0", "is_main_process", "PARALLEL"]
