@@ -172,3 +172,97 @@ def test_sft_two_processes_match_one(sft_data, tmp_path, arch, parallel):
     torchrun(["sft", "--config", str(sft_toml(tmp_path / "s.toml", two)), "--out", str(tmp_path / "two")])
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert max_weight_diff(tmp_path / "two", tmp_path / "one") <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class Stop(Exception):
+    pass
+
+
+def test_saved_on_two_processes_resumes_on_one(pretrain_reference, tmp_path):
+    """FSDP2 on 2 processes writes sharded optimizer state at step 3; 1 process resumes it to step 5."""
+    cfg = pretrain_toml(tmp_path / "p.toml", save_every=3, parallel="fsdp")
+    torchrun(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")], fault="stop:3")
+    assert len(losses(tmp_path / "run")) == 3
+    assert json.loads((tmp_path / "run" / "model" / "trainer_state" / "state.json").read_text())["world_size"] == 2
+    pretrain.run(pretrain_cfg(tmp_path / "run", save_every=3))
+    assert losses(tmp_path / "run") == pytest.approx(losses(pretrain_reference), abs=1e-5)
+    assert max_weight_diff(tmp_path / "run", pretrain_reference) <= 1e-5
+
+
+def test_saved_on_one_process_resumes_on_two(pretrain_reference, tmp_path, monkeypatch):
+    save = checkpoint.save
+
+    def save_then_stop(*a, **kw):
+        save(*a, **kw)
+        if kw["trainer_state"]["state"]["step"] == 3:
+            raise Stop
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        pretrain.run(pretrain_cfg(tmp_path / "run", save_every=3))
+    cfg = pretrain_toml(tmp_path / "p.toml", save_every=3, parallel="ddp")
+    r = torchrun(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert "resuming" in r.stdout and "at step 3" in r.stdout
+    assert losses(tmp_path / "run") == pytest.approx(losses(pretrain_reference), abs=1e-5)
+    assert max_weight_diff(tmp_path / "run", pretrain_reference) <= 1e-5
+
+
+def test_sigkilled_rank_then_relaunch_ends_as_uninterrupted(pretrain_reference, tmp_path):
+    """Rank 1 is SIGKILLed at step 4 (checkpoint at step 2): torchrun fails, the same command resumes."""
+    cfg = pretrain_toml(tmp_path / "p.toml", save_every=2, parallel="ddp")
+    args = ["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")]
+    killed = torchrun(args, fault="kill:1:4", check=False)
+    assert killed.returncode != 0
+    assert json.loads((tmp_path / "run" / "model" / "trainer_state" / "state.json").read_text())["step"] == 2
+    r = torchrun(args)
+    assert "at step 2" in r.stdout
+    assert losses(tmp_path / "run") == pytest.approx(losses(pretrain_reference), abs=1e-5)
+    assert max_weight_diff(tmp_path / "run", pretrain_reference) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ faults
+def launch_ranks(args, world: int, ranks, fault=None, port=None) -> list[subprocess.Popen]:
+    """The ranks of a job started by hand (no torchrun agent to tear the others down): what a
+    multi-node job looks like to the survivors when a node dies."""
+    port = port or free_port()
+    procs = []
+    for r in ranks:
+        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **({"R1KIT_TEST_FAULT": fault} if fault else {}))
+        procs.append(subprocess.Popen([sys.executable, WORKER, *args], env=e, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def test_rank_dying_mid_step_ends_the_others_with_one_line(tmp_path):
+    cfg = pretrain_toml(tmp_path / "p.toml", steps=8, save_every=100)
+    procs = launch_ranks(["pretrain", "--config", str(cfg), "--set", "pretrain.dist_timeout_s=30",
+                          "--out", str(tmp_path / "run")], 2, [0, 1], fault="exit:1:3")
+    try:
+        out1 = procs[1].communicate(timeout=120)
+        died = time.monotonic()
+        out0 = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - died
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 1, out1[1][-2000:]
+    assert procs[0].returncode == 3, out0[1][-2000:]
+    err = out0[1].strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("r1kit pretrain: error: rank 0: lost a peer"), out0[1][-2000:]
+    assert waited < 30 + 10  # within the configured timeout (a closed connection is seen at once)
+
+
+def test_missing_peer_is_one_line_within_the_timeout(tmp_path):
+    cfg = pretrain_toml(tmp_path / "p.toml")
+    t0 = time.monotonic()
+    [p] = launch_ranks(["pretrain", "--config", str(cfg), "--set", "pretrain.dist_timeout_s=5",
+                        "--out", str(tmp_path / "run")], 2, [0])
+    try:
+        _, err = p.communicate(timeout=90)
+    finally:
+        p.kill()
+    assert p.returncode == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "could not join the process group" in lines[0] and "within 5s" in lines[0], err
+    assert time.monotonic() - t0 < 60
