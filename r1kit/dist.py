@@ -266,25 +266,25 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def no_sync(model, last: bool):
-    """Gradient accumulation: skip the all-reduce on every micro-batch but the last one."""
-    if not last and hasattr(model, "no_sync"):
-        return model.no_sync()
-    if not last and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        return _ResyncFSDP(model)
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(True)
-    return contextlib.nullcontext()
-
-
-class _ResyncFSDP(contextlib.AbstractContextManager):
-    def __init__(self, model):
-        self.model = model
-
-    def __exit__(self, *exc):
-        self.model.set_requires_gradient_sync(True)
-        return False
+@contextlib.contextmanager
+def generating(model):
+    """→ the module to decode with: DDP's inner model; FSDP2's with every unit unsharded for the
+    duration, so ranks decoding different prompts (and different numbers of tokens) run no
+    collective per forward — one all-gather per unit on entry, a reshard on exit."""
+    inner = unwrap(model)
+    units = [m for m in inner.modules() if hasattr(m, "set_reshard_after_forward")]
+    if not units:
+        yield inner
+        return
+    for u in units:
+        u.set_reshard_after_forward(False)
+        guarded(u.unshard, "gathering the weights to generate")
+    try:
+        yield inner
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(True)
 
 
 def after_optimizer_step(model) -> None:
@@ -350,5 +350,5 @@ def _quiet():
 
 __all__ = ["DistError", "World", "world", "init", "wrap", "unwrap", "shard", "shard_range", "loss_scale",
            "all_reduce_sum", "all_reduce_mean", "all_reduce_max", "global_sum", "all_gather", "broadcast",
-           "barrier", "all_reduce_", "no_sync", "after_optimizer_step", "full_state_dict", "save_optimizer",
+           "barrier", "all_reduce_", "generating", "after_optimizer_step", "full_state_dict", "save_optimizer",
            "load_optimizer", "shutdown", "print0", "is_main_process", "PARALLEL"]

@@ -255,8 +255,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                 **overrides) -> list[list[Sample]]:
+                 seeds: list[int] | None = None, **overrides) -> list[list[Sample]]:
+        """`seeds` (one per prompt): sample j of prompt i draws from its own generator seeded by
+        (seeds[i], j), so a group's samples do not depend on which other prompts share the batch
+        (data-parallel GRPO splits a step's prompts over ranks); else params.seed seeds the call."""
         params = replace(params or SamplingParams(), **overrides)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
         if not rows:
             return []
@@ -268,7 +273,8 @@ class Engine:
         batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len)
         if params.seed is not None:  # one seed makes the whole call reproducible
             batch.shared_gen.manual_seed(params.seed)
-        row_params = replace(params, seed=None)
+        row_params = [replace(params, seed=None if seeds is None else seeds[i] * 1_000_003 + t % params.n)
+                      for t, (i, _) in enumerate(rows)]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -277,7 +283,7 @@ class Engine:
                 free = len(batch.free_slots)
                 if waiting and free:  # admit waiting rows into the slots finished ones left
                     take, waiting = waiting[:free], waiting[free:]
-                    batch.add([rows[t][1] for t in take], [row_params] * len(take), take)
+                    batch.add([rows[t][1] for t in take], [row_params[t] for t in take], take)
                 if batch.active:
                     batch.step()
         finally:

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from r1kit import checkpoint
@@ -94,7 +93,7 @@ def pretrain_reference(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------ equivalence
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_pretrain_two_processes_match_one(pretrain_reference, tmp_path, parallel):
     """`torchrun -m r1kit pretrain`, 2 × 4 sequences = 1 × 8: same loss curve, same final weights."""
     cfg = pretrain_toml(tmp_path / "p.toml", parallel=parallel)
@@ -157,7 +156,9 @@ config = {{ {model} }}
     return path
 
 
-@pytest.mark.parametrize("arch,parallel", [("llama", "fsdp"), ("deepseek", "ddp"), ("deepseek", "fsdp")])
+@pytest.mark.parametrize("arch,parallel", [pytest.param("llama", "fsdp", marks=pytest.mark.slow),
+                                           pytest.param("deepseek", "ddp", marks=pytest.mark.slow),
+                                           ("deepseek", "fsdp")])
 def test_sft_two_processes_match_one(sft_data, tmp_path, arch, parallel):
     """Document-packed SFT, 2 × 2 rows = 1 × 4 rows (global token mean), dense and MoE (router biases
     moved by the loads of both ranks); DeepSeek here without MTP and balance loss, whose per-rank
@@ -190,6 +191,7 @@ def test_saved_on_two_processes_resumes_on_one(pretrain_reference, tmp_path):
     assert max_weight_diff(tmp_path / "run", pretrain_reference) <= 1e-5
 
 
+@pytest.mark.slow
 def test_saved_on_one_process_resumes_on_two(pretrain_reference, tmp_path, monkeypatch):
     save = checkpoint.save
 

@@ -7,9 +7,12 @@ advantages → μ inner updates of a clipped policy loss against the rollout's o
     r1kit grpo --config recipes/r1_zero_tiny.toml [--set grpo.lr=1e-4 ...] [--out DIR]
 writes DIR/model (latest checkpoint + trainer_state), DIR/metrics.jsonl (one line per step),
 DIR/rollouts.jsonl (samples), DIR/summary.json. Killed at any point, the same command resumes
-from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the
-rollouts of step s (round r, with dynamic sampling) are seeded by (seed, s, r), the prompt order by
+from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the group
+of the j-th prompt of the data stream, drawn at step s, is seeded by (seed, s, j), the prompt order by
 the seed alone, and the checkpoint keeps the data cursor and the number of updates taken.
+
+    torchrun --nproc-per-node N -m r1kit grpo ...   (each rank generates and trains whole groups for
+    its share of every step's prompts; the update is the one-process one — see sample_groups)
 
 A step with no learning signal — β = 0 and no group whose rewards vary, or (dynamic sampling) no
 group left — costs generation only: its update would be exactly zero, so the forward, backward and
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from r1kit import checkpoint, rl
+from r1kit import checkpoint, dist, rl
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config, read_toml
 from r1kit.engine import Engine, SamplingParams
@@ -78,6 +81,8 @@ class GRPOConfig:
     # prompts_per_step groups with reward variance, in at most dynamic_sampling_max_rounds generation rounds
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 3  # rounds in all, the first included (1 = drop without resampling)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2: policy and reference sharded)
+    dist_timeout_s: float = 600.0  # under torchrun: a missing or dead peer ends the run after this long
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
     eval_every: int = 10  # held-out greedy accuracy every this many steps (and at the end)
     eval_problems: int = 200  # held-out (test split) problems for that accuracy
@@ -99,6 +104,8 @@ class GRPOConfig:
             raise ConfigError("grpo.dynamic_sampling_max_rounds must be ≥ 1 (the first round counts)")
         if self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
+        if self.parallel not in dist.PARALLEL:
+            raise ConfigError(f"grpo.parallel = {self.parallel!r}; choose one of {list(dist.PARALLEL)}")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
             raise ConfigError(f"grpo.generation_config = {self.generation_config!r}; "
                               f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
@@ -190,7 +197,9 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
         with torch.no_grad():
             for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
                 if m is not None:
-                    logp[name] = rl.token_logprobs(completion_logits(m, idx, starts, mask, cfg.temperature), targets)
+                    with dist.generating(m) as full:  # no collective per forward: ranks' counts may differ
+                        logp[name] = rl.token_logprobs(completion_logits(full, idx, starts, mask, cfg.temperature),
+                                                       targets)
         out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
                               logp.get("ref")))
     return out
@@ -240,19 +249,29 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     return {k: float(v) * weight for k, v in s.items()}
 
 
-def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> dict:
-    """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics."""
-    device = model.embed.weight.device
+def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id, share: float = 1.0) -> dict:
+    """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics.
+
+    Under torchrun `rollouts` are this rank's whole groups (share 0: a placeholder row for a rank
+    that got none): the token and sequence counts of the aggregation are the global batch's, every
+    rank runs as many micro-batches as the busiest one (collectives must pair up), and weights carry
+    the factor world that the gradient average takes back, so the update is the one-process one.
+    """
+    device = dist.unwrap(model).embed.weight.device
     amp = resolve_dtype(cfg.dtype, device)  # fp32 master weights and AdamW; bf16 matmuls on a GPU
     with autocast(device, amp):
         mbs = micro_batches(cfg, model, rollouts, adv, ref, pad_id, device)
-    n_tokens = float(sum(mb.mask.sum() for mb in mbs))
+    counts = dist.all_reduce_sum({"tokens": share * float(sum(mb.mask.sum() for mb in mbs)),
+                                  "seqs": share * len(rollouts)}, "summing the batch's token counts")
+    n_mb = int(dist.all_reduce_max({"n": len(mbs)})["n"])
+    world = dist.world().world_size
     loss_fn, kw, agg = _loss_setup(cfg)
     stats: dict[str, float] = {}
     for _ in range(cfg.mu):
         opt.zero_grad(set_to_none=True)
-        for mb in mbs:
-            w = chunk_weight(aggregation_of(cfg), mb, n_tokens, len(rollouts))
+        for k in range(n_mb):
+            mb = mbs[min(k, len(mbs) - 1)]
+            w = share * (k < len(mbs)) * world * chunk_weight(aggregation_of(cfg), mb, counts["tokens"], counts["seqs"])
             with autocast(device, amp):
                 step_stats = micro_step(cfg, model, mb, loss_fn, kw, agg, w)
             for k, v in step_stats.items():
@@ -261,8 +280,8 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
         if not torch.isfinite(gn):
             raise FloatingPointError(f"gradient norm is {gn.item()}")
         opt.step()
-        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) / cfg.mu
-    return stats
+        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) * world / cfg.mu  # averaged below
+    return dist.all_reduce_mean(stats, "averaging the update's statistics")
 
 
 def step_metrics(cfg, rollouts: list[Rollout], rewards, zero_var) -> dict:
@@ -338,16 +357,23 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
     groups whose rewards are all equal carry no policy gradient and are dropped; more prompts are drawn
     (as many as the kept fraction so far says are needed, at most a batch) until prompts_per_step varied
     groups are held or dynamic_sampling_max_rounds rounds are spent. The batch is cut to exactly
-    prompts_per_step groups; a spent cap trains on what it holds. Round r of step s is seeded by (seed, s, r).
+    prompts_per_step groups; a spent cap trains on what it holds. The group of the j-th prompt of the data
+    stream, drawn at step s, is seeded by (seed, s, j).
+
+    Under torchrun each rank generates whole groups for its share of a round's prompts and the groups are
+    gathered, so every rank holds the same global list (the one a single process samples) and the choices
+    above are made over the global batch; policy_update then trains each rank on its share of it.
     """
     want, G = cfg.prompts_per_step, cfg.group_size
     kept, sampled = [], []
     for rnd in range(cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1):
         n = want if not kept else min(want, math.ceil((want - len(kept)) * len(sampled) / len(kept)))
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                n=G, seed=cfg.seed * 100_003 + step + rnd * 1_000_003)
-        groups = rollout(model, tok, task, batch_problems(cfg, problems, cursor.prompts, n), params, engine,
-                         cfg.system)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G)
+        mine = dist.shard_range(n)
+        seeds = [(cfg.seed * 100_003 + step) * 1_000_003 + cursor.prompts + j for j in mine]
+        local = rollout(model, tok, task, batch_problems(cfg, problems, cursor.prompts + mine.start, len(mine)),
+                        params, engine, cfg.system, seeds=seeds) if len(mine) else []
+        groups = [g for part in dist.all_gather(local, "gathering the rollouts") for g in part]
         cursor.prompts += n
         sampled += groups
         if not cfg.dynamic_sampling:
@@ -378,11 +404,15 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
         adv_kw = {"eps": cfg.adv_eps} if cfg.advantage == "grpo" else {}
         adv = rl.ADVANTAGES[cfg.advantage](b_rewards, cfg.group_size, **adv_kw)
         set_lr(opt, lr_at(cursor.updates, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
-        m.update(policy_update(cfg, model, ref, opt, batch, adv, tok.pad_id))
-        if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
-            model.after_optimizer_step()
+        mine = dist.shard_range(len(trained))  # whole groups per rank; a rank left without one trains a placeholder
+        rows = slice(mine.start * cfg.group_size, mine.stop * cfg.group_size) if len(mine) else slice(0, 1)
+        m.update(policy_update(cfg, model, ref, opt, batch[rows], adv[rows], tok.pad_id, float(len(mine) > 0)))
+        dist.after_optimizer_step(model)  # MoE: aux-loss-free bias update from every rank's loads
         cursor.updates += 1
     train_s = time.perf_counter() - t1
+    if dist.world().distributed:  # stragglers show: every rank's generation and training time
+        times = dist.all_gather((gen_s, train_s), "gathering step times")
+        m.update(gen_seconds_ranks=[t[0] for t in times], train_seconds_ranks=[t[1] for t in times])
     ntok = sum(len(r.sample.tokens) for r in rollouts)
     # lr: the update's, or (skipped) the one the schedule stands at for the next update
     m.update(step=step + 1, lr=lr_at(max(cursor.updates - (not skip), 0), cfg.steps, cfg.lr, cfg.warmup,
@@ -394,6 +424,7 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
 
 
 def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
+    _, device = dist.init(resolve_device(cfg.device), cfg.dist_timeout_s)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,10 +433,10 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     if not problems:  # batch_problems would divide by zero; say what is empty instead
         raise ConfigError(f"grpo.task = {cfg.task!r} (task_args {cfg.task_args}): the train split is empty, "
                           "nothing to sample prompts from")
-    model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg)
+    model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg, device)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine, alarms = Engine(model, tok), Alarms(cfg)
+    engine, alarms = Engine(dist.unwrap(model), tok), Alarms(cfg)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
     spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
@@ -448,7 +479,7 @@ def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict, cursor: Cur
                     generation=cfg.generation_config)
 
 
-def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
+def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg, device):
     """Resume from DIR/model, or start from the base (pretraining it first when the recipe says how)."""
     ckpt = out / "model"
     resuming = checkpoint.has_trainer_state(ckpt)
@@ -459,18 +490,22 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         from r1kit.stages import pretrain
         print0(f"grpo: base {cfg.base} is missing — pretraining it first (recipe's [pretrain] section)")
         pretrain_cfg.out_dir = str(cfg.base)
+        pretrain_cfg.parallel, pretrain_cfg.dist_timeout_s = cfg.parallel, cfg.dist_timeout_s
         pretrain.run(pretrain_cfg)
         base = resolve_ckpt(cfg.base)
     # the policy stays fp32: AdamW steps of ~lr·1 would round away on bf16 weights (lr 1e-6 ≪ bf16's
     # spacing at 0.02); `dtype` is the autocast compute dtype. The frozen reference can be bf16.
-    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device, dtype="float32")
+    model, tok = checkpoint.load(ckpt if resuming else base, device=device, dtype="float32")
+    amp = resolve_dtype(cfg.dtype, device)
+    model = dist.wrap(model, cfg.parallel, amp)
     ref = None
-    if cfg.kl_coef > 0:
-        ref, _ = checkpoint.load(base, device=cfg.device, dtype=cfg.dtype)
+    if cfg.kl_coef > 0:  # frozen: FSDP2 shards it like the policy; DDP keeps a plain replica (no gradients)
+        ref, _ = checkpoint.load(base, device=device, dtype=cfg.dtype)
         ref.eval().requires_grad_(False)
+        ref = dist.wrap(ref, cfg.parallel, amp) if cfg.parallel == "fsdp" else ref
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     if resuming:
-        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo")
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo", model=model)
         print0(f"grpo: resuming {ckpt} at step {state['step']}")
         # a checkpoint from before the cursor existed: one batch per step, one update per step
         cursor = Cursor(**state.get("cursor", {"prompts": state["step"] * cfg.prompts_per_step,
@@ -488,7 +523,8 @@ def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed
                    eval_problems=len(test))
     if failed:
         summary["stopped"] = failed
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.is_main_process():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if final is not None:
         print0(f"grpo: held-out greedy accuracy {summary['base_accuracy']:.3f} → {final:.3f} "
                f"in {rl_seconds:.0f}s of RL ({steps} steps); summary in {out / 'summary.json'}")
