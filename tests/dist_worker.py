@@ -3,6 +3,8 @@
 R1KIT_TEST_FAULT = "kill:RANK:STEP"  rank RANK SIGKILLs itself at the start of step STEP (1-based)
                    "exit:RANK:STEP"  rank RANK exits (status 1) at the start of step STEP, mid-run
                    "stop:STEP"       every rank ends cleanly right after the checkpoint of step STEP
+R1KIT_TEST_REWARD = "length"        GRPO rewards 1 for completions whose length is a multiple of 3: a
+                                     deterministic reward that varies within groups even for a random model
 The stages' step functions are looked up at call time, so wrapping them here is enough.
 """
 import os
@@ -12,6 +14,10 @@ import sys
 import torch
 
 torch.set_num_threads(1)
+
+
+def length_reward(cfg, rollouts):
+    return torch.tensor([float(len(r.sample.tokens) % 3 == 0) for r in rollouts])
 
 
 def _inject(fault: str) -> None:
@@ -48,6 +54,9 @@ def _inject(fault: str) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("R1KIT_TEST_REWARD") == "length":
+        from r1kit.stages import grpo
+        grpo.rewards_of = length_reward
     if os.environ.get("R1KIT_TEST_FAULT"):
         _inject(os.environ["R1KIT_TEST_FAULT"])
     from r1kit.cli import main

@@ -32,15 +32,16 @@ def free_port() -> int:
 
 
 def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k != "R1KIT_TEST_FAULT"}
+    e = {k: v for k, v in os.environ.items() if not k.startswith("R1KIT_TEST_")}
     return {**e, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 150, fault: str | None = None, check: bool = True):
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 150, fault: str | None = None, check: bool = True,
+             **extra_env):
     """`torchrun --standalone --nproc-per-node N tests/dist_worker.py VERB ...` → CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", WORKER, *args]
-    e = env(**({"R1KIT_TEST_FAULT": fault} if fault else {}))
+    e = env(**({"R1KIT_TEST_FAULT": fault} if fault else {}), **extra_env)
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and r.returncode != 0:
         raise AssertionError(f"torchrun {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -268,3 +269,56 @@ def test_missing_peer_is_one_line_within_the_timeout(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "could not join the process group" in lines[0] and "within 5s" in lines[0], err
     assert time.monotonic() - t0 < 60
+
+
+# ------------------------------------------------------------------------------------ GRPO
+GRPO = dict(task="arithmetic", task_args={"digits": 2, "train_size": 200, "test_size": 8}, steps=3,
+            prompts_per_step=4, group_size=4, max_new_tokens=10, lr=1e-3, mu=2, micro_batch=6, kl_coef=0.01,
+            eval_every=100, eval_problems=8, save_every=100, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def grpo_base(sft_data):
+    """A fresh tiny llama checkpoint: with the length reward its groups already vary."""
+    return sft_data[1]
+
+
+def grpo_toml(path: Path, base: Path, **over) -> Path:
+    cfg = {**GRPO, "base": str(base), "dist_timeout_s": 60, **over}
+    lines = ["[grpo]"] + [f"{k} = {json.dumps(v) if not isinstance(v, dict) else '{ ' + ', '.join(f'{a} = {b}' for a, b in v.items()) + ' }'}"
+                          for k, v in cfg.items()]
+    path.write_text("\n".join(lines).replace("true", "true") + "\n")
+    return path
+
+
+def grpo_reference(tmp_path, base, monkeypatch, **over) -> Path:
+    import dist_worker
+
+    from r1kit.stages import grpo
+    monkeypatch.setattr(grpo, "rewards_of", dist_worker.length_reward)
+    grpo.run(grpo.GRPOConfig(**{**GRPO, "base": str(base), "out_dir": str(tmp_path / "one"), **over}))
+    return tmp_path / "one"
+
+
+def grpo_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_grpo(two: Path, one: Path) -> None:
+    m2, m1 = grpo_metrics(two), grpo_metrics(one)
+    assert [m["updates"] for m in m2] == [m["updates"] for m in m1] and m1[-1]["updates"] > 0
+    for k in ("reward_mean", "loss", "kl", "grad_norm", "response_length", "sampled_groups"):
+        assert [m.get(k) for m in m2] == pytest.approx([m.get(k) for m in m1], abs=1e-5), k
+    assert all(len(m["gen_seconds_ranks"]) == 2 for m in m2)
+    assert max_weight_diff(two, one) <= 1e-5
+
+
+@pytest.mark.parametrize("parallel,over", [("ddp", {}),
+                                           pytest.param("fsdp", {"dynamic_sampling": True}, marks=pytest.mark.slow)])
+def test_grpo_two_processes_match_one(grpo_base, tmp_path, monkeypatch, parallel, over):
+    """Rollouts sharded by whole groups (seeded per prompt), KL to a reference sharded like the policy,
+    μ = 2 with uneven micro-batches: 2 processes reproduce the 1-process run."""
+    one = grpo_reference(tmp_path, grpo_base, monkeypatch, **over)
+    cfg = grpo_toml(tmp_path / "g.toml", grpo_base, parallel=parallel, **over)
+    torchrun(["grpo", "--config", str(cfg), "--out", str(tmp_path / "two")], R1KIT_TEST_REWARD="length")
+    assert_same_grpo(tmp_path / "two", one)

@@ -21,6 +21,7 @@ data cursor moves on, and the LR schedule, indexed by updates taken, waits for t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -189,19 +190,19 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     """
     size = cfg.micro_batch or len(rollouts)
     out = []
-    for a in range(0, len(rollouts), size):
-        idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
-        T = mask.shape[1]
-        targets = completion_targets(idx, starts, T)
-        logp = {}
-        with torch.no_grad():
-            for name, m in (("ref", ref), ("old", model if cfg.mu > 1 else None)):
-                if m is not None:
-                    with dist.generating(m) as full:  # no collective per forward: ranks' counts may differ
-                        logp[name] = rl.token_logprobs(completion_logits(full, idx, starts, mask, cfg.temperature),
-                                                       targets)
-        out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
-                              logp.get("ref")))
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        # full weights once for the whole batch: no collective per forward, so ranks holding different
+        # numbers of micro-batches stay in step (FSDP2); a plain model is used as it is
+        scorers = {name: stack.enter_context(dist.generating(m)) for name, m in
+                   (("ref", ref), ("old", model if cfg.mu > 1 else None)) if m is not None}
+        for a in range(0, len(rollouts), size):
+            idx, mask, starts = (t.to(device) for t in to_tensors(rollouts[a:a + size], pad_id))
+            T = mask.shape[1]
+            targets = completion_targets(idx, starts, T)
+            logp = {name: rl.token_logprobs(completion_logits(m, idx, starts, mask, cfg.temperature), targets)
+                    for name, m in scorers.items()}
+            out.append(MicroBatch(idx, mask, logp.get("old"), starts, targets, adv[a:a + size].to(device),
+                                  logp.get("ref")))
     return out
 
 
@@ -280,7 +281,7 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id, share
         if not torch.isfinite(gn):
             raise FloatingPointError(f"gradient norm is {gn.item()}")
         opt.step()
-        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) * world / cfg.mu  # averaged below
+        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) / cfg.mu  # the same on every rank
     return dist.all_reduce_mean(stats, "averaging the update's statistics")
 
 
