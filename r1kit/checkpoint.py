@@ -72,8 +72,14 @@ def generation_config(model, tok: Tokenizer, preset: str = "source") -> dict:
 
 
 def write_text_atomic(path, text: str) -> None:
-    """Replace a small file whole (write a sibling, then rename): readers never see half of it."""
+    """Replace a small file whole (write a sibling, then rename): readers never see half of it.
+
+    Under torchrun every rank calls it with the same text: rank 0 writes, all return once it is in place.
+    """
     path = Path(path)
+    if not is_main_process():
+        dist.barrier(f"waiting for rank 0 to write {path.name}")
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -81,6 +87,7 @@ def write_text_atomic(path, text: str) -> None:
         os.fsync(f.fileno())  # the data is on disk before the name points at it
     tmp.replace(path)
     hf.fsync_dir(path.parent)
+    dist.barrier(f"waiting for rank 0 to write {path.name}")
 
 
 def has_trainer_state(path) -> bool:
