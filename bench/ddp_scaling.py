@@ -67,16 +67,15 @@ def run(nproc: int, base: Path, out: Path, args) -> dict:
 
 
 def worker(argv: list[str]) -> None:
-    """Inside torchrun: the GRPO run, then the all-reduce of one gradient's worth of floats, timed."""
+    """Inside torchrun: the all-reduce of one gradient's worth of floats, timed; then the GRPO run."""
     torch.set_num_threads(1)
     from r1kit import dist
+    from r1kit.checkpoint import load
     from r1kit.cli import main
     out = Path(argv[argv.index("--out") + 1])
-    if main(["grpo", *argv]) != 0:
-        raise SystemExit(1)
-    from r1kit.checkpoint import load
-    n = sum(p.numel() for p in load(out / "model", device="cpu")[0].parameters())
-    _, _ = dist.init(torch.device("cpu"), 120)
+    base = next(a.split("=", 1)[1] for a in argv if a.startswith("grpo.base="))
+    n = sum(p.numel() for p in load(base, device="cpu")[0].parameters())
+    dist.init(torch.device("cpu"), 120)
     seconds = 0.0
     if dist.world().world_size > 1:
         flat = torch.randn(n)
@@ -85,9 +84,11 @@ def worker(argv: list[str]) -> None:
         for _ in range(5):
             dist.all_reduce_(flat)
         seconds = (time.perf_counter() - t0) / 5
-    if dist.is_main_process():
-        (out / "allreduce.json").write_text(json.dumps({"allreduce_seconds": seconds, "params": n}))
-    dist.shutdown()
+    result = {"allreduce_seconds": seconds, "params": n}
+    if main(["grpo", *argv]) != 0:  # joins the same group, leaves it at the end
+        raise SystemExit(1)
+    if int(os.environ.get("RANK", 0)) == 0:
+        (out / "allreduce.json").write_text(json.dumps(result))
 
 
 def main() -> None:
