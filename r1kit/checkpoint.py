@@ -1,23 +1,29 @@
 """Checkpoint directories: a Hugging Face model dir, written atomically, plus trainer state.
 
     DIR/config.json, model*.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json
-    DIR/trainer_state/   optimizer.pt, rng.pt, state.json (step, data cursor, metrics so far)
+    DIR/trainer_state/   optimizer/ (torch.distributed.checkpoint), rng-RANK.pt, state.json
+                         (step, data cursor, metrics so far, world_size)
 
 `save` writes everything into a temporary sibling, fsyncs it and renames it into place, so a
 crash leaves either the previous checkpoint or the new one — never half of one — and the
 temporaries a killed writer leaves are removed on the next save or load. Under torch.distributed
-only rank 0 writes.
+every rank takes part (FSDP2 gathers the weights; each rank writes its optimizer shard and its RNG
+state into a staging directory on the shared filesystem) and rank 0 writes the Hugging Face files
+and swaps the whole directory in. The optimizer state is keyed by parameter name and resharded on
+load, so a run saved on N processes resumes on any number.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from r1kit import dist
 from r1kit.common import is_main_process
 from r1kit.formats import hf, peft
 from r1kit.models import lora
@@ -35,22 +41,28 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
 
     generation_config.json is the one the model was loaded with, unchanged (`hf.load_model` keeps
     it as `model.generation_config`), or only the token ids; `generation` names a GENERATION_PRESETS
-    entry to write on top. Call it on every rank: only the main process writes, the others return
-    at once (no barrier: a caller whose other ranks read the checkpoint next waits for rank 0 itself).
+    entry to write on top. Call it on every rank (DDP/FSDP2-wrapped models too): all of them gather
+    and stage the trainer state, rank 0 writes, and all return once the checkpoint is in place.
     """
     path = Path(path)
-    if not is_main_process():
-        return path
-    gen = generation_config(model, tok, generation)
-    with hf.atomic_dir(path) as tmp:
-        if lora.has_lora(model):  # a LoRA run: only the adapter, in PEFT's format, pointing at its base
-            peft.save_adapter(model, tmp, base=model.lora.get("base"))
-        else:
-            hf.save_model(model, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config)
-        tok.save(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if trainer_state is not None:
-            save_trainer_state(tmp / "trainer_state", **trainer_state)
+    gen = generation_config(dist.unwrap(model), tok, generation)  # every rank: a bad preset stops all of them
+    if not path.parent.is_dir():
+        raise hf.CheckpointError(f"{path.parent}: output directory does not exist")
+    inner = dist.unwrap(model)
+    sd = dist.full_state_dict(model)  # collective under FSDP2; rank 0 holds the tensors
+    staged = _stage_trainer_state(model, path, **trainer_state) if trainer_state is not None else None
+    if is_main_process():
+        with hf.atomic_dir(path) as tmp:
+            if lora.has_lora(inner):  # a LoRA run: only the adapter, in PEFT's format, pointing at its base
+                peft.save_adapter(inner, tmp, base=inner.lora.get("base"))
+            else:
+                hf.save_model(inner, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config,
+                              state_dict=sd)
+            tok.save(tmp)
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            if staged is not None:
+                os.replace(staged, tmp / "trainer_state")
+    dist.barrier("waiting for rank 0 to write the checkpoint")
     return path
 
 
@@ -65,8 +77,14 @@ def generation_config(model, tok: Tokenizer, preset: str = "source") -> dict:
 
 
 def write_text_atomic(path, text: str) -> None:
-    """Replace a small file whole (write a sibling, then rename): readers never see half of it."""
+    """Replace a small file whole (write a sibling, then rename): readers never see half of it.
+
+    Under torchrun every rank calls it with the same text: rank 0 writes, all return once it is in place.
+    """
     path = Path(path)
+    if not is_main_process():
+        dist.barrier(f"waiting for rank 0 to write {path.name}")
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -74,6 +92,7 @@ def write_text_atomic(path, text: str) -> None:
         os.fsync(f.fileno())  # the data is on disk before the name points at it
     tmp.replace(path)
     hf.fsync_dir(path.parent)
+    dist.barrier(f"waiting for rank 0 to write {path.name}")
 
 
 def has_trainer_state(path) -> bool:
@@ -155,28 +174,49 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_trainer_state(path: Path, *, optimizer=None, state: dict | None = None, extra: dict | None = None) -> None:
-    """optimizer.pt, rng.pt (+ any generator states in `extra`), state.json."""
-    path.mkdir(parents=True, exist_ok=True)
+def _stage_trainer_state(model, path: Path, *, optimizer=None, state: dict | None = None,
+                         extra: dict | None = None) -> Path:
+    """Every rank writes its optimizer shard and RNG state into a staging sibling → its path.
+
+    optimizer/ (torch.distributed.checkpoint, FQN-keyed), rng-RANK.pt (+ any generator states in
+    `extra`), state.json. A killed run's staging directory is removed by the next save.
+    """
+    staging = path.parent / f".{path.name}.trainer-staging"
+    if is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    dist.barrier("creating the checkpoint's staging directory")
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save({"rng": rng_state(), **(extra or {})}, path / "rng.pt")
-    (path / "state.json").write_text(json.dumps(state or {}, indent=2) + "\n")
+        dist.save_optimizer(model, optimizer, staging / "optimizer")
+    torch.save({"rng": rng_state(), **(extra or {})}, staging / f"rng-{dist.world().rank}.pt")
+    if is_main_process():
+        (staging / "state.json").write_text(json.dumps({**(state or {}), "world_size": dist.world().world_size},
+                                                       indent=2) + "\n")
+    dist.barrier("writing the trainer state")
+    return staging
 
 
-def load_trainer_state(path, optimizer=None, stage: str | None = None) -> tuple[dict, dict]:
-    """Restore the optimizer and global RNGs; → (state.json dict, extra objects saved in rng.pt).
+def load_trainer_state(path, optimizer=None, stage: str | None = None, model=None) -> tuple[dict, dict]:
+    """Restore the optimizer (of `model`, as wrapped for this run) and this rank's RNGs;
+    → (state.json dict, extra objects saved with the RNG state).
 
+    The optimizer state is resharded to this run's layout (any process count, DDP or FSDP2). A rank
+    the saving run did not have (resuming on more processes) takes rank 0's RNG state: the stages seed
+    their data and rollouts by step, so the RNG only matters for bit-exact resumes on the same layout.
     `stage` guards against resuming another stage's run (e.g. --out pointed at a GRPO directory).
     """
     path = Path(path) / "trainer_state"
     if not (path / "state.json").exists():
         raise hf.CheckpointError(f"{path}: no trainer state to resume from")
-    saved = json.loads((path / "state.json").read_text()).get("stage")
+    state = json.loads((path / "state.json").read_text())
+    saved = state.get("stage")
     if stage is not None and saved not in (None, stage):
         raise hf.CheckpointError(f"{path}: this is a {saved} run, not {stage}; choose another --out directory")
-    if optimizer is not None and (path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    blob = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None and (path / "optimizer").is_dir():
+        if model is None:
+            raise ValueError("load_trainer_state: pass the model whose optimizer is restored")
+        dist.load_optimizer(model, optimizer, path / "optimizer")
+    rng = path / f"rng-{dist.world().rank}.pt"
+    blob = torch.load(rng if rng.exists() else path / "rng-0.pt", map_location="cpu", weights_only=False)
     set_rng_state(blob.pop("rng"))
-    return json.loads((path / "state.json").read_text()), blob
+    return state, blob

@@ -56,16 +56,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=f"r1kit {verb}", description=help_)
     module.add_args(p)
     args = p.parse_args(argv[1:])
+    from r1kit import dist
     from r1kit.common import MissingExtra
     from r1kit.config import ConfigError
     from r1kit.formats.hf import CheckpointError
     from r1kit.rewards import RewardError
     from r1kit.tokenizer import TokenizerError
     try:
-        return module.main(args) or 0
+        rc = module.main(args) or 0
+        dist.shutdown()
+        return rc
     except (ConfigError, CheckpointError, TokenizerError, RewardError, MissingExtra) as e:  # user errors: one line
         print(f"r1kit {verb}: error: {e}", file=sys.stderr)
         return 2
+    except dist.DistError as e:  # torchrun: a peer missing or dead, a bad launch
+        print(f"r1kit {verb}: error: {e}", file=sys.stderr)
+        return 3
+    except RuntimeError as e:  # a collective inside autograd (DDP/FSDP2) met a dead peer
+        if not dist.is_peer_failure(e):
+            raise
+        print(f"r1kit {verb}: error: {dist.peer_lost(e, 'training')}", file=sys.stderr)
+        return 3
     except ValueError as e:  # bad values met deeper (task files, sampling settings): still one line
         if not _raised_by_r1kit_check(e):
             raise

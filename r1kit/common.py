@@ -1,4 +1,4 @@
-"""Device, dtype, distributed init, printing and seeding — the few things every stage needs."""
+"""Device, dtype, rank-0 printing and seeding — the few things every stage needs."""
 from __future__ import annotations
 
 import contextlib
@@ -47,23 +47,6 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
 def is_distributed() -> bool:
     """True when launched by torchrun (it sets these variables)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Initialise the process group under torchrun: NCCL on CUDA, gloo otherwise.
-
-    Returns (rank, local_rank, world_size); (0, 0, 1) outside torchrun.
-    """
-    if not is_distributed():
-        return 0, 0, 1
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return rank, local_rank, world
 
 
 def is_main_process() -> bool:

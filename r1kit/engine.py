@@ -307,8 +307,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                 **overrides) -> list[list[Sample]]:
+                 seeds: list[int] | None = None, **overrides) -> list[list[Sample]]:
+        """`seeds` (one per prompt): sample j of prompt i draws from its own generator seeded by
+        (seeds[i], j), so a group's samples do not depend on which other prompts share the batch
+        (data-parallel GRPO splits a step's prompts over ranks); else params.seed seeds the call."""
         params = replace(params or SamplingParams(), **overrides)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
         if not rows:
             return []
@@ -318,9 +323,11 @@ class Engine:
             raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
                              f"context (max_position_embeddings = {limit})")
         batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len, self.record_routing)
-        # one seed makes the whole call reproducible: each row gets its own stream from (seed, row)
-        row_params = [replace(params, seed=None if params.seed is None else row_seed(params.seed, r))
-                      for r in range(len(rows))]
+        # each row draws from its own stream, so samples depend on neither max_batch nor admission order:
+        # from (seeds[i], j) with per-prompt seeds (data-parallel GRPO), else from (seed, row)
+        row_params = [replace(params, seed=(seeds[i] * 1_000_003 + t % params.n) if seeds is not None
+                              else None if params.seed is None else row_seed(params.seed, t))
+                      for t, (i, _) in enumerate(rows)]
         was_training = self.model.training
         self.model.eval()
         try:

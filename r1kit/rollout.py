@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from r1kit import dist
 from r1kit.engine import Engine, Sample, SamplingParams
 from r1kit.rewards import RewardError, extract_answer
 
@@ -51,16 +52,17 @@ def score(task, tok, problem, text: str, prefix: str = "") -> tuple[str, dict]:
 
 
 def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine | None = None,
-            system: str | None = None, prefix: str = "") -> list[list[Rollout]]:
+            system: str | None = None, prefix: str = "", seeds: list[int] | None = None) -> list[list[Rollout]]:
     """params.n samples per problem → scored rollouts, grouped per problem.
 
     `prefix`: text forced at the start of every completion (appended to the prompt), e.g.
-    "<think>" to make a model reason without training it to (the R1-Zero control).
+    "<think>" to make a model reason without training it to (the R1-Zero control). `seeds`: one
+    per problem (see Engine.generate). A DDP/FSDP2-wrapped model generates with its full weights.
     """
-    engine = engine or Engine(model, tok)
     extra = tok.encode(prefix) if prefix else []
     ids = [prompt_ids(tok, p, system) + extra for p in problems]
-    groups = engine.generate(ids, params)
+    with dist.generating(model) as module:
+        groups = (engine or Engine(module, tok)).generate(ids, params, seeds=seeds)
     out = []
     for prob, pid, samples in zip(problems, ids, groups):
         row = []
@@ -72,10 +74,13 @@ def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine |
 
 
 def greedy_accuracy(model, tok, task, problems, max_new_tokens: int = 128) -> float:
+    """Share of `problems` answered correctly by greedy decoding. Under torchrun every rank calls it:
+    each decodes its share of the problems and the counts are summed."""
     if not problems:
         return 0.0
-    groups = rollout(model, tok, task, problems, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
-    return sum(g[0].correct for g in groups) / len(groups)
+    mine = [problems[i] for i in dist.shard_range(len(problems))]
+    groups = rollout(model, tok, task, mine, SamplingParams(max_new_tokens=max_new_tokens, temperature=0)) if mine else []
+    return dist.global_sum(sum(g[0].correct for g in groups), "summing the evaluation") / len(problems)
 
 
 def answers(groups: list[list[Rollout]]) -> list[list[str | None]]:

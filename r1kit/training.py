@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from r1kit.common import is_main_process
 from r1kit.config import ConfigError
 from r1kit.models.llama import IGNORE_INDEX
 
@@ -78,10 +79,16 @@ def set_lr(opt, lr: float) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped.
+
+    Under torchrun only rank 0 writes (its records hold the metrics reduced over all ranks).
+    """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
+        self.main = is_main_process()
+        if not self.main:
+            return
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
@@ -90,6 +97,8 @@ class MetricsLog:
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -158,14 +167,16 @@ def apply_memory_options(model, opts: MemoryOptions, base: Path | None = None, s
 
 
 class Progress:
-    """A live progress bar (rich) with a line of metrics; plain log lines when not on a terminal."""
+    """A live progress bar (rich) with a line of metrics; plain log lines when not on a terminal.
+    Silent on every rank but 0 under torchrun."""
 
     def __init__(self, total: int, desc: str, start: int = 0, every: int = 10):
         import sys
 
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress
-        self.tty, self.every, self.desc = sys.stdout.isatty(), every, desc
+        self.main = is_main_process()
+        self.tty, self.every, self.desc = sys.stdout.isatty() and self.main, every, desc
         self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), disable=not self.tty)
         self.task = self.bar.add_task(desc, total=total, completed=start, info="")
@@ -179,5 +190,5 @@ class Progress:
 
     def update(self, step: int, info: str) -> None:
         self.bar.update(self.task, completed=step, info=info)
-        if not self.tty and (step % self.every == 0 or step == self.bar.tasks[0].total):
+        if self.main and not self.tty and (step % self.every == 0 or step == self.bar.tasks[0].total):
             print(f"{self.desc} {step}/{self.bar.tasks[0].total} {info}", flush=True)

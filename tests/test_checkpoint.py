@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 import r1kit
 from r1kit import checkpoint
-from r1kit.common import is_main_process
 from r1kit.formats import hf
 from r1kit.formats.gguf import export_gguf
 from r1kit.models.llama import Llama, LlamaConfig
@@ -97,18 +95,6 @@ def test_a_killed_writers_temporaries_are_removed_next_time(tmp_path, tiny_tok):
         assert live.exists()
         r1kit.save(tiny(), tiny_tok, live / "inner")  # fill it with something loadable
     assert (out / "inner" / "model.safetensors").exists() and list(tmp_path.glob(".ckpt.*")) == []
-
-
-def test_only_the_main_process_writes(tmp_path, tiny_tok, monkeypatch):
-    assert is_main_process()  # not distributed
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
-    assert not is_main_process()
-    assert r1kit.save(tiny(), tiny_tok, tmp_path / "ckpt") == tmp_path / "ckpt"
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-    r1kit.save(tiny(), tiny_tok, tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 # ---------------------------------------------------------------------------------------------

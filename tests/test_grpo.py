@@ -81,7 +81,7 @@ def test_run_writes_metrics_and_summary(uninterrupted):
     s = json.loads((uninterrupted / "grpo" / "summary.json").read_text())
     assert {"base_accuracy", "final_accuracy", "rl_seconds", "steps"} <= set(s)
     assert s["steps"] == 6
-    assert (uninterrupted / "grpo" / "model" / "trainer_state" / "optimizer.pt").exists()
+    assert (uninterrupted / "grpo" / "model" / "trainer_state" / "optimizer" / ".metadata").exists()
 
 
 def test_sigkill_then_resume_is_exact(uninterrupted, tmp_path):

@@ -72,8 +72,8 @@ def test_merged_and_unmerged_adapters_sample_the_same(batch):
 
 def test_lora_grpo_saves_a_peft_adapter_and_resumes(tmp_path, tiny_tok, monkeypatch):
     from r1kit.stages import grpo
-    # a reward with variance (the random base solves nothing): odd-length completions score 1
-    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rs: torch.tensor([len(r.sample.tokens) % 2 * 1.0 for r in rs]))
+    # a reward with variance (the random base solves nothing): completions opening with an odd token id score 1
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rs: torch.tensor([r.sample.tokens[0] % 2 * 1.0 for r in rs]))
     cfg = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, max_position_embeddings=256)
     base = Llama(cfg).init_weights(0, std=0.1)

@@ -341,10 +341,13 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32):
 # Save
 # ---------------------------------------------------------------------------------------------
 def save_model(model, path, shard_bytes: int = 4 << 30, dtype: torch.dtype | None = None,
-               extra_config: dict | None = None) -> None:
-    """Write config.json + safetensors (sharded above `shard_bytes`) into an existing directory."""
+               extra_config: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write config.json + safetensors (sharded above `shard_bytes`) into an existing directory.
+
+    `state_dict`: the tensors to write when the model's own are shards (dist.full_state_dict).
+    """
     path, fam = Path(path), family_of(model)
-    names, sd = hf_state_names(model), model.state_dict()
+    names, sd = hf_state_names(model), (model.state_dict() if state_dict is None else state_dict)
     tensors = {hf: sd[ours].detach().to(dtype or sd[ours].dtype).contiguous().cpu() for hf, ours in names.items()}
     cfg = fam.config_to_hf(model.config)
     cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")

@@ -338,9 +338,14 @@ def check_traces(path: Path, task=None) -> int:
 # ---------------------------------------------------------------------------------------------
 def run(cfg: DistillConfig) -> dict:
     """Sample what is missing (unless given traces) → filter → check → fine-tune the student → DIR/summary.json."""
+    from r1kit import checkpoint, dist
+    from r1kit.common import resolve_device
     from r1kit.stages import sft
     from r1kit.tasks import get_task
 
+    # torchrun: join first, so the teacher's traces are written by rank 0 alone (every rank samples
+    # the same seeded traces; the student's SFT is the data-parallel part)
+    dist.init(resolve_device(cfg.student.device), cfg.student.dist_timeout_s)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +374,7 @@ def run(cfg: DistillConfig) -> dict:
     s = sft.run(student)
     summary = {"rejection": stats, "student": s, "model": str(out / "student" / "model"),
                "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

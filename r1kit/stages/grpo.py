@@ -7,9 +7,12 @@ advantages → μ inner updates of a clipped policy loss against the rollout's o
     r1kit grpo --config recipes/r1_zero_tiny.toml [--set grpo.lr=1e-4 ...] [--out DIR]
 writes DIR/model (latest checkpoint + trainer_state), DIR/metrics.jsonl (one line per step),
 DIR/rollouts.jsonl (samples), DIR/summary.json. Killed at any point, the same command resumes
-from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the
-rollouts of step s (round r, with dynamic sampling) are seeded by (seed, s, r), the prompt order by
+from the last checkpoint and reproduces the uninterrupted run exactly (CPU, fixed seed): the group
+of the j-th prompt of the data stream, drawn at step s, is seeded by (seed, s, j), the prompt order by
 the seed alone, and the checkpoint keeps the data cursor and the number of updates taken.
+
+    torchrun --nproc-per-node N -m r1kit grpo ...   (each rank generates and trains whole groups for
+    its share of every step's prompts; the update is the one-process one — see sample_groups)
 
 A step with no learning signal — β = 0 and no group whose rewards vary, or (dynamic sampling) no
 group left — costs generation only: its update would be exactly zero, so the forward, backward and
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from r1kit import checkpoint, offpolicy, rl
+from r1kit import checkpoint, dist, offpolicy, rl
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config, read_toml
 from r1kit.engine import Engine, SamplingParams
@@ -106,6 +109,8 @@ class GRPOConfig(MemoryOptions):
     # prompts_per_step groups with reward variance, in at most dynamic_sampling_max_rounds generation rounds
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 3  # rounds in all, the first included (1 = drop without resampling)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2: policy and reference sharded)
+    dist_timeout_s: float = 600.0  # under torchrun: a missing or dead peer ends the run after this long
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
     eval_every: int = 10  # held-out greedy accuracy every this many steps (and at the end)
     eval_problems: int = 200  # held-out (test split) problems for that accuracy
@@ -142,6 +147,11 @@ class GRPOConfig(MemoryOptions):
         elif self.group_size < 2:
             raise ConfigError("grpo.group_size must be ≥ 2: advantages are relative to the group")
         self.check_memory_options("grpo")
+        if self.parallel not in dist.PARALLEL:
+            raise ConfigError(f"grpo.parallel = {self.parallel!r}; choose one of {list(dist.PARALLEL)}")
+        if self.parallel == "fsdp" and (self.lora_rank or self.logprob_chunk):
+            raise ConfigError("grpo.parallel = 'fsdp' with lora_rank / logprob_chunk is not supported yet (both read "
+                              "weights outside the forward, where FSDP2 holds only shards): use parallel = 'ddp'")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
             raise ConfigError(f"grpo.generation_config = {self.generation_config!r}; "
                               f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
@@ -219,10 +229,11 @@ def completion_logprobs(model, idx, starts, mask, targets, temperature: float) -
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(pos)  # (N, T)
     learn = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)  # (N, L)
     learn[rows[real], pos[real]] = True
-    chunk = getattr(model, "logprob_chunk", 0)
+    inner = dist.unwrap(model)  # DDP: the forward goes through the wrapper, attributes live on the model
+    chunk = getattr(inner, "logprob_chunk", 0)
     if chunk:
         h = model(idx, logit_pos=pos, token_mask=learn, return_hidden=True)  # (N, T, d)
-        logp, ent = chunked_logprobs(h, model.head.weight, targets, temperature, bias=model.head.bias, chunk=chunk)
+        logp, ent = chunked_logprobs(h, inner.head.weight, targets, temperature, bias=inner.head.bias, chunk=chunk)
         return logp, ent.detach()
     logits = model(idx, logit_pos=pos, token_mask=learn)  # (N, T, V): no logits for the prompt
     logits = logits / temperature if temperature > 0 else logits
@@ -294,7 +305,19 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     """
     out = []
     replay, from_engine = ROUTING_REPLAY[cfg.routing_replay]
-    moe = bool(getattr(model, "gates", lambda: [])())
+    moe = bool(getattr(dist.unwrap(model), "gates", lambda: [])())
+    with contextlib.ExitStack() as stack:
+        # full weights once for the whole batch: no collective per forward, so ranks holding different
+        # numbers of micro-batches stay in step (FSDP2); a plain model is used as it is
+        scorer = {m: stack.enter_context(dist.generating(m)) for m in {ref, model if cfg.mu > 1 or moe else None}
+                  if m is not None}
+        out = _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device, replay, from_engine, moe)
+    return out
+
+
+def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device, replay, from_engine, moe):
+    """The micro-batches of micro_batches(), with their reference and pre-update log-probs."""
+    out = []
     for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
         rows = rollouts[a:b]
         idx, mask, starts, rollout_logp = (t.to(device) for t in to_tensors(rows, pad_id))
@@ -304,11 +327,12 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
         with torch.no_grad():
             if ref is not None:  # a LoRA run's reference is the policy itself with its adapters off
                 with lora.adapters_off(ref) if ref is model else contextlib.nullcontext():
-                    logp["ref"] = completion_logprobs(ref, idx, starts, mask, targets, cfg.temperature)[0]
+                    logp["ref"] = completion_logprobs(scorer[ref], idx, starts, mask, targets, cfg.temperature)[0]
             if cfg.mu > 1 or (moe and replay and routes is None):
                 # the pre-update forward: routed like the engine (R3), or recording its own routing (R2)
-                with replay_routing(model, routes) if routes is not None else record_routing(model) as rec:
-                    logp["old"] = completion_logprobs(model, idx, starts, mask, targets, cfg.temperature)[0]
+                inner = dist.unwrap(model)
+                with replay_routing(inner, routes) if routes is not None else record_routing(inner) as rec:
+                    logp["old"] = completion_logprobs(scorer[model], idx, starts, mask, targets, cfg.temperature)[0]
                 routes = rec if routes is None else routes
         rows_adv = adv[a:b] if adv.dim() == 1 else adv[a:b, : mask.shape[1]]  # per-token advantages: this width
         out.append(MicroBatch(idx, mask, logp.get("old") if cfg.mu > 1 else None, starts, targets,
@@ -420,19 +444,29 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     return {k: float(v) * weight for k, v in s.items()}
 
 
-def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> dict:
-    """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics."""
-    device = model.embed.weight.device
+def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id, share: float = 1.0) -> dict:
+    """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics.
+
+    Under torchrun `rollouts` are this rank's whole groups (share 0: a placeholder row for a rank
+    that got none): the token and sequence counts of the aggregation are the global batch's, every
+    rank runs as many micro-batches as the busiest one (collectives must pair up), and weights carry
+    the factor world that the gradient average takes back, so the update is the one-process one.
+    """
+    device = dist.unwrap(model).embed.weight.device
     amp = resolve_dtype(cfg.dtype, device)  # fp32 master weights and AdamW; bf16 matmuls on a GPU
     with autocast(device, amp):
         mbs = micro_batches(cfg, model, rollouts, adv, ref, pad_id, device)
-    n_tokens = float(sum(mb.mask.sum() for mb in mbs))
+    counts = dist.all_reduce_sum({"tokens": share * float(sum(mb.mask.sum() for mb in mbs)),
+                                  "seqs": share * len(rollouts)}, "summing the batch's token counts")
+    n_mb = int(dist.all_reduce_max({"n": len(mbs)})["n"])
+    world = dist.world().world_size
     loss_fn, kw, agg = _loss_setup(cfg)
     stats: dict[str, float] = {}
     for _ in range(cfg.mu):
         opt.zero_grad(set_to_none=True)
-        for mb in mbs:
-            w = chunk_weight(aggregation_of(cfg), mb, n_tokens, len(rollouts))
+        for i in range(n_mb):
+            mb = mbs[min(i, len(mbs) - 1)]
+            w = share * (i < len(mbs)) * world * chunk_weight(aggregation_of(cfg), mb, counts["tokens"], counts["seqs"])
             with autocast(device, amp):
                 step_stats = micro_step(cfg, model, mb, loss_fn, kw, agg, w)
             for k, v in step_stats.items():
@@ -441,8 +475,8 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id) -> di
         if not torch.isfinite(gn):
             raise FloatingPointError(f"gradient norm is {gn.item()}")
         opt.step()
-        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) / cfg.mu
-    return stats
+        stats["grad_norm"] = stats.get("grad_norm", 0.0) + float(gn) / cfg.mu  # the same on every rank
+    return dist.all_reduce_mean(stats, "averaging the update's statistics")
 
 
 def step_metrics(cfg, rollouts: list[Rollout], rewards, zero_var) -> dict:
@@ -518,16 +552,23 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
     groups whose rewards are all equal carry no policy gradient and are dropped; more prompts are drawn
     (as many as the kept fraction so far says are needed, at most a batch) until prompts_per_step varied
     groups are held or dynamic_sampling_max_rounds rounds are spent. The batch is cut to exactly
-    prompts_per_step groups; a spent cap trains on what it holds. Round r of step s is seeded by (seed, s, r).
+    prompts_per_step groups; a spent cap trains on what it holds. The group of the j-th prompt of the data
+    stream, drawn at step s, is seeded by (seed, s, j).
+
+    Under torchrun each rank generates whole groups for its share of a round's prompts and the groups are
+    gathered, so every rank holds the same global list (the one a single process samples) and the choices
+    above are made over the global batch; policy_update then trains each rank on its share of it.
     """
     want, G = cfg.prompts_per_step, cfg.group_size
     kept, sampled = [], []
     for rnd in range(cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1):
         n = want if not kept else min(want, math.ceil((want - len(kept)) * len(sampled) / len(kept)))
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                n=G, seed=cfg.seed * 100_003 + step + rnd * 1_000_003)
-        groups = rollout(model, tok, task, batch_problems(cfg, problems, cursor.prompts, n), params, engine,
-                         cfg.system)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G)
+        mine = dist.shard_range(n)
+        seeds = [(cfg.seed * 100_003 + step) * 1_000_003 + cursor.prompts + j for j in mine]
+        local = rollout(model, tok, task, batch_problems(cfg, problems, cursor.prompts + mine.start, len(mine)),
+                        params, engine, cfg.system, seeds=seeds) if len(mine) else []
+        groups = [g for part in dist.all_gather(local, "gathering the rollouts") for g in part]
         cursor.prompts += n
         sampled += groups
         if not cfg.dynamic_sampling:
@@ -542,7 +583,7 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
 @torch.no_grad()
 def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, float]:
     """On-policy distillation: the teacher scores every sampled token → (advantages (N, T), mean reverse KL)."""
-    device = model.embed.weight.device
+    device = dist.unwrap(model).embed.weight.device
     T = max(len(r.sample.tokens) for r in rollouts)
     adv, kl, n = torch.zeros(len(rollouts), T), 0.0, 0.0
     for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
@@ -595,11 +636,15 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
     t1 = time.perf_counter()
     if not skip:
         set_lr(opt, lr_at(cursor.updates, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
-        m.update(policy_update(cfg, model, ref, opt, batch, adv, tok.pad_id))
-        if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
-            model.after_optimizer_step()
+        mine = dist.shard_range(len(trained))  # whole groups per rank; a rank left without one trains a placeholder
+        rows = slice(mine.start * cfg.group_size, mine.stop * cfg.group_size) if len(mine) else slice(0, 1)
+        m.update(policy_update(cfg, model, ref, opt, batch[rows], adv[rows], tok.pad_id, float(len(mine) > 0)))
+        dist.after_optimizer_step(model)  # MoE: aux-loss-free bias update from every rank's loads
         cursor.updates += 1
     train_s = time.perf_counter() - t1
+    if dist.world().distributed:  # stragglers show: every rank's generation and training time
+        times = dist.all_gather((gen_s, train_s), "gathering step times")
+        m.update(gen_seconds_ranks=[t[0] for t in times], train_seconds_ranks=[t[1] for t in times])
     ntok = sum(len(r.sample.tokens) for r in rollouts)
     # lr: the update's, or (skipped) the one the schedule stands at for the next update
     m.update(step=step + 1, lr=lr_at(max(cursor.updates - (not skip), 0), cfg.steps, cfg.lr, cfg.warmup,
@@ -611,6 +656,7 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
 
 
 def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
+    _, device = dist.init(resolve_device(cfg.device), cfg.dist_timeout_s)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -619,10 +665,11 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     if not problems:  # batch_problems would divide by zero; say what is empty instead
         raise ConfigError(f"grpo.task = {cfg.task!r} (task_args {cfg.task_args}): the train split is empty, "
                           "nothing to sample prompts from")
-    model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg)
+    model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg, device)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine, alarms = Engine(model, tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1]), Alarms(cfg)
+    engine = Engine(dist.unwrap(model), tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1])
+    alarms = Alarms(cfg)
     teacher = load_teacher(cfg, tok)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
@@ -668,7 +715,7 @@ def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict, cursor: Cur
                     generation=cfg.generation_config)
 
 
-def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
+def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg, device):
     """Resume from DIR/model, or start from the base (pretraining it first when the recipe says how)."""
     ckpt = out / "model"
     resuming = checkpoint.has_trainer_state(ckpt)
@@ -679,23 +726,27 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg):
         from r1kit.stages import pretrain
         print0(f"grpo: base {cfg.base} is missing — pretraining it first (recipe's [pretrain] section)")
         pretrain_cfg.out_dir = str(cfg.base)
+        pretrain_cfg.parallel, pretrain_cfg.dist_timeout_s = cfg.parallel, cfg.dist_timeout_s
         pretrain.run(pretrain_cfg)
         base = resolve_ckpt(cfg.base)
     # the policy stays fp32: AdamW steps of ~lr·1 would round away on bf16 weights (lr 1e-6 ≪ bf16's
     # spacing at 0.02); `dtype` is the autocast compute dtype. The frozen reference can be bf16.
     # With LoRA only the fp32 adapters train: the frozen base can sit in the compute dtype (bf16 on a GPU).
-    model, tok = checkpoint.load(ckpt if resuming else base, device=cfg.device,
+    model, tok = checkpoint.load(ckpt if resuming else base, device=device,
                                  dtype=cfg.dtype if cfg.lora_rank else "float32")
     apply_memory_options(model, cfg, base=base, seed=cfg.seed)
+    amp = resolve_dtype(cfg.dtype, device)
+    model = dist.wrap(model, cfg.parallel, amp)
     ref = None
     if cfg.kl_coef > 0 and cfg.lora_rank:
         ref = model  # the base is the policy with its adapters switched off: no second model in memory
-    elif cfg.kl_coef > 0:
-        ref, _ = checkpoint.load(base, device=cfg.device, dtype=cfg.dtype)
+    elif cfg.kl_coef > 0:  # frozen: FSDP2 shards it like the policy; DDP keeps a plain replica (no gradients)
+        ref, _ = checkpoint.load(base, device=device, dtype=cfg.dtype)
         ref.eval().requires_grad_(False)
+        ref = dist.wrap(ref, cfg.parallel, amp) if cfg.parallel == "fsdp" else ref
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     if resuming:
-        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo")
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo", model=model)
         print0(f"grpo: resuming {ckpt} at step {state['step']}")
         # a checkpoint from before the cursor existed: one batch per step, one update per step
         cursor = Cursor(**state.get("cursor", {"prompts": state["step"] * cfg.prompts_per_step,
@@ -715,7 +766,8 @@ def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed
                    eval_problems=len(test))
     if failed:
         summary["stopped"] = failed
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.is_main_process():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if final is not None:
         print0(f"grpo: held-out greedy accuracy {summary['base_accuracy']:.3f} → {final:.3f} "
                f"in {rl_seconds:.0f}s of RL ({steps} steps); summary in {out / 'summary.json'}")

@@ -6,6 +6,7 @@ answers without tags (`bare`). The base has seen the format but usually skips th
 its sampled accuracy is mediocre: GRPO then has something to elicit.
 
     r1kit pretrain --config recipes/r1_zero_tiny.toml [--set pretrain.steps=300] [--out DIR]
+    torchrun --nproc-per-node N -m r1kit pretrain ...   (data parallel: each rank takes batch_size/N)
 writes DIR/model (checkpoint), DIR/metrics.jsonl, DIR/summary.json.
 """
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from r1kit import checkpoint
+from r1kit import checkpoint, dist
 from r1kit.common import print0, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config
 from r1kit.engine import SamplingParams
 from r1kit.rollout import greedy_accuracy, rollout
 from r1kit.tasks import get_task
 from r1kit.tokenizer import Tokenizer, build_bpe_tokenizer
+from r1kit.models.llama import IGNORE_INDEX
 from r1kit.training import MetricsLog, ModelSpec, Progress, adamw, build_model, lr_at, pad_batch, resolve_ckpt, set_lr
 
 
@@ -49,6 +51,12 @@ class PretrainConfig:
     save_every: int = 100  # checkpoint (resumable) every this many steps
     eval_problems: int = 200  # held-out (test split) problems graded at the end
     max_new_tokens: int = 96  # most tokens per answer in that evaluation
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2, sharded weights and optimizer)
+    dist_timeout_s: float = 600.0  # under torchrun: a missing or dead peer ends the run after this long
+
+    def __post_init__(self):
+        if self.parallel not in dist.PARALLEL:
+            raise ConfigError(f"pretrain.parallel = {self.parallel!r}; choose one of {list(dist.PARALLEL)}")
 
 
 def completion_for(task, problem, rng: random.Random, mix: dict) -> str:
@@ -60,7 +68,8 @@ def completion_for(task, problem, rng: random.Random, mix: dict) -> str:
 
 
 def make_batch(cfg: PretrainConfig, task, tok, problems, step: int):
-    """The batch of `step` — drawn from an RNG seeded by (seed, step), so resuming is exact."""
+    """This rank's share of the batch of `step` — drawn from an RNG seeded by (seed, step), so
+    resuming is exact and the global batch is the same whatever the number of processes."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
     seqs, masks = [], []
     for _ in range(cfg.batch_size):
@@ -70,7 +79,7 @@ def make_batch(cfg: PretrainConfig, task, tok, problems, step: int):
         ids, mask = tok.render_chat(msgs)
         seqs.append(ids)
         masks.append(mask)
-    return pad_batch(seqs, masks, tok.pad_id)
+    return pad_batch(dist.shard(seqs, "pretrain.batch_size"), dist.shard(masks), tok.pad_id)
 
 
 def build_tokenizer(cfg: PretrainConfig, task, problems):
@@ -83,6 +92,7 @@ def run(cfg: PretrainConfig) -> dict:
     for style in cfg.mix:
         if style not in ("think", "slip", "direct", "bare"):
             raise ConfigError(f"pretrain.mix: unknown style {style!r} (think, slip, direct, bare)")
+    dist.init(torch.device("cpu"), cfg.dist_timeout_s)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -101,38 +111,43 @@ def run(cfg: PretrainConfig) -> dict:
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 state = {"optimizer": opt, "state": {"stage": "pretrain", "step": step + 1, "config": asdict(cfg)}}
                 checkpoint.save(model, tok, ckpt, trainer_state=state)
-    summary = _summarize(cfg, model, tok, task, time.perf_counter() - t0)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = _summarize(cfg, dist.unwrap(model), tok, task, time.perf_counter() - t0)
+    if dist.is_main_process():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _resume_or_init(cfg, ckpt: Path, task, problems):
     if checkpoint.has_trainer_state(ckpt):
         model, tok = checkpoint.load(ckpt, device="cpu", dtype="float32")
+        model = dist.wrap(model, cfg.parallel)
         opt = adamw(model, cfg.lr, cfg.weight_decay)
-        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="pretrain")
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="pretrain", model=model)
         print0(f"pretrain: resuming {ckpt} at step {state['step']}")
         return state["step"], model, tok, opt
     tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer)) if cfg.tokenizer else build_tokenizer(cfg, task, problems)
     model = build_model(cfg.model, tok.vocab_size, cfg.seed)
     n = sum(p.numel() for p in model.parameters())
-    print0(f"pretrain: {cfg.model.arch} model, {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, task {task.name}")
+    w = dist.world()
+    print0(f"pretrain: {cfg.model.arch} model, {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, task {task.name}"
+           + (f", {w.world_size} processes ({cfg.parallel})" if w.distributed else ""))
+    model = dist.wrap(model, cfg.parallel)
     return 0, model, tok, adamw(model, cfg.lr, cfg.weight_decay)
 
 
 def _train_step(cfg, model, tok, task, problems, opt, step: int) -> float:
     set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup, "cosine", cfg.min_lr_ratio))
     idx, targets = make_batch(cfg, task, tok, problems, step)
+    scale = dist.loss_scale(int((targets != IGNORE_INDEX).sum()))  # this rank's share of the global token mean
     loss = model(idx, targets=targets)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step + 1}; lower pretrain.lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
-        model.after_optimizer_step()
-    return loss.item()
+    dist.after_optimizer_step(model)  # MoE: aux-loss-free bias update from every rank's loads
+    return dist.all_reduce_mean({"loss": loss.item() * scale})["loss"]
 
 
 def _summarize(cfg, model, tok, task, seconds: float) -> dict:

@@ -14,6 +14,7 @@ concatenation (positions run on, attention crosses documents, the end-of-turn to
 them); `"none"`: one per row.
 
     r1kit sft --config recipe.toml [--set sft.data=traces.jsonl] [--out DIR]
+    torchrun --nproc-per-node N -m r1kit sft ...   (data parallel: each rank takes batch_size/N rows)
 writes DIR/model (checkpoint + trainer_state), DIR/metrics.jsonl, DIR/summary.json; killed at any
 point, the same command resumes from the last checkpoint (the data order is seeded per epoch).
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from r1kit import checkpoint
+from r1kit import checkpoint, dist
 from r1kit.common import autocast, print0, resolve_device, resolve_dtype, seed_everything
 from r1kit.config import ConfigError, add_config_args, load_config
 from r1kit.models import lora
@@ -72,8 +73,15 @@ class SFTConfig(MemoryOptions):
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; weights and AdamW stay fp32
     generation_config: str = "source"  # saved sampling defaults: source (the base's own) | r1 (T 0.6, top-p 0.95)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2, sharded weights and optimizer)
+    dist_timeout_s: float = 600.0  # under torchrun: a missing or dead peer ends the run after this long
 
     def __post_init__(self):
+        if self.parallel not in dist.PARALLEL:
+            raise ConfigError(f"sft.parallel = {self.parallel!r}; choose one of {list(dist.PARALLEL)}")
+        if self.parallel == "fsdp" and self.lora_rank:
+            raise ConfigError("sft.parallel = 'fsdp' with lora_rank is not supported yet (adapters are merged and "
+                              "saved outside the forward, where FSDP2 holds only shards): use parallel = 'ddp'")
         try:
             resolve_dtype(self.dtype, resolve_device(self.device))
         except (ValueError, RuntimeError) as e:
@@ -232,11 +240,12 @@ def make_batch(examples, rows: list[list[int]], cfg: SFTConfig, pad_id: int, dev
 # Training
 # ---------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig) -> dict:
+    _, device = dist.init(resolve_device(cfg.device), cfg.dist_timeout_s)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     ckpt = out / "model"
-    model, tok, opt, start, state = _resume_or_init(cfg, ckpt)
+    model, tok, opt, start, state = _resume_or_init(cfg, ckpt, device)
     examples = encode_examples(tok, cfg.data)
     digest = data_digest(examples)
     if start and state.get("data_digest") not in (None, digest):
@@ -249,77 +258,87 @@ def run(cfg: SFTConfig) -> dict:
     print0(f"sft: {len(examples)} conversations, {sum(lengths)} tokens, {rows_per_epoch} packed rows/epoch "
            f"(max_len {cfg.max_len}, {cfg.packing} packing), {steps} steps")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
-    seconds = state.get("seconds", 0.0)
+    seconds, loss = state.get("seconds", 0.0), state.get("loss", float("nan"))
     model.train()
     with Progress(steps, "sft", start) as bar:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            loss, ntok = _train_step(cfg, model, opt, examples, rows[step * cfg.batch_size: (step + 1) * cfg.batch_size],
-                                     tok.pad_id, step, steps)
+            batch = dist.shard(rows[step * cfg.batch_size: (step + 1) * cfg.batch_size], "sft.batch_size")
+            loss, ntok = _train_step(cfg, model, opt, examples, batch, tok.pad_id, step, steps)
             seconds += time.perf_counter() - t0
             log.write({"step": step + 1, "loss": loss, "lr": opt.param_groups[0]["lr"], "tokens": ntok,
                        "seconds": seconds})
             bar.update(step + 1, f"loss {loss:.3f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-                st = {"stage": "sft", "step": step + 1, "seconds": seconds, "data_digest": digest,
+                st = {"stage": "sft", "step": step + 1, "seconds": seconds, "loss": loss, "data_digest": digest,
                       "config": asdict(cfg)}
                 checkpoint.save(model, tok, ckpt, trainer_state={"optimizer": opt, "state": st},
                                 generation=cfg.generation_config)
     summary = {"examples": len(examples), "tokens": sum(lengths), "rows_per_epoch": rows_per_epoch,
-               "steps": steps, "final_loss": log.read()[-1]["loss"], "train_seconds": round(seconds, 1),
-               **_evaluate(cfg, model, tok)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "steps": steps, "final_loss": loss, "train_seconds": round(seconds, 1),
+               **_evaluate(cfg, dist.unwrap(model), tok)}
+    if dist.is_main_process():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print0(f"sft: done in {seconds:.0f}s of training; final loss {summary['final_loss']:.3f}"
            + (f", held-out greedy accuracy {summary['greedy_accuracy']:.3f}" if "greedy_accuracy" in summary else ""))
     return summary
 
 
 def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[float, int]:
+    """One update on this rank's `rows` → (the global batch's token-mean loss, its token count)."""
     set_lr(opt, lr_at(step, steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio))
-    device = model.embed.weight.device
+    device = dist.unwrap(model).embed.weight.device
     idx, targets, packed = make_batch(examples, rows, cfg, pad_id, device)
+    ntok = int((targets != IGNORE_INDEX).sum())
+    scale = dist.loss_scale(ntok)  # this rank's share of the global token mean
     with autocast(device, resolve_dtype(cfg.dtype, device)):  # fp32 master weights, bf16 matmuls on a GPU
         loss = model(idx, targets=targets, **packed)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"sft: loss is {loss.item()} at step {step + 1}; lower sft.lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
-    if hasattr(model, "after_optimizer_step"):  # MoE: aux-loss-free bias update
-        model.after_optimizer_step()
-    return loss.item(), int((targets != IGNORE_INDEX).sum())
+    dist.after_optimizer_step(model)  # MoE: aux-loss-free bias update from every rank's loads
+    m = dist.all_reduce_sum({"loss": loss.item() * scale / dist.world().world_size, "tokens": ntok})
+    return m["loss"], int(m["tokens"])
 
 
-def _resume_or_init(cfg: SFTConfig, ckpt: Path):
-    """→ model, tokenizer, optimizer, start step, saved state (empty when starting fresh)."""
+def _resume_or_init(cfg: SFTConfig, ckpt: Path, device):
+    """→ model (wrapped for this run's processes), tokenizer, optimizer, start step, saved state
+    (empty when starting fresh)."""
     # fp32 master weights; with LoRA only the fp32 adapters train and the frozen base keeps the compute dtype
     dtype = cfg.dtype if cfg.lora_rank else "float32"
     if checkpoint.has_trainer_state(ckpt):
-        model, tok = checkpoint.load(ckpt, device=cfg.device, dtype=dtype)
+        model, tok = checkpoint.load(ckpt, device=device, dtype=dtype)
         apply_memory_options(model, cfg)
+        model = dist.wrap(model, cfg.parallel, resolve_dtype(cfg.dtype, device))
         opt = adamw(model, cfg.lr, cfg.weight_decay)
-        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="sft")
+        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="sft", model=model)
         print0(f"sft: resuming {ckpt} at step {state['step']}")
         return model, tok, opt, state["step"], state
     if cfg.base:
         base = resolve_ckpt(cfg.base)
         if not is_checkpoint(base):
             raise ConfigError(f"sft.base: {cfg.base} has no checkpoint (config.json)")
-        model, tok = checkpoint.load(base, device=cfg.device, dtype=dtype)
+        model, tok = checkpoint.load(base, device=device, dtype=dtype)
         apply_memory_options(model, cfg, base=base, seed=cfg.seed)
         print0(f"sft: fine-tuning {base}" + (f" with LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""))
     else:
         if not cfg.tokenizer:
             raise ConfigError("sft: set sft.base (a checkpoint to fine-tune) or sft.tokenizer (a checkpoint whose "
                               "tokenizer a fresh sft.model uses)")
-        tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer))
-        model = build_model(cfg.model, tok.vocab_size, cfg.seed).to(resolve_device(cfg.device))
         if cfg.lora_rank:
             raise ConfigError("sft.lora_rank: a fresh model has nothing frozen worth adapting; set sft.base")
+        tok = Tokenizer.load(resolve_ckpt(cfg.tokenizer))
+        model = build_model(cfg.model, tok.vocab_size, cfg.seed).to(device)
         apply_memory_options(model, cfg)
         n = sum(p.numel() for p in model.parameters())
         print0(f"sft: fresh {cfg.model.arch} model, {n / 1e6:.2f}M parameters, tokenizer of {cfg.tokenizer}")
+    w = dist.world()
+    if w.distributed:
+        print0(f"sft: {w.world_size} processes ({cfg.parallel}), {cfg.batch_size // w.world_size} rows each per step")
+    model = dist.wrap(model, cfg.parallel, resolve_dtype(cfg.dtype, device))
     return model, tok, adamw(model, cfg.lr, cfg.weight_decay), 0, {}
 
 
