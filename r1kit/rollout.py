@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from r1kit.engine import Engine, Sample, SamplingParams
-from r1kit.rewards import RewardError, extract_answer
+from r1kit.rewards import RewardError
 
 
 @dataclass
@@ -31,8 +31,11 @@ class Rollout:
                 "finish_reason": self.sample.finish_reason}
 
 
-def prompt_ids(tok, problem, system: str | None = None) -> list[int]:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem.prompt}]
+def prompt_ids(tok, problem, system: str | None = None, task=None) -> list[int]:
+    """The problem as one user turn through the checkpoint's chat template; with a task, the
+    turn is ``task.render(problem)`` (the prompt plus its answer-format instruction)."""
+    content = problem.prompt if task is None else task.render(problem)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return tok.chat_prompt(msgs)
 
 
@@ -59,7 +62,7 @@ def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine |
     """
     engine = engine or Engine(model, tok)
     extra = tok.encode(prefix) if prefix else []
-    ids = [prompt_ids(tok, p, system) + extra for p in problems]
+    ids = [prompt_ids(tok, p, system, task) + extra for p in problems]
     groups = engine.generate(ids, params)
     out = []
     for prob, pid, samples in zip(problems, ids, groups):
@@ -78,5 +81,6 @@ def greedy_accuracy(model, tok, task, problems, max_new_tokens: int = 128) -> fl
     return sum(g[0].correct for g in groups) / len(groups)
 
 
-def answers(groups: list[list[Rollout]]) -> list[list[str | None]]:
-    return [[extract_answer(r.completion) for r in g] for g in groups]
+def answers(groups: list[list[Rollout]], task) -> list[list[str | None]]:
+    """The final answer of every completion, read in the task's answer format (for cons@k)."""
+    return [[task.extract(r.completion) for r in g] for g in groups]

@@ -21,7 +21,8 @@ from r1kit.tasks import (
     register_task,
 )
 from r1kit.tasks.countdown import countdown_mistake
-from r1kit.tasks.math_file import extract_boxed, split_reference
+from r1kit.rewards import extract_boxed
+from r1kit.tasks.math_file import split_reference
 
 
 def arithmetic_problem(a, op, b):
