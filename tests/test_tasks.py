@@ -361,3 +361,59 @@ def test_task_settings_are_checked_at_construction():
         CountdownTask(lang="xx")
     problem = Problem("1 from 1=", "1", {"numbers": [1], "target": 1})
     assert CountdownTask(lang="zh").reward("<think>先</think><answer>1</answer>", problem)["language"] == 1.0
+
+
+# ---------------------------------------------------------------- answer formats
+
+def test_default_answer_format_keeps_the_tiny_tasks_unchanged():
+    """Tags and no instruction by default: the tiny recipes' prompts and rewards stay as they were."""
+    task = ArithmeticTask(digits=2)
+    problem = task.problems("train", 1)[0]
+    assert task.answer_format == "tags" and task.instruction == ""
+    assert task.render(problem) == problem.prompt
+    right = task.trace(problem, random.Random(0), "think")
+    assert task.reward(right, problem)["accuracy"] == 1.0
+    assert task.reward(problem.answer, problem)["accuracy"] == 0.0  # a bare number is not an answer
+
+
+@pytest.mark.parametrize("fmt, text, marker", [
+    ("last_number", "So the result is {n}.", "Answer: N"),
+    ("boxed", "So the result is \\boxed{{{n}}}, done.", "\\boxed{}"),
+    ("auto", "So the result is {n}", "\\boxed{}"),
+])
+def test_answer_format_drives_prompt_extraction_and_reward(fmt, text, marker):
+    task = ArithmeticTask(digits=2, answer_format=fmt)
+    problem = task.problems("test", 1)[0]
+    assert task.render(problem).startswith(problem.prompt + "\n") and marker in task.render(problem)
+    parts = task.reward(text.format(n=problem.answer), problem)
+    assert parts["accuracy"] == 1.0
+    wrong = task.reward(text.format(n=int(problem.answer) + 1), problem)
+    assert wrong["accuracy"] == 0.0
+    # default weights: accuracy 1 + format 0.1 × the format part
+    assert parts["total"] == pytest.approx(1.0 + 0.1 * parts["format"])
+
+
+def test_format_reward_weight_zero_turns_it_off_and_instruction_overrides():
+    task = ArithmeticTask(digits=2, answer_format="boxed", weights={"accuracy": 1.0, "format": 0.0},
+                          instruction="Box it.")
+    problem = task.problems("test", 1)[0]
+    parts = task.reward(f"\\boxed{{{int(problem.answer) + 1}}}", problem)
+    assert parts["format"] == 1.0 and parts["total"] == 0.0
+    assert task.render(problem) == problem.prompt + "\nBox it."
+    assert ArithmeticTask(answer_format="boxed", instruction="").render(problem) == problem.prompt
+
+
+def test_unknown_answer_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="arithmetic: answer_format 'xml'; choose one of"):
+        get_task("arithmetic", answer_format="xml")
+
+
+def test_math_file_auto_format_reads_latex_with_math_verify(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"question": "Half of 1?", "answer": "\\frac{1}{2}"}) + "\n"
+                    + json.dumps({"question": "Two?", "answer": "2"}) + "\n")
+    task = MathFileTask(path, test_fraction=0.5, answer_format="auto")
+    problem = Problem("q", "\\frac{1}{2}")
+    assert task.reward("so it is $\\frac{1}{2}$.", problem)["accuracy"] == 1.0
+    assert task.reward("so it is 0.5", problem)["accuracy"] == 1.0
+    assert task.reward("so it is $\\frac{1}{3}$.", problem)["accuracy"] == 0.0
