@@ -417,3 +417,41 @@ def test_math_file_auto_format_reads_latex_with_math_verify(tmp_path):
     assert task.reward("so it is $\\frac{1}{2}$.", problem)["accuracy"] == 1.0
     assert task.reward("so it is 0.5", problem)["accuracy"] == 1.0
     assert task.reward("so it is $\\frac{1}{3}$.", problem)["accuracy"] == 0.0
+
+
+# ---------------------------------------------------------------- word problems (real-model task)
+
+from r1kit.tasks import WordProblemTask  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["add", "add_sub", "mul"])
+def test_word_problems_answers_are_exact_and_splits_disjoint(kind):
+    task = WordProblemTask(kind=kind, digits=2)
+    train, test = task.problems("train", 300), task.problems("test", 30)
+    assert not {task.split_key(p) for p in train} & {task.split_key(p) for p in test}
+    for p in train[:50]:
+        m = p.meta
+        expected = {"add": m["a"] + m["b"], "add_sub": m["a"] + m["b"] - m["c"], "mul": m["a"] * m["b"]}[kind]
+        assert int(p.answer) == expected > 0
+        assert str(m["a"]) in p.prompt and str(m["b"]) in p.prompt
+    assert task.problems("test", 30) == test  # seeded
+
+
+def test_word_problems_grade_free_text_by_default():
+    task = WordProblemTask(kind="add", digits=1)
+    problem = Problem("Mia has 5 apples and gets 7 more. How many apples does Mia have now?", "12",
+                      {"kind": "add", "a": 5, "b": 7, "c": 0})
+    assert "Answer: N" in task.render(problem)
+    assert task.reward("5 + 7 = 12 Apples Mia has now.", problem)["accuracy"] == 1.0
+    assert task.reward("Mia has 5 + 7 = 12 apples. Answer: 12", problem)["format"] == 1.0
+    assert task.reward("Mia has 5 + 7 = 13 apples.", problem)["accuracy"] == 0.0
+    assert task.reward("12.0", problem)["accuracy"] == 1.0
+    trace = task.trace(problem, random.Random(0), "think")
+    assert trace == "5 + 7 = 12.\nAnswer: 12" and task.reward(trace, problem)["total"] == pytest.approx(1.1)
+
+
+def test_word_problems_small_spaces_size_themselves_and_bad_kinds_fail():
+    task = WordProblemTask(kind="add", digits=1)  # 64 pairs in all
+    assert len(task.problems("train")) == task.train_size < 64
+    with pytest.raises(ValueError, match="word_problems: kind 'div'; choose one of"):
+        get_task("word_problems", kind="div")
