@@ -8,8 +8,10 @@ Kinds (each a family of sentence templates over names, items and numbers):
 * ``add_sub``: two steps, "... has 23, gets 45 more, then gives away 17 ..." → 51
 * ``mul``: "Mia buys 6 boxes with 14 apples in each box. How many apples ..." → 84
 
-``digits`` sets the size of the main operands (1 → 2..9, 2 → 10..99); multiplication keeps one
-factor a single digit, so "2-digit × 1-digit" is ``kind="mul", digits=2``.
+``digits`` and ``digits_b`` set the sizes of the two numbers (1 → 2..9, 2 → 10..99; ``digits_b``
+defaults to ``digits``, and to 1 for ``mul``, whose second number counts boxes, bags or friends):
+"2-digit + 1-digit" is ``kind="add", digits=2, digits_b=1``; "2-digit × 1-digit" is ``kind="mul",
+digits=2``. In ``add_sub`` the number taken away is anything below the running total.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ class WordProblemTask(SyntheticTask):
 
     name = "word_problems"
 
-    def __init__(self, kind: str = "add", digits: int = 2, seed: int = 0, answer_format: str = "last_number",
-                 train_size: int | None = None, test_size: int = 500, **kwargs):
+    def __init__(self, kind: str = "add", digits: int = 2, digits_b: int | None = None, seed: int = 0,
+                 answer_format: str = "last_number", train_size: int | None = None, test_size: int = 500, **kwargs):
         if kind not in KINDS:
             raise ValueError(f"word_problems: kind {kind!r}; choose one of {list(KINDS)}")
-        if not 1 <= digits <= 6:
-            raise ValueError(f"word_problems: digits must be in 1..6, got {digits}")
-        self.kind, self.digits = kind, digits
+        digits_b = (1 if kind == "mul" else digits) if digits_b is None else digits_b
+        if not (1 <= digits <= 6 and 1 <= digits_b <= 6):
+            raise ValueError(f"word_problems: digits and digits_b must be in 1..6, got {digits} and {digits_b}")
+        self.kind, self.digits, self.digits_b = kind, digits, digits_b
         # Small spaces (1-digit sums: 64 pairs) cannot fill 10000 distinct training problems; by
         # default take 70% of what the train share can hold, and at most 10000.
         share = 1.0 - kwargs.get("test_share", 0.1)
@@ -65,18 +68,18 @@ class WordProblemTask(SyntheticTask):
 
     def _space(self) -> int:
         """How many distinct problems (by split key) this kind and size can make."""
-        n = 10**self.digits - (2 if self.digits == 1 else 10 ** (self.digits - 1))
-        return {"add": n * n, "add_sub": n * n * n, "mul": 8 * n}[self.kind]
+        n, m = (10**d - (2 if d == 1 else 10 ** (d - 1)) for d in (self.digits, self.digits_b))
+        return {"add": n * m, "add_sub": n * m * (n + m) // 2, "mul": n * m}[self.kind]
 
     def _number(self, rng: random.Random, digits: int) -> int:
         return rng.randrange(2 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
     def sample(self, rng: random.Random) -> Problem:
         template = rng.choice(_TEMPLATES[self.kind])
-        a, b = self._number(rng, self.digits), self._number(rng, self.digits)
+        a, b = self._number(rng, self.digits), self._number(rng, self.digits_b)
         c = 0
         if self.kind == "mul":
-            a = self._number(rng, 1)  # the count of boxes/bags/friends: one digit
+            a, b = b, a  # the templates name the count (boxes, bags, friends) first
             answer = a * b
         elif self.kind == "add_sub":
             c = rng.randrange(1, a + b)  # never more than there is: answers stay positive
