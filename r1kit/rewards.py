@@ -7,7 +7,7 @@ apples.", "\\boxed{12}"), so the final answer is read in one of ANSWER_FORMATS:
 
 * ``tags``: the last ``<answer>…</answer>`` (the R1-Zero template; the tiny tasks' default),
 * ``boxed``: the last ``\\boxed{…}`` (the MATH / R1 convention),
-* ``last_number``: the last number in the text (what "End with 'Answer: N'" asks for),
+* ``last_number``: the last number in the text (what "End your reply with 'Answer: ' followed by the number" asks for),
 * ``auto``: tags, else ``\\boxed{}``, else the last number.
 
 Every function here takes plain strings/numbers and returns plain values, so the trainer, the
@@ -47,7 +47,9 @@ ANSWER_FORMATS = ("tags", "boxed", "last_number", "auto")
 FORMAT_INSTRUCTIONS = {
     "tags": "",
     "boxed": "Put your final answer in \\boxed{}.",
-    "last_number": "End your reply with 'Answer: N', where N is the final number.",
+    # measured on SmolLM2-135M-Instruct: "...'Answer: N', where N is the final number" made it
+    # answer with the question's last number (greedy 6% on 2-digit + 1-digit sums); this wording did not
+    "last_number": "End your reply with 'Answer: ' followed by the number.",
     "auto": "Put your final answer in \\boxed{}.",
 }
 

@@ -377,7 +377,7 @@ def test_default_answer_format_keeps_the_tiny_tasks_unchanged():
 
 
 @pytest.mark.parametrize("fmt, text, marker", [
-    ("last_number", "So the result is {n}.", "Answer: N"),
+    ("last_number", "So the result is {n}.", "Answer: "),
     ("boxed", "So the result is \\boxed{{{n}}}, done.", "\\boxed{}"),
     ("auto", "So the result is {n}", "\\boxed{}"),
 ])
@@ -441,7 +441,7 @@ def test_word_problems_grade_free_text_by_default():
     task = WordProblemTask(kind="add", digits=1)
     problem = Problem("Mia has 5 apples and gets 7 more. How many apples does Mia have now?", "12",
                       {"kind": "add", "a": 5, "b": 7, "c": 0})
-    assert "Answer: N" in task.render(problem)
+    assert "Answer: " in task.render(problem)
     assert task.reward("5 + 7 = 12 Apples Mia has now.", problem)["accuracy"] == 1.0
     assert task.reward("Mia has 5 + 7 = 12 apples. Answer: 12", problem)["format"] == 1.0
     assert task.reward("Mia has 5 + 7 = 13 apples.", problem)["accuracy"] == 0.0
@@ -486,7 +486,7 @@ def test_smollm2_recipe_loads_and_one_grpo_step_runs_on_a_tiny_llama(tmp_path, m
     r1kit.save(model, tok, tmp_path / "base")
     problem = task.problems("train", 1)[0]
     (group,) = rollout(model, tok, task, [problem], SamplingParams(max_new_tokens=4, n=2, seed=0))
-    assert "Answer: N" in tok.decode(group[0].prompt_ids) and problem.prompt in tok.decode(group[0].prompt_ids)
+    assert "Answer: " in tok.decode(group[0].prompt_ids) and problem.prompt in tok.decode(group[0].prompt_ids)
     assert set(group[0].reward) >= {"accuracy", "format", "total"}
     # a random model never answers right: vary the rewards so the step really updates
     monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.rand(len(rollouts)))
