@@ -63,11 +63,12 @@ def grpo_prompts() -> list[str]:
 
 
 def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels
+    """Best time of fn(NEW) over ``repeats`` runs, after a short warm-up run (allocator, kernels)."""
+    fn(8)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        fn(NEW)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -82,18 +83,20 @@ def worker_gen_r1kit(model_dir: str, args) -> dict:
     from r1kit.engine import Engine, SamplingParams
     model, tok = r1kit.load(model_dir, dtype="float32")
     engine, prompts = Engine(model.eval(), tok), gen_prompts(tok.vocab_size)
-    sp = SamplingParams(max_new_tokens=NEW, temperature=1.0, ignore_eos=True, seed=0)
-    return {"seconds": best_of(lambda: engine.generate(prompts, sp), args.repeats)}
+    def run(new):
+        return engine.generate(prompts, SamplingParams(max_new_tokens=new, temperature=1.0, ignore_eos=True, seed=0))
+    return {"seconds": best_of(run, args.repeats)}
 
 
 def worker_gen_hf(model_dir: str, args) -> dict:
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = torch.tensor(gen_prompts(model.config.vocab_size))
-    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-              pad_token_id=0, eos_token_id=None)
+    def run(new):
+        return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
-        seconds = best_of(lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw), args.repeats)
+        seconds = best_of(run, args.repeats)
     return {"seconds": seconds}
 
 
@@ -110,10 +113,10 @@ def worker_grpo_r1kit(model_dir: str, args) -> dict:
     opt, engine = adamw(model, cfg.lr), Engine(model, tok)
     ids = [tok.chat_prompt([{"role": "user", "content": p}]) for p in grpo_prompts()]
     gen, train = [], []
-    for step in range(args.steps + 1):  # step 0 warms up allocators and is not counted
+    for step in range(args.steps + 1):  # step 0 (8 tokens) warms up allocators and is not counted
         t0 = time.perf_counter()
-        groups = engine.generate(ids, SamplingParams(max_new_tokens=NEW, temperature=1.0, n=G, ignore_eos=True,
-                                                     seed=step))
+        groups = engine.generate(ids, SamplingParams(max_new_tokens=NEW if step else 8, temperature=1.0, n=G,
+                                                     ignore_eos=True, seed=step))
         rollouts = [Rollout(None, ids[i], s, "", {"total": random.random()}) for i, g in enumerate(groups) for s in g]
         t1 = time.perf_counter()
         adv = rl.grpo_advantages(torch.tensor([r.reward["total"] for r in rollouts]), G)
