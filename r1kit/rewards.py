@@ -39,7 +39,8 @@ _THINK_BLOCK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.DOTALL)
 # A number as people write it: sign, thousands separators, decimals ("-1,234.5"); a lone
 # trailing dot ends a sentence and is not part of the number.
 _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\w.])-?\d+(?:\.\d+)?(?!\d)")
-_ENDS_WITH_NUMBER = re.compile(r"\d[\s.!)*$]*\Z")  # markdown bold / LaTeX $ / a full stop may follow
+# markdown bold, LaTeX $, quotes or a full stop may follow the final number ('The answer is "12".')
+_ENDS_WITH_NUMBER = re.compile(r"\d[\s.!)*$\"'\u201d]*\Z")
 
 ANSWER_FORMATS = ("tags", "boxed", "last_number", "auto")
 # What the prompt tells the model, per format. "tags" adds nothing: the tiny tasks' models were

@@ -229,6 +229,7 @@ def test_last_number_reads_the_smollm_case_as_correct():
         ("12 apples", "boxed", 0.0),
         ("5 + 7 = 12. Answer: 12", "last_number", 1.0),
         ("Answer: **12**.", "last_number", 1.0),
+        ('The answer is "12".', "last_number", 1.0),
         ("Answer: 12 apples", "last_number", 0.0),  # the number is not the last word
         (SMOLLM_TEXT, "last_number", 0.0),
         ("<think>x</think><answer>12</answer>", "tags", 1.0),
