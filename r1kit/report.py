@@ -50,9 +50,11 @@ def _pyplot():
     return plt
 
 
-def plot_rl(d: Path, pairs: list[tuple[str, str]], name: str, title: str) -> str | None:
-    """A row per (metric key, label), a column per GRPO stage (each on its own step axis) → d/name."""
-    runs = {s: m for s in RL_STAGES if (m := _metrics(d / s / "metrics.jsonl"))}
+def plot_rl(d: Path, pairs: list[tuple[str, str]], name: str, title: str,
+            stages: dict[str, str] = RL_STAGES) -> str | None:
+    """A row per (metric key, label), a column per GRPO stage (each on its own step axis) → d/name.
+    ``stages`` maps a stage's subdirectory to its column title ("." is d itself: one GRPO run)."""
+    runs = {s: m for s in stages if (m := _metrics(d / s / "metrics.jsonl"))}
     if not runs:
         return None
     plt = _pyplot()
@@ -73,7 +75,7 @@ def plot_rl(d: Path, pairs: list[tuple[str, str]], name: str, title: str) -> str
                 ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
             if row == 0:
-                ax.set_title(RL_STAGES[stage], fontsize=10)
+                ax.set_title(stages[stage], fontsize=10)
             if row == len(pairs) - 1:
                 ax.set_xlabel("GRPO step")
             if col == 0:
@@ -281,12 +283,27 @@ def write_report(d, summary: dict) -> Path:
     return path
 
 
+RUN_CURVES = [("reward_mean", "reward"), ("accuracy", "accuracy"), ("response_length", "length (tokens)")]
+
+
+def plot_run(d: Path) -> str | None:
+    """One GRPO run's directory (``r1kit grpo --out DIR``) → DIR/curves.png: reward, accuracy
+    (with the held-out greedy points) and response length vs step."""
+    summary = _read(d / "summary.json")
+    title = f"GRPO on {summary.get('task', 'its task')} from {Path(str(summary.get('base', d))).name}"
+    return plot_rl(d, RUN_CURVES, "curves.png", title, stages={".": "training samples"})
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m r1kit.report DIR   (a directory written by r1kit demo)", file=sys.stderr)
+        print("usage: python -m r1kit.report DIR   (a directory written by r1kit demo, or by r1kit grpo)",
+              file=sys.stderr)
         return 2
     d = Path(argv[0])
+    if (d / "rollouts.jsonl").exists():
+        print(d / plot_run(d))  # one GRPO run: its curves
+        return 0
     if not (d / "summary.json").exists():
         print(f"{d / 'summary.json'}: not found; run r1kit demo --out {d} first", file=sys.stderr)
         return 2

@@ -2,8 +2,16 @@
 
 A completion in the R1-Zero format looks like
 ``<think>1+6+0=07,2+9+0=11</think><answer>8617</answer>``; the think block may be absent
-(a "direct" answer). Every function here takes plain strings/numbers and returns plain values,
-so the trainer, the evaluator and user code can call them without any task object.
+(a "direct" answer). Real instruct models write answers their own way instead ("5 + 7 = 12
+apples.", "\\boxed{12}"), so the final answer is read in one of ANSWER_FORMATS:
+
+* ``tags``: the last ``<answer>…</answer>`` (the R1-Zero template; the tiny tasks' default),
+* ``boxed``: the last ``\\boxed{…}`` (the MATH / R1 convention),
+* ``last_number``: the last number in the text (what "End your reply with 'Answer: ' followed by the number" asks for),
+* ``auto``: tags, else ``\\boxed{}``, else the last number.
+
+Every function here takes plain strings/numbers and returns plain values, so the trainer, the
+evaluator and user code can call them without any task object.
 """
 
 from __future__ import annotations
@@ -28,6 +36,23 @@ _OPTIONAL_THINK = re.compile(
     r"\A\s*(?:<think>(?P<think>.*?)</think>\s*)?<answer>(?P<answer>.*?)</answer>\s*\Z", re.DOTALL
 )
 _THINK_BLOCK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.DOTALL)
+# A number as people write it: sign, thousands separators, decimals ("-1,234.5"); a lone
+# trailing dot ends a sentence and is not part of the number.
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\w.])-?\d+(?:\.\d+)?(?!\d)")
+# markdown bold, LaTeX $, quotes or a full stop may follow the final number ('The answer is "12".')
+_ENDS_WITH_NUMBER = re.compile(r"\d[\s.!)*$\"'\u201d]*\Z")
+
+ANSWER_FORMATS = ("tags", "boxed", "last_number", "auto")
+# What the prompt tells the model, per format. "tags" adds nothing: the tiny tasks' models were
+# pretrained on the bare prompt, and their recipes rely on it staying unchanged.
+FORMAT_INSTRUCTIONS = {
+    "tags": "",
+    "boxed": "Put your final answer in \\boxed{}.",
+    # measured on SmolLM2-135M-Instruct: "...'Answer: N', where N is the final number" made it
+    # answer with the question's last number (greedy 6% on 2-digit + 1-digit sums); this wording did not
+    "last_number": "End your reply with 'Answer: ' followed by the number.",
+    "auto": "Put your final answer in \\boxed{}.",
+}
 
 
 class RewardError(RuntimeError):
@@ -59,6 +84,99 @@ def extract_answer(text: str) -> str | None:
         return None
     answer = text[start + len(ANSWER_OPEN) : end].strip()
     return answer or None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), matching nested braces; None if
+    there is none, it is empty, or its braces never close (a truncated completion).
+
+    >>> extract_boxed("so $x = \\\\boxed{\\\\frac{1}{2}}$.")
+    '\\\\frac{1}{2}'
+    >>> extract_boxed("no box") is None, extract_boxed("\\\\boxed{12") is None, extract_boxed("\\\\boxed{ }") is None
+    (True, True, True)
+    """
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, begin = 1, i
+    while i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i].strip() or None
+        i += 1
+    return None
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in ``text`` with thousands separators removed; None if there is none.
+
+    >>> extract_last_number("5 + 7 = 12 Apples Mia has now.")
+    '12'
+    >>> extract_last_number("It costs $1,234.50 in total."), extract_last_number("Answer: -3")
+    ('1234.50', '-3')
+    >>> extract_last_number("I have 3 pens, 4 books, 12.") , extract_last_number("no digits") is None
+    ('12', True)
+    """
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_final(text: str, answer_format: str = "tags") -> str | None:
+    """The final answer of ``text`` read in ``answer_format`` (one of ANSWER_FORMATS); None if
+    the text holds no answer in that format.
+
+    >>> extract_final("5 + 7 = 12 Apples Mia has now.", "tags") is None
+    True
+    >>> extract_final("5 + 7 = 12 Apples Mia has now.", "last_number")
+    '12'
+    >>> extract_final("so 3 + 4 = \\\\boxed{7}, not 8", "boxed"), extract_final("so 3 + 4 = \\\\boxed{7}, not 8", "auto")
+    ('7', '7')
+    >>> extract_final("<answer>7</answer> or 8", "auto"), extract_final("7 or 8", "auto")
+    ('7', '8')
+    """
+    if answer_format not in _EXTRACTORS:
+        raise ValueError(f"answer_format {answer_format!r}; choose one of {list(ANSWER_FORMATS)}")
+    return _EXTRACTORS[answer_format](text)
+
+
+def _extract_auto(text: str) -> str | None:
+    for extract in (extract_answer, extract_boxed, extract_last_number):
+        answer = extract(text)
+        if answer is not None:
+            return answer
+    return None
+
+
+_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "tags": extract_answer, "boxed": extract_boxed, "last_number": extract_last_number, "auto": _extract_auto,
+}
+
+
+def answer_format_reward(text: str, answer_format: str = "tags", require_think: bool = True) -> float:
+    """1.0 if ``text`` gives its answer the way ``answer_format`` asks, else 0.0 — the format
+    reward, kept apart from accuracy so a recipe can weigh it (or turn it off with weight 0).
+
+    ``tags``: format_reward (the whole R1-Zero template); ``boxed``: exactly one non-empty
+    ``\\boxed{}``; ``last_number``: the text ends with a number (trailing punctuation allowed),
+    so the number it states last is the one it means; ``auto``: any of those three.
+
+    >>> answer_format_reward("so the total is \\\\boxed{12}.", "boxed"), answer_format_reward("\\\\boxed{1} \\\\boxed{2}", "boxed")
+    (1.0, 0.0)
+    >>> answer_format_reward("5 + 7 = 12. Answer: 12", "last_number"), answer_format_reward("Answer: 12 apples", "last_number")
+    (1.0, 0.0)
+    >>> answer_format_reward("<answer>7</answer>", "auto", require_think=True), answer_format_reward("7 apples", "auto")
+    (0.0, 0.0)
+    """
+    if answer_format == "tags":
+        return format_reward(text, require_think)
+    if answer_format == "boxed":
+        return 1.0 if text.count("\\boxed{") + text.count("\\fbox{") == 1 and extract_boxed(text) else 0.0
+    if answer_format == "last_number":
+        return 1.0 if _ENDS_WITH_NUMBER.search(text.rstrip()) else 0.0
+    if answer_format == "auto":
+        return max(answer_format_reward(text, f, require_think) for f in ("tags", "boxed", "last_number"))
+    raise ValueError(f"answer_format {answer_format!r}; choose one of {list(ANSWER_FORMATS)}")
 
 
 def format_reward(text: str, require_think: bool = True) -> float:
@@ -101,8 +219,10 @@ def has_think(text: str) -> bool:
     return any(block.strip() for block in re.findall(r"<think>(.*?)</think>", text, re.DOTALL))
 
 
-def accuracy_reward(text: str, reference, verify: Callable[[str, object], bool]) -> float:
-    """1.0 if the extracted answer passes ``verify(answer, reference)``, else 0.0.
+def accuracy_reward(text: str, reference, verify: Callable[[str, object], bool],
+                    extract: Callable[[str], str | None] = extract_answer) -> float:
+    """1.0 if the answer ``extract`` reads from ``text`` passes ``verify(answer, reference)``,
+    else 0.0. The default reads ``<answer>`` tags; pass e.g. ``extract_last_number``.
 
     A missing answer scores 0. A verifier that raises is a bug, not a wrong answer, so it is
     re-raised as a RewardError naming the verifier and the input instead of being hidden as 0.
@@ -111,12 +231,14 @@ def accuracy_reward(text: str, reference, verify: Callable[[str, object], bool])
     1.0
     >>> accuracy_reward("no answer here", "12", lambda a, r: a == r)
     0.0
+    >>> accuracy_reward("5 + 7 = 12 Apples Mia has now.", "12", lambda a, r: a == r, extract_last_number)
+    1.0
     >>> accuracy_reward("<answer>x</answer>", "12", lambda a, r: int(a) == int(r))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     r1kit.rewards.RewardError: accuracy reward: verifier <lambda> raised ValueError (...) on answer 'x' ...
     """
-    answer = extract_answer(text)
+    answer = extract(text)
     if answer is None:
         return 0.0
     try:
@@ -207,6 +329,26 @@ def math_verify_equal(answer: str, reference: str | list) -> bool:
     if not target:
         return False
     return bool(_math_verify().verify(gold, target, timeout_seconds=_timeout(5)))
+
+
+def math_verify_extract(text: str, answer_format: str = "auto") -> str | None:
+    """extract_final for math answers: with "auto", a completion with no tags and no
+    ``\\boxed{}`` is read by math_verify's own extraction (LaTeX or a plain expression, the
+    "final answer is" phrasing first, then the last one), which keeps ``$\\frac{1}{2}$`` whole
+    where the last number would be ``2``. The other formats read as in extract_final.
+
+    >>> math_verify_extract("so the answer is $\\\\frac{1}{2}$."), extract_final("so the answer is $\\\\frac{1}{2}$.", "auto")
+    ('\\\\frac{1}{2}', '2')
+    >>> math_verify_extract("5 + 7 = 12 Apples Mia has now."), math_verify_extract("no answer") is None
+    ('12', True)
+    """
+    if answer_format != "auto":
+        return extract_final(text, answer_format)
+    answer = extract_answer(text) or extract_boxed(text)
+    if answer is not None or len(text) > 20 * MAX_ANSWER_CHARS:
+        return answer
+    parsed = _math_verify().parse(text, parsing_timeout=_timeout(5))
+    return parsed[-1] if len(parsed) >= 2 and isinstance(parsed[-1], str) and parsed[-1].strip() else None
 
 
 # Script of each letter, by Unicode block. CJK counts each ideograph as a word, because Chinese

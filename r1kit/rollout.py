@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from r1kit import dist
 from r1kit.engine import Engine, Sample, SamplingParams
-from r1kit.rewards import RewardError, extract_answer
+from r1kit.rewards import RewardError
 
 
 @dataclass
@@ -32,8 +32,11 @@ class Rollout:
                 "finish_reason": self.sample.finish_reason}
 
 
-def prompt_ids(tok, problem, system: str | None = None) -> list[int]:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem.prompt}]
+def prompt_ids(tok, problem, system: str | None = None, task=None) -> list[int]:
+    """The problem as one user turn through the checkpoint's chat template; with a task, the
+    turn is ``task.render(problem)`` (the prompt plus its answer-format instruction)."""
+    content = problem.prompt if task is None else task.render(problem)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return tok.chat_prompt(msgs)
 
 
@@ -60,7 +63,7 @@ def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine |
     per problem (see Engine.generate). A DDP/FSDP2-wrapped model generates with its full weights.
     """
     extra = tok.encode(prefix) if prefix else []
-    ids = [prompt_ids(tok, p, system) + extra for p in problems]
+    ids = [prompt_ids(tok, p, system, task) + extra for p in problems]
     with dist.generating(model) as module:
         groups = (engine or Engine(module, tok)).generate(ids, params, seeds=seeds)
     out = []
@@ -83,5 +86,6 @@ def greedy_accuracy(model, tok, task, problems, max_new_tokens: int = 128) -> fl
     return dist.global_sum(sum(g[0].correct for g in groups), "summing the evaluation") / len(problems)
 
 
-def answers(groups: list[list[Rollout]]) -> list[list[str | None]]:
-    return [[extract_answer(r.completion) for r in g] for g in groups]
+def answers(groups: list[list[Rollout]], task) -> list[list[str | None]]:
+    """The final answer of every completion, read in the task's answer format (for cons@k)."""
+    return [[task.extract(r.completion) for r in g] for g in groups]

@@ -22,7 +22,9 @@ def forget(monkeypatch):
     before = {name: mod for name, mod in sys.modules.items() if name.startswith("r1kit.")}
 
     def block(*modules):
-        for name in modules:
+        for name in modules:  # the package and its already-imported submodules (pyarrow.parquet …)
+            for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                monkeypatch.setitem(sys.modules, loaded, None)
             monkeypatch.setitem(sys.modules, name, None)
         for name in before:
             if name not in ("r1kit.common", "r1kit.cli"):

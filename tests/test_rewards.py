@@ -166,3 +166,93 @@ def test_combine():
     assert combine(parts, {}) == 0.0
     with pytest.raises(ValueError, match="'overlong' has no matching reward part"):
         combine(parts, {"overlong": 1.0})
+
+
+# ---------------------------------------------------------------- answer formats (real models)
+
+from r1kit.rewards import (  # noqa: E402
+    ANSWER_FORMATS,
+    answer_format_reward,
+    extract_boxed,
+    extract_final,
+    extract_last_number,
+    math_verify_extract,
+)
+
+SMOLLM_TEXT = "5 + 7 = 12 Apples Mia has now."  # SmolLM2-135M-Instruct's own words: no tags
+
+
+@pytest.mark.parametrize(
+    "text, fmt, expected",
+    [
+        (SMOLLM_TEXT, "tags", None),
+        (SMOLLM_TEXT, "last_number", "12"),
+        (SMOLLM_TEXT, "auto", "12"),
+        (SMOLLM_TEXT, "boxed", None),
+        ("Mia has 5 + 7 = \\boxed{12} apples, not 13.", "boxed", "12"),
+        ("Mia has 5 + 7 = \\boxed{12} apples, not 13.", "last_number", "13"),
+        ("Mia has 5 + 7 = \\boxed{12} apples, not 13.", "auto", "12"),  # a box outranks a stray number
+        ("<answer>12</answer> \\boxed{13} 14", "auto", "12"),  # tags outrank everything
+        ("\\boxed{\\frac{1}{2}} then \\boxed{{3}}", "boxed", "{3}"),  # the last box, braces nested
+        ("so \\boxed{12", "boxed", None),  # truncated box: no answer
+        ("The total is 1,234 coins.", "last_number", "1234"),
+        ("It is -3.5 degrees.", "last_number", "-3.5"),
+        ("Answer: 42.", "last_number", "42"),
+        ("version2 of x3", "last_number", None),  # digits glued to words are not numbers
+        ("no digits here", "auto", None),
+    ],
+)
+def test_extract_final(text, fmt, expected):
+    assert extract_final(text, fmt) == expected
+
+
+def test_extract_final_rejects_an_unknown_format():
+    with pytest.raises(ValueError, match="answer_format 'xml'; choose one of"):
+        extract_final("12", "xml")
+
+
+def test_last_number_reads_the_smollm_case_as_correct():
+    """The issue's case: the right number in free text scores 1 with last_number, 0 with tags."""
+    def same(a, r):
+        return int(a) == int(r)
+    assert accuracy_reward(SMOLLM_TEXT, "12", same, extract_last_number) == 1.0
+    assert accuracy_reward(SMOLLM_TEXT, "12", same) == 0.0  # the tags default: no <answer>
+    assert accuracy_reward("5 + 7 = 13 apples.", "12", same, extract_last_number) == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, fmt, expected",
+    [
+        ("so it is \\boxed{12}.", "boxed", 1.0),
+        ("\\boxed{12} or \\boxed{13}", "boxed", 0.0),  # two boxes: ambiguous
+        ("\\boxed{}", "boxed", 0.0),
+        ("12 apples", "boxed", 0.0),
+        ("5 + 7 = 12. Answer: 12", "last_number", 1.0),
+        ("Answer: **12**.", "last_number", 1.0),
+        ('The answer is "12".', "last_number", 1.0),
+        ("Answer: 12 apples", "last_number", 0.0),  # the number is not the last word
+        (SMOLLM_TEXT, "last_number", 0.0),
+        ("<think>x</think><answer>12</answer>", "tags", 1.0),
+        ("<think>x</think><answer>12</answer>", "auto", 1.0),
+        ("so \\boxed{12} it is", "auto", 1.0),
+        ("12 apples", "auto", 0.0),
+    ],
+)
+def test_answer_format_reward(text, fmt, expected):
+    assert answer_format_reward(text, fmt) == expected
+
+
+def test_every_format_has_an_extractor_and_a_format_reward():
+    for fmt in ANSWER_FORMATS:
+        assert extract_final("<answer>7</answer>", fmt) in ("7", None)
+        assert answer_format_reward("<think>a</think><answer>7</answer>", fmt) in (0.0, 1.0)
+
+
+def test_math_verify_extract_keeps_latex_whole_and_grades_it():
+    text = "Half of the cake: the answer is $\\frac{1}{2}$."
+    answer = math_verify_extract(text, "auto")
+    assert answer == "\\frac{1}{2}" and math_verify_equal(answer, "0.5")
+    assert extract_final(text, "auto") == "2"  # the plain reading would grade it wrong
+    assert math_verify_extract("see \\boxed{7} not 8", "auto") == "7"
+    assert math_verify_extract("see \\boxed{7} not 8", "last_number") == "8"
+    assert extract_boxed("\\fbox{3}") == "3"

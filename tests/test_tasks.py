@@ -21,7 +21,8 @@ from r1kit.tasks import (
     register_task,
 )
 from r1kit.tasks.countdown import countdown_mistake
-from r1kit.tasks.math_file import extract_boxed, split_reference
+from r1kit.rewards import extract_boxed
+from r1kit.tasks.math_file import split_reference
 
 
 def arithmetic_problem(a, op, b):
@@ -360,3 +361,137 @@ def test_task_settings_are_checked_at_construction():
         CountdownTask(lang="xx")
     problem = Problem("1 from 1=", "1", {"numbers": [1], "target": 1})
     assert CountdownTask(lang="zh").reward("<think>先</think><answer>1</answer>", problem)["language"] == 1.0
+
+
+# ---------------------------------------------------------------- answer formats
+
+def test_default_answer_format_keeps_the_tiny_tasks_unchanged():
+    """Tags and no instruction by default: the tiny recipes' prompts and rewards stay as they were."""
+    task = ArithmeticTask(digits=2)
+    problem = task.problems("train", 1)[0]
+    assert task.answer_format == "tags" and task.instruction == ""
+    assert task.render(problem) == problem.prompt
+    right = task.trace(problem, random.Random(0), "think")
+    assert task.reward(right, problem)["accuracy"] == 1.0
+    assert task.reward(problem.answer, problem)["accuracy"] == 0.0  # a bare number is not an answer
+
+
+@pytest.mark.parametrize("fmt, text, marker", [
+    ("last_number", "So the result is {n}.", "Answer: "),
+    ("boxed", "So the result is \\boxed{{{n}}}, done.", "\\boxed{}"),
+    ("auto", "So the result is {n}", "\\boxed{}"),
+])
+def test_answer_format_drives_prompt_extraction_and_reward(fmt, text, marker):
+    task = ArithmeticTask(digits=2, answer_format=fmt)
+    problem = task.problems("test", 1)[0]
+    assert task.render(problem).startswith(problem.prompt + "\n") and marker in task.render(problem)
+    parts = task.reward(text.format(n=problem.answer), problem)
+    assert parts["accuracy"] == 1.0
+    wrong = task.reward(text.format(n=int(problem.answer) + 1), problem)
+    assert wrong["accuracy"] == 0.0
+    # default weights: accuracy 1 + format 0.1 × the format part
+    assert parts["total"] == pytest.approx(1.0 + 0.1 * parts["format"])
+
+
+def test_format_reward_weight_zero_turns_it_off_and_instruction_overrides():
+    task = ArithmeticTask(digits=2, answer_format="boxed", weights={"accuracy": 1.0, "format": 0.0},
+                          instruction="Box it.")
+    problem = task.problems("test", 1)[0]
+    parts = task.reward(f"\\boxed{{{int(problem.answer) + 1}}}", problem)
+    assert parts["format"] == 1.0 and parts["total"] == 0.0
+    assert task.render(problem) == problem.prompt + "\nBox it."
+    assert ArithmeticTask(answer_format="boxed", instruction="").render(problem) == problem.prompt
+
+
+def test_unknown_answer_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="arithmetic: answer_format 'xml'; choose one of"):
+        get_task("arithmetic", answer_format="xml")
+
+
+def test_math_file_auto_format_reads_latex_with_math_verify(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"question": "Half of 1?", "answer": "\\frac{1}{2}"}) + "\n"
+                    + json.dumps({"question": "Two?", "answer": "2"}) + "\n")
+    task = MathFileTask(path, test_fraction=0.5, answer_format="auto")
+    problem = Problem("q", "\\frac{1}{2}")
+    assert task.reward("so it is $\\frac{1}{2}$.", problem)["accuracy"] == 1.0
+    assert task.reward("so it is 0.5", problem)["accuracy"] == 1.0
+    assert task.reward("so it is $\\frac{1}{3}$.", problem)["accuracy"] == 0.0
+
+
+# ---------------------------------------------------------------- word problems (real-model task)
+
+from r1kit.tasks import WordProblemTask  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["add", "add_sub", "mul"])
+def test_word_problems_answers_are_exact_and_splits_disjoint(kind):
+    task = WordProblemTask(kind=kind, digits=2)
+    train, test = task.problems("train", 300), task.problems("test", 30)
+    assert not {task.split_key(p) for p in train} & {task.split_key(p) for p in test}
+    for p in train[:50]:
+        m = p.meta
+        expected = {"add": m["a"] + m["b"], "add_sub": m["a"] + m["b"] - m["c"], "mul": m["a"] * m["b"]}[kind]
+        assert int(p.answer) == expected > 0
+        assert str(m["a"]) in p.prompt and str(m["b"]) in p.prompt
+    assert task.problems("test", 30) == test  # seeded
+
+
+def test_word_problems_grade_free_text_by_default():
+    task = WordProblemTask(kind="add", digits=1)
+    problem = Problem("Mia has 5 apples and gets 7 more. How many apples does Mia have now?", "12",
+                      {"kind": "add", "a": 5, "b": 7, "c": 0})
+    assert "Answer: " in task.render(problem)
+    assert task.reward("5 + 7 = 12 Apples Mia has now.", problem)["accuracy"] == 1.0
+    assert task.reward("Mia has 5 + 7 = 12 apples. Answer: 12", problem)["format"] == 1.0
+    assert task.reward("Mia has 5 + 7 = 13 apples.", problem)["accuracy"] == 0.0
+    assert task.reward("12.0", problem)["accuracy"] == 1.0
+    trace = task.trace(problem, random.Random(0), "think")
+    assert trace == "5 + 7 = 12.\nAnswer: 12" and task.reward(trace, problem)["total"] == pytest.approx(1.1)
+
+
+def test_word_problems_small_spaces_size_themselves_and_bad_kinds_fail():
+    task = WordProblemTask(kind="add", digits=1)  # 64 pairs in all
+    assert len(task.problems("train")) == task.train_size < 64
+    with pytest.raises(ValueError, match="word_problems: kind 'div'; choose one of"):
+        get_task("word_problems", kind="div")
+
+
+def test_smollm2_recipe_loads_and_one_grpo_step_runs_on_a_tiny_llama(tmp_path, monkeypatch):
+    """The real-model recipe, unchanged but for the base, sizes and paths: a tiny random Llama
+    with a ChatML template samples word problems rendered with the format instruction."""
+    from pathlib import Path
+
+    import torch
+
+    import r1kit
+    from r1kit.config import load_config
+    from r1kit.engine import SamplingParams
+    from r1kit.models.llama import Llama, LlamaConfig
+    from r1kit.rollout import rollout
+    from r1kit.stages import grpo
+    from r1kit.tokenizer import build_bpe_tokenizer
+
+    recipe = Path(grpo.__file__).parent.parent / "recipes" / "r1_zero_smollm2.toml"
+    cfg = load_config(grpo.GRPOConfig, recipe, [
+        f"grpo.base={json.dumps(str(tmp_path / 'base'))}", f"out_dir={json.dumps(str(tmp_path / 'run'))}",
+        "steps=1", "max_new_tokens=8", "prompts_per_step=2", "group_size=4", "eval_problems=2"], section="grpo")
+    assert cfg.task == "word_problems" and cfg.task_args["answer_format"] == "last_number" and cfg.kl_coef == 0
+    task = get_task(cfg.task, **cfg.task_args)
+    corpus = [task.render(p) + " " + task.trace(p, random.Random(0)) for p in task.problems("train", 40)]
+    tok = build_bpe_tokenizer(corpus, vocab_size=400, style="chatml")
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, tie_word_embeddings=True)).init_weights(0)
+    r1kit.save(model, tok, tmp_path / "base")
+    problem = task.problems("train", 1)[0]
+    (group,) = rollout(model, tok, task, [problem], SamplingParams(max_new_tokens=4, n=2, seed=0))
+    assert "Answer: " in tok.decode(group[0].prompt_ids) and problem.prompt in tok.decode(group[0].prompt_ids)
+    assert set(group[0].reward) >= {"accuracy", "format", "total"}
+    # a random model never answers right: vary the rewards so the step really updates
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: torch.rand(len(rollouts)))
+    summary = grpo.run(cfg)
+    assert summary["steps"] == 1 and "stopped" not in summary and summary["task"] == "word_problems"
+    (m,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward_accuracy", "reward_format", "response_length"} <= set(m) and m["grad_norm"] > 0
+    assert m["trained_groups"] == 2

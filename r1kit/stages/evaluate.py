@@ -282,7 +282,7 @@ def _grade(task, problems, groups, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     correct = [[r.correct for r in g] for g in groups]
     flat = [r for g in groups for r in g]
     mean, low, high = pass_at_1_ci(correct) if len(problems) > 1 else (pass_at_1_mean(correct), 0.0, 1.0)
-    votes = cons_correct(answers(groups), problems, lambda a, p: task.verify(a, p))
+    votes = cons_correct(answers(groups, task), problems, lambda a, p: task.verify(a, p))
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= cfg.k} | {cfg.k})
     m = {"pass_at_1": mean, "pass_at_1_ci": [low, high],
          f"cons_at_{cfg.k}": sum(votes) / len(votes), f"cons_at_{cfg.k}_ci": list(wilson_interval(sum(votes), len(votes))),

@@ -21,6 +21,7 @@ from r1kit.tasks.base import (
 from r1kit.tasks.arithmetic import ArithmeticTask
 from r1kit.tasks.countdown import CountdownTask, check_countdown, evaluate_expression
 from r1kit.tasks.math_file import MathFileTask
+from r1kit.tasks.word_problems import WordProblemTask
 
 __all__ = [
     "ArithmeticTask",
@@ -33,6 +34,7 @@ __all__ = [
     "TASKS",
     "TRACE_STYLES",
     "Task",
+    "WordProblemTask",
     "check_countdown",
     "evaluate_expression",
     "get_task",

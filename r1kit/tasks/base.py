@@ -14,10 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from r1kit.rewards import (
+    ANSWER_FORMATS,
+    FORMAT_INSTRUCTIONS,
     LANGUAGE_SCRIPTS,
     accuracy_reward,
+    answer_format_reward,
     combine,
-    format_reward,
+    extract_final,
     has_think,
     language_consistency,
 )
@@ -42,7 +45,12 @@ class Problem:
 
 class Task:
     """Base class. Subclasses set ``name`` and implement ``_load_split``, ``verify`` and
-    optionally ``trace``; ``problems`` and ``reward`` are shared."""
+    optionally ``trace``; ``problems``, ``render``, ``extract`` and ``reward`` are shared.
+
+    ``answer_format`` (rewards.ANSWER_FORMATS) says where the final answer is read from, and
+    ``instruction`` what the prompt tells the model about it (default: the format's own line in
+    rewards.FORMAT_INSTRUCTIONS; "" for none). The default, "tags" with no instruction, is the
+    R1-Zero template the tiny from-scratch models are pretrained on."""
 
     name: str = "task"
     reward_parts: tuple[str, ...] = ("accuracy", "format", "language", "think")
@@ -53,11 +61,17 @@ class Task:
         weights: Mapping[str, float] | None = None,
         require_think: bool = True,
         lang: str = "en",
+        answer_format: str = "tags",
+        instruction: str | None = None,
     ):
         self.seed = seed
         self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         self.require_think = require_think
         self.lang = lang
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"{self.name}: answer_format {answer_format!r}; choose one of {list(ANSWER_FORMATS)}")
+        self.answer_format = answer_format
+        self.instruction = FORMAT_INSTRUCTIONS[answer_format] if instruction is None else instruction
         # Catch a typo in a recipe at construction, not at the first rollout.
         unknown = sorted(set(self.weights) - set(self.reward_parts))
         if unknown:
@@ -81,18 +95,29 @@ class Task:
     def _load_split(self, split: str, n: int | None) -> list[Problem]:
         raise NotImplementedError(f"{type(self).__name__} must implement _load_split(split, n)")
 
+    def render(self, problem: Problem) -> str:
+        """The user message for ``problem``: its prompt, then the answer-format instruction.
+        Rollouts put it through the checkpoint's chat template (rollout.prompt_ids)."""
+        return f"{problem.prompt}\n{self.instruction}" if self.instruction else problem.prompt
+
+    def extract(self, completion: str) -> str | None:
+        """The final answer of a completion in this task's answer_format (None: no answer)."""
+        return extract_final(completion, self.answer_format)
+
     def verify(self, answer: str, problem: Problem) -> bool:
         """Whether an extracted answer string is correct for ``problem``. Malformed answers are
         wrong (False); only a bug in the verifier itself may raise."""
         raise NotImplementedError(f"{type(self).__name__} must implement verify(answer, problem)")
 
     def reward(self, completion: str, problem: Problem) -> dict[str, float]:
-        """Reward parts for one completion: accuracy, format, language (consistency of the
-        reasoning's script) and think (a 0/1 metric), plus ``total`` = weighted sum per
-        ``self.weights``. Length penalties need token counts, so the trainer adds those."""
+        """Reward parts for one completion: accuracy (the answer read in answer_format), format
+        (whether it is written that way), language (consistency of the reasoning's script) and
+        think (a 0/1 metric), plus ``total`` = weighted sum per ``self.weights`` (a part without a
+        weight, e.g. ``weights = {accuracy = 1.0}``, is only a metric). Length penalties need
+        token counts, so the trainer adds those."""
         parts = {
-            "accuracy": accuracy_reward(completion, problem, self.verify),
-            "format": format_reward(completion, require_think=self.require_think),
+            "accuracy": accuracy_reward(completion, problem, self.verify, self.extract),
+            "format": answer_format_reward(completion, self.answer_format, self.require_think),
             "language": language_consistency(completion, self.lang),
             "think": 1.0 if has_think(completion) else 0.0,
         }

@@ -15,33 +15,12 @@ import re
 from pathlib import Path
 
 from r1kit.common import require
-from r1kit.rewards import math_verify_equal, parse_reference
+from r1kit.rewards import extract_boxed, math_verify_equal, math_verify_extract, parse_reference
 from r1kit.tasks.base import Problem, Task, check_style, completion, register_task
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<48/2=24>>" annotations: tool calls, not prose
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), matching nested braces.
-
-    >>> extract_boxed("so $x = \\\\boxed{\\\\frac{1}{2}}$.")
-    '\\\\frac{1}{2}'
-    >>> extract_boxed("no box") is None
-    True
-    """
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, begin = 1, i
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin:i].strip()
-        i += 1
-    return None  # unbalanced braces: no usable box
 
 
 def split_reference(answer_text: str) -> tuple[str | None, str | None]:
@@ -167,6 +146,9 @@ class MathFileTask(Task):
     def _load_split(self, split: str, n: int | None) -> list[Problem]:
         problems = self._splits[split]
         return list(problems if n is None else problems[:n])
+
+    def extract(self, completion: str) -> str | None:
+        return math_verify_extract(completion, self.answer_format)
 
     def verify(self, answer: str, problem: Problem) -> bool:
         return math_verify_equal(answer, problem.answer)
