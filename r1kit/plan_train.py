@@ -13,7 +13,7 @@ parameters (built on PyTorch's meta device, LoRA adapters included, so counts ar
   activations  what autograd saves per token and layer (below) × rows × seq; with activation
                checkpointing only each block's input is kept, plus one block recomputed at a time
   logits       full (rows, seq, V) fp32 logits × 3 live copies (logits, log-softmax, its gradient);
-               vocabulary-chunked log-probs keep one (chunk, V) slab × 3 instead
+               vocabulary-chunked log-probs keep two (chunk, V) fp32 buffers instead
   reference    GRPO with β > 0: a frozen copy of the weights (none with LoRA: adapters switched off)
   rollout KV   GRPO: the engine's cache for prompts × G sequences of seq tokens
 
@@ -190,7 +190,9 @@ def plan_training(name: str, cfg: dict, where: str, s: TrainSetup) -> TrainPlan:
     else:
         parts["activations"] = tokens * L * per_tok
     V = mc.vocab_size
-    parts["logits"] = 3 * 4 * V * (min(s.chunk, tokens) if s.chunk else tokens)
+    # full logits: the (N, T, V) logits, their temperature-scaled fp32 copy and the log-softmax's gradient;
+    # chunked (models/logprobs.py): two (chunk, V) fp32 buffers at any time
+    parts["logits"] = 2 * 4 * V * min(s.chunk, tokens) if s.chunk else 3 * 4 * V * tokens
     plan = TrainPlan(name, s.stage, c, parts)
     if s.stage == "grpo":
         if s.kl and not s.lora_rank:

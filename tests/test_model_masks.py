@@ -135,12 +135,12 @@ def test_moe_statistics_of_a_padded_batch_equal_the_unpadded_ones():
 
 
 def test_grpo_forward_counts_only_completion_tokens():
-    from r1kit.stages.grpo import completion_logits
+    from r1kit.stages.grpo import completion_logprobs, completion_targets
     model = build("deepseek").train()
     idx = torch.randint(0, V, (2, 9))  # row 0: 4 prompt + 5 completion; row 1: 6 prompt + 2 completion + 1 pad
     starts = torch.tensor([4, 6])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    completion_logits(model, idx, starts, mask, 1.0)
+    completion_logprobs(model, idx, starts, mask, completion_targets(idx, starts, mask.shape[1]), 1.0)
     load = model.after_optimizer_step()
     assert load[0].sum() == 2 * 7 and load[1].sum() == 0  # 7 predicted tokens × k = 2; MTP does not run in GRPO
 

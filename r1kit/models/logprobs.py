@@ -5,7 +5,8 @@ positions only. Materialising logits for them costs N·V floats, several times o
 keeps the softmax for backward: at V = 152k, 8 rows × 4k tokens that is ≈ 20 GB per copy in fp32.
 `chunked_logprobs` projects `chunk` tokens at a time onto the vocabulary, keeps only the (N,)
 results, and in backward recomputes each chunk's logits to form the gradient — peak memory
-O(chunk · V) instead of O(N · V), for one extra head matmul.
+O(chunk · V) — two (chunk, V) fp32 buffers, in forward and in backward — instead of O(N · V),
+for one extra head matmul.
 
 Gradients (z = h Wᵀ / τ, p = softmax z, log p = z − lse z):
     ∂ log p_y / ∂z = onehot(y) − p
@@ -21,15 +22,23 @@ from torch import Tensor
 DEFAULT_CHUNK = 1024
 
 
-def _chunk_stats(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, inv_t: float):
-    """h (n, d), w (V, d), y (n,) → z (n, V) fp32, log p (n, V), log p_y (n,), H (n,)."""
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, inv_t: float) -> Tensor:
+    """z = h Wᵀ / τ for one chunk (n, V), in fp32 (bf16 in, fp32 maths) or wider."""
     z = torch.nn.functional.linear(h, w, b)
-    z = z.to(torch.promote_types(z.dtype, torch.float32)) * inv_t  # bf16 in, fp32 maths
-    logp = torch.log_softmax(z, dim=-1)
-    picked = logp.gather(1, y.clamp(min=0)[:, None])[:, 0]
-    p = logp.exp()
-    ent = -(p * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
-    return z, logp, picked, ent
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z.mul_(inv_t) if inv_t != 1.0 else z
+
+
+def _stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """z (n, V) → p = softmax z (n, V), lse (n,), log p_y (n,), H (n,): two (n, V) buffers in all.
+
+    H = lse − Σ p z, the dot product taken as a batched matmul so no third (n, V) product exists.
+    """
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    p = (z - lse[:, None]).exp_()  # (n, V)
+    picked = z.gather(1, y.clamp(min=0)[:, None])[:, 0] - lse
+    ent = lse - (p[:, None, :] @ z[:, :, None])[:, 0, 0]  # (n,): Σ_v p_v z_v
+    return p, lse, picked, ent
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -40,7 +49,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ent = torch.empty_like(lp)
         with torch.no_grad():
             for a in range(0, h.shape[0], chunk):
-                _, _, lp[a:a + chunk], ent[a:a + chunk] = _chunk_stats(h[a:a + chunk], w, b, y[a:a + chunk], inv_t)
+                _, _, lp[a:a + chunk], ent[a:a + chunk] = _stats(_logits(h[a:a + chunk], w, b, inv_t), y[a:a + chunk])
         ctx.save_for_backward(h, w, b, y, ent)
         ctx.inv_t, ctx.chunk = inv_t, chunk
         return lp, ent
@@ -49,20 +58,26 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         h, w, b, y, ent = ctx.saved_tensors
         inv_t, chunk = ctx.inv_t, ctx.chunk
-        gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         acc = ent.dtype
+        gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
         gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) \
             if b is not None and ctx.needs_input_grad[2] else None
+        g_lp = torch.zeros_like(ent) if g_lp is None else g_lp
         for a in range(0, h.shape[0], chunk):
-            hc, yc = h[a:a + chunk], y[a:a + chunk]
-            _, logp, _, _ = _chunk_stats(hc, w, b, yc, inv_t)
-            p = logp.exp()
-            gz = -p * g_lp[a:a + chunk, None]  # (n, V): −g_lp·p …
-            gz.scatter_add_(1, yc.clamp(min=0)[:, None], g_lp[a:a + chunk, None])  # … + g_lp·onehot(y)
+            hc, yc, gl = h[a:a + chunk], y[a:a + chunk], g_lp[a:a + chunk, None]
+            z = _logits(hc, w, b, inv_t)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            p = (z - lse).exp_()
+            # ∂L/∂z = g_lp (onehot − p) − g_H p (log p + H), built in z's buffer: z ← log p + H …
             if g_ent is not None:
-                gz -= g_ent[a:a + chunk, None] * p * (logp.masked_fill(torch.isinf(logp), 0.0) + ent[a:a + chunk, None])
-            gz = gz * inv_t
+                gz = z.sub_(lse).add_(ent[a:a + chunk, None]).mul_(g_ent[a:a + chunk, None]).add_(gl).mul_(p).neg_()
+            else:
+                gz = p.mul_(gl).neg_()
+            del p
+            gz.scatter_add_(1, yc.clamp(min=0)[:, None], gl)  # … + g_lp·onehot(y)
+            if inv_t != 1.0:
+                gz.mul_(inv_t)
             if gh is not None:
                 gh[a:a + chunk] = (gz.to(w.dtype) @ w).to(h.dtype)
             if gw is not None:
