@@ -7,7 +7,6 @@ connections, a required API key or a server that returns no reasoning.
 """
 import asyncio
 import json
-import math
 import os
 import random
 import signal
@@ -57,6 +56,7 @@ def train_teacher(path: Path, steps: int = 400, task_args=None, tok=None, seed: 
     import r1kit
     from r1kit.models.llama import Llama, LlamaConfig
     from r1kit.tokenizer import build_bpe_tokenizer
+    from r1kit.serve.testing import memorise
     from r1kit.training import pad_batch
     task = get_task("arithmetic", **(task_args or TASK_ARGS))
     problems = task.problems("train", PROMPTS)
@@ -67,15 +67,7 @@ def train_teacher(path: Path, steps: int = 400, task_args=None, tok=None, seed: 
     rows = [tok.render_chat([{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}])
             for p, r in zip(problems, replies)]
     idx, targets = pad_batch([i for i, _ in rows], [m for _, m in rows], tok.pad_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    for _ in range(steps):
-        loss = model(idx, targets=targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
+    memorise(model, idx, targets, steps)
     r1kit.save(model, tok, path)
     return path
 

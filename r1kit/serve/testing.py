@@ -26,6 +26,22 @@ def qa_pairs() -> list[tuple[str, str, str]]:
             for w in SUBJECTS]
 
 
+def memorise(model, ids, targets, steps: int, lr: float = 5e-3):
+    """Fit a tiny model to one fixed batch (AdamW, cosine to zero), then switch it to eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # decaying to zero settles the memorised answers; a constant rate keeps kicking them loose
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    for _ in range(steps):
+        loss = model(ids, targets=targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if hasattr(model, "after_optimizer_step"):  # MoE: the aux-loss-free bias update
+            model.after_optimizer_step()
+    return model.eval()
+
+
 def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accuracy: float = 1.0,
                               family: str = "llama"):
     """Train and save a tiny model that answers `qa_pairs()` under greedy decoding → path.
@@ -42,18 +58,7 @@ def tiny_reasoning_checkpoint(path, steps: int = 300, seed: int = 0, min_accurac
     tok = build_bpe_tokenizer([q for q, _, _ in pairs] + replies, vocab_size=320, force_think=True)
     model = _tiny_model(family, tok.vocab_size, seed)
     ids, targets = _training_batch(tok, pairs, replies)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    # decaying to zero settles the memorised answers; a constant rate keeps kicking them loose
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    for _ in range(steps):
-        loss = model(ids, targets=targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if hasattr(model, "after_optimizer_step"):  # MoE: the aux-loss-free bias update
-            model.after_optimizer_step()
-    model.eval()
+    memorise(model, ids, targets, steps)
     got = r1kit.generate(model, tok, [q for q, _, _ in pairs], max_new_tokens=40, temperature=0)
     right = sum(g == reply.removeprefix("<think>\n") for g, reply in zip(got, replies))
     if right < min_accuracy * len(pairs):
