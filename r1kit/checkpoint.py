@@ -49,11 +49,12 @@ def save(model, tok: Tokenizer, path, *, trainer_state: dict | None = None, dtyp
     if not path.parent.is_dir():
         raise hf.CheckpointError(f"{path.parent}: output directory does not exist")
     inner = dist.unwrap(model)
-    sd = dist.full_state_dict(model)  # collective under FSDP2; rank 0 holds the tensors
+    adapter = lora.has_lora(inner)  # the same on every rank, so the collective below pairs up
+    sd = None if adapter else dist.full_state_dict(model)  # collective under FSDP2; rank 0 holds the tensors
     staged = _stage_trainer_state(model, path, **trainer_state) if trainer_state is not None else None
     if is_main_process():
         with hf.atomic_dir(path) as tmp:
-            if lora.has_lora(inner):  # a LoRA run: only the adapter, in PEFT's format, pointing at its base
+            if adapter:  # a LoRA run: only the adapter, in PEFT's format, pointing at its base
                 peft.save_adapter(inner, tmp, base=inner.lora.get("base"))
             else:
                 hf.save_model(inner, tmp, shard_bytes=shard_bytes, dtype=dtype, extra_config=extra_config,

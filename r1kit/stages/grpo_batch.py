@@ -112,7 +112,8 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
     with contextlib.ExitStack() as stack:
         # full weights once for the whole batch: no collective per forward, so ranks holding different
         # numbers of micro-batches stay in step (FSDP2); a plain model is used as it is
-        scorer = {m: stack.enter_context(dist.generating(m)) for m in {ref, model if cfg.mu > 1 or moe else None}
+        scores_old = cfg.mu > 1 or (moe and replay)  # the pre-update forward runs only then
+        scorer = {m: stack.enter_context(dist.generating(m)) for m in {ref, model if scores_old else None}
                   if m is not None}
         out = _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device, replay, from_engine, moe)
     return out
