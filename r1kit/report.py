@@ -50,6 +50,22 @@ def _pyplot():
     return plt
 
 
+def heldout_points(metrics: list[dict], run: dict) -> list[tuple[int, float]]:
+    """(step, held-out greedy accuracy) of a GRPO run: the start model at step 0, every in-run
+    evaluation, and the end-of-run one (summary's final_accuracy) when no step's metrics hold it.
+
+    >>> heldout_points([{"step": 1}, {"step": 2, "eval_greedy_accuracy": 0.5}, {"step": 3}],
+    ...                {"base_accuracy": 0.25, "final_accuracy": 0.75, "steps": 3})
+    [(0, 0.25), (2, 0.5), (3, 0.75)]
+    """
+    ev = [(x["step"], x["eval_greedy_accuracy"]) for x in metrics if "eval_greedy_accuracy" in x]
+    start, end, steps = run.get("base_accuracy"), run.get("final_accuracy"), run.get("steps")
+    ev = ([(0, start)] if start is not None else []) + ev
+    if end is not None and steps and all(s != steps for s, _ in ev):
+        ev.append((steps, end))
+    return ev
+
+
 def plot_rl(d: Path, pairs: list[tuple[str, str]], name: str, title: str,
             stages: dict[str, str] = RL_STAGES) -> str | None:
     """A row per (metric key, label), a column per GRPO stage (each on its own step axis) → d/name.
@@ -65,9 +81,7 @@ def plot_rl(d: Path, pairs: list[tuple[str, str]], name: str, title: str,
         for row, (key, label) in enumerate(pairs):
             ax = axes[row][col]
             ax.plot(steps, [x.get(key) for x in m], lw=1.6, color=f"C{row}", label="training samples")
-            ev = [(x["step"], x["eval_greedy_accuracy"]) for x in m if "eval_greedy_accuracy" in x]
-            start = _read(d / stage / "summary.json").get("base_accuracy")
-            ev = ([(0, start)] if start is not None else []) + ev  # step 0: the model RL started from
+            ev = heldout_points(m, _read(d / stage / "summary.json"))
             if key == "accuracy" and ev:  # where the run graded itself on held-out problems
                 ax.plot([s for s, _ in ev], [a for _, a in ev], "o", color="k", ms=5, label="held-out greedy")
                 ax.legend(fontsize=7, loc="lower right")
