@@ -9,6 +9,8 @@ import os
 import time
 
 import torch
+# global hooks: every optimizer's step, whoever built it (TRL does)
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from r1kit.stages.grpo import GRPOConfig, aggregation_of
 from r1kit.training import adamw
@@ -49,7 +51,7 @@ def trl_args(cfg: GRPOConfig, out_dir: str, max_steps: int, **extra):
         weight_decay=cfg.weight_decay, adam_beta1=betas[0], adam_beta2=betas[1], max_grad_norm=cfg.grad_clip or 1e9,
         beta=cfg.kl_coef, num_iterations=cfg.mu, epsilon=cfg.eps_low, epsilon_high=cfg.eps_high,
         loss_type=TRL_LOSS_TYPE[agg], scale_rewards=TRL_SCALE_REWARDS[cfg.advantage], seed=cfg.seed,
-        max_steps=max_steps, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[],
+        max_steps=max_steps, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, report_to=[],
         logging_steps=10**9, save_strategy="no", dataloader_num_workers=0, shuffle_dataset=False,
         disable_tqdm=True, log_completions=False, **extra)
 
@@ -103,10 +105,9 @@ class Profile:
                 self.add("forward", time.perf_counter() - starts.pop())
 
         opt_t0 = []
-        optim = torch.optim.optimizer  # global hooks: every optimizer's step, whoever built it (TRL does)
         handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post),
-                   optim.register_optimizer_step_pre_hook(lambda *a: opt_t0.append(time.perf_counter())),
-                   optim.register_optimizer_step_post_hook(
+                   register_optimizer_step_pre_hook(lambda *a: opt_t0.append(time.perf_counter())),
+                   register_optimizer_step_post_hook(
                        lambda *a: self.add("optimizer", time.perf_counter() - opt_t0.pop()))]
         backward = torch.autograd.backward
 
