@@ -39,47 +39,53 @@ RECIPE = Path(r1kit.__file__).parent / "recipes" / "r1_zero_tiny.toml"
 
 
 class Clock:
-    """Wall seconds since the first start(), with the paused blocks (evaluation) taken out."""
+    """Wall and process-CPU seconds since the first start(), with the paused blocks (evaluation) taken out.
+    On a shared machine CPU seconds are the steadier figure: another job's load stretches wall time only."""
 
     def __init__(self):
-        self.t0, self.off = None, 0.0
+        self.t0, self.off = None, (0.0, 0.0)
+
+    @staticmethod
+    def _read() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
 
     def start(self) -> None:
         if self.t0 is None:
-            self.t0 = time.perf_counter()
+            self.t0 = self._read()
 
-    def now(self) -> float:
-        return time.perf_counter() - self.t0 - self.off
+    def now(self) -> tuple[float, float]:
+        """(wall, cpu) seconds on the clock."""
+        return tuple(t - t0 - off for t, t0, off in zip(self._read(), self.t0, self.off))
 
     @contextlib.contextmanager
     def paused(self):
-        t = time.perf_counter()
+        t = self._read()
         try:
             yield
         finally:
-            self.off += time.perf_counter() - t
+            self.off = tuple(off + b - a for off, a, b in zip(self.off, t, self._read()))
 
 
 @dataclass
 class Curve:
     side: str
-    points: list = field(default_factory=list)  # (step, clock seconds, held-out greedy accuracy); step 0: the base
+    points: list = field(default_factory=list)  # (step, wall s, cpu s, held-out greedy accuracy); step 0: the base
     profile: Profile = field(default_factory=Profile)
     notes: str = ""  # what the side did besides the points (r1kit: sampling rounds, skipped updates)
 
     def reached(self, target: float):
-        return next((p for p in self.points if p[2] >= target), None)
+        return next((p for p in self.points if p[3] >= target), None)
 
     def summary(self, target: float) -> str:
         hit = self.reached(target)
         if hit:
-            return f"{self.side:6s} reached {target:.0%} at step {hit[0]} in {hit[1]:.1f} s"
-        step, seconds, _ = self.points[-1]
-        return (f"{self.side:6s} not reached in {seconds:.1f} s ({step} steps), "
-                f"best acc {max(p[2] for p in self.points):.3f}")
+            return f"{self.side:6s} reached {target:.0%} at step {hit[0]} in {hit[1]:.1f} s (cpu {hit[2]:.1f} s)"
+        step, wall, cpu, _ = self.points[-1]
+        return (f"{self.side:6s} not reached in {wall:.1f} s (cpu {cpu:.1f} s, {step} steps), "
+                f"best acc {max(p[3] for p in self.points):.3f}")
 
     def curve(self) -> str:
-        return " ".join(f"{s}:{t:.1f}s:{a:.3f}" for s, t, a in self.points)
+        return " ".join(f"{s}:{w:.1f}s:{a:.3f}" for s, w, _, a in self.points)
 
 
 @dataclass
@@ -99,12 +105,12 @@ class Race:
 
     def after_step(self, step: int, clock: Clock, curve: Curve, evaluate) -> bool:
         """Evaluate on the shared schedule (and at the cap), clock paused → whether this side is done."""
-        over = clock.now() >= self.cap_s
+        over = clock.now()[0] >= self.cap_s
         if step % self.eval_every and not over:
             return False
         with clock.paused():
             acc = evaluate()
-        curve.points.append((step, clock.now(), acc))
+        curve.points.append((step, *clock.now(), acc))
         return acc >= self.target or over
 
 
@@ -127,7 +133,7 @@ def run_r1kit(race: Race) -> Curve:
     seed_everything(cfg.seed)
     model, tok = checkpoint.load(resolve_ckpt(cfg.base), device="cpu", dtype="float32")
     opt, engine, cursor, prof = adamw(model, cfg.lr, cfg.weight_decay), Engine(model, tok), Cursor(), curve.profile
-    curve.points.append((0, 0.0, race.evaluate(model, tok)))
+    curve.points.append((0, 0.0, 0.0, race.evaluate(model, tok)))
     rounds = skipped = 0
     with prof.attach(model):
         clock.start()
@@ -183,7 +189,7 @@ def run_trl(race: Race) -> Curve:
         if race.after_step(state.global_step, clock, curve, evaluate):
             control.should_training_stop = True
 
-    curve.points.append((0, 0.0, evaluate()))
+    curve.points.append((0, 0.0, 0.0, evaluate()))
     timed_generate(model, curve.profile)
     with tempfile.TemporaryDirectory() as out:
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_args(cfg, out, max_steps),
@@ -214,11 +220,13 @@ def run(race: Race) -> dict[str, Curve]:
     return curves
 
 
-def ratio_line(curves: dict[str, Curve], race: Race) -> str:
-    """`time_to_acc_ratio=<TRL/r1kit>`; a bound (">x") when only r1kit reached the target."""
+def ratio_line(curves: dict[str, Curve], race: Race, clock: int = 1) -> str:
+    """`time_to_acc_ratio=<TRL/r1kit>` in wall (clock=1) or CPU (clock=2) seconds; a bound (">x") when only
+    r1kit reached the target."""
     ours, theirs = (curves[k].reached(race.target) for k in ("r1kit", "TRL"))
+    name = "time_to_acc_ratio" + ("" if clock == 1 else "_cpu")
     if ours and theirs:
-        return f"time_to_acc_ratio={theirs[1] / ours[1]:.2f}"
+        return f"{name}={theirs[clock] / ours[clock]:.2f}"
     if ours:
-        return f"time_to_acc_ratio=>{curves['TRL'].points[-1][1] / ours[1]:.2f} (TRL not reached)"
-    return "time_to_acc_ratio=nan (r1kit not reached)"
+        return f"{name}=>{curves['TRL'].points[-1][clock] / ours[clock]:.2f} (TRL not reached)"
+    return f"{name}=nan (r1kit not reached)"

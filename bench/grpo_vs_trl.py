@@ -127,13 +127,13 @@ def per_step_row(name: str, ckpt: Path, prompts: list[str], shape: Shape, steps:
     for side, fn in (("r1kit", r1kit_steps), ("TRL", trl_steps)):
         before = load_avg()
         prof = sides[side] = fn(ckpt, prompts, cfg, steps)
-        gen = prof.per_step()["generation"] / (prof.step_seconds / prof.steps)
+        gen = prof.per_step()["generation"] / prof.mean()[0]
         print(f"{name} {side:6s} {prof.line()}  generation share {gen:.0%}  ({before} → {load_avg()})", flush=True)
         gc.collect()
-    ratio = (sides["TRL"].step_seconds / sides["TRL"].steps) / (sides["r1kit"].step_seconds / sides["r1kit"].steps)
-    print(f"{name} {shape.prompts} prompts × {shape.group} × {shape.new} tokens: TRL/r1kit per step {ratio:.2f}",
-          flush=True)
-    return ratio
+    (tw, tc), (ow, oc) = sides["TRL"].mean(), sides["r1kit"].mean()
+    print(f"{name} {shape.prompts} prompts × {shape.group} × {shape.new} tokens: TRL/r1kit per step {tw / ow:.2f} "
+          f"(cpu time {tc / oc:.2f})", flush=True)
+    return tw / ow
 
 
 def main():
@@ -144,7 +144,7 @@ def main():
                     help="the time-to-accuracy race on the tiny R1-Zero task (--no-race: per-step rows only)")
     ap.add_argument("--base", default="runs/bases/arith_tiny", help="race: the base (pretrained when missing)")
     ap.add_argument("--target", type=float, default=0.95, help="race: held-out greedy accuracy to reach")
-    ap.add_argument("--eval-every", type=int, default=2, help="race: steps between evaluations (both sides)")
+    ap.add_argument("--eval-every", type=int, default=1, help="race: steps between evaluations (both sides)")
     ap.add_argument("--eval-problems", type=int, default=200, help="race: held-out test-split problems")
     ap.add_argument("--cap-s", type=float, default=900, help="race: clock seconds after which a side stops")
     ap.add_argument("--real", nargs="?", const="runs/smollm2-hf", default=None, metavar="DIR",
@@ -156,7 +156,9 @@ def main():
         import grpo_race
         race = grpo_race.Race(grpo_race.race_config(args.base, args.eval_problems), args.target, args.eval_every,
                               args.cap_s)
-        final.append(grpo_race.ratio_line(grpo_race.run(race), race))
+        curves = grpo_race.run(race)
+        print(grpo_race.ratio_line(curves, race, clock=2), flush=True)
+        final.append(grpo_race.ratio_line(curves, race))
     if args.real:
         real = Path(args.real)
         if not (real / "config.json").exists():
