@@ -114,9 +114,10 @@ class Race:
         return acc >= self.target or over
 
 
-def race_config(base: str, eval_problems: int) -> GRPOConfig:
-    """The recipe's [grpo] section; a missing base is pretrained first by the recipe's [pretrain] section."""
-    cfg = load_config(GRPOConfig, RECIPE, section="grpo")
+def race_config(base: str, eval_problems: int, overrides=()) -> GRPOConfig:
+    """The recipe's [grpo] section (+ `key=value` overrides, which both sides then follow); a missing base is
+    pretrained first by the recipe's [pretrain] section."""
+    cfg = load_config(GRPOConfig, RECIPE, overrides, section="grpo")
     cfg.base, cfg.eval_problems = base, eval_problems
     if not is_checkpoint(resolve_ckpt(base)):
         from r1kit.stages import pretrain

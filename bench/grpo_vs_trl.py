@@ -139,10 +139,13 @@ def per_step_row(name: str, ckpt: Path, prompts: list[str], shape: Shape, steps:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch threads on each side")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps of the per-step rows (after a warm-up step)")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="timed steps of the per-step rows (after a warm-up step); 0: no per-step rows")
     ap.add_argument("--race", action=argparse.BooleanOptionalAction, default=True,
                     help="the time-to-accuracy race on the tiny R1-Zero task (--no-race: per-step rows only)")
     ap.add_argument("--base", default="runs/bases/arith_tiny", help="race: the base (pretrained when missing)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="race: override the recipe's [grpo] field for both sides, e.g. --set seed=1")
     ap.add_argument("--target", type=float, default=0.95, help="race: held-out greedy accuracy to reach")
     ap.add_argument("--eval-every", type=int, default=1, help="race: steps between evaluations (both sides)")
     ap.add_argument("--eval-problems", type=int, default=200, help="race: held-out test-split problems")
@@ -154,21 +157,22 @@ def main():
     final = []
     if args.race:
         import grpo_race
-        race = grpo_race.Race(grpo_race.race_config(args.base, args.eval_problems), args.target, args.eval_every,
+        race = grpo_race.Race(grpo_race.race_config(args.base, args.eval_problems, args.overrides), args.target, args.eval_every,
                               args.cap_s)
         curves = grpo_race.run(race)
         print(grpo_race.ratio_line(curves, race, clock=2), flush=True)
         final.append(grpo_race.ratio_line(curves, race))
-    if args.real:
+    if args.real and args.steps:
         real = Path(args.real)
         if not (real / "config.json").exists():
             from real_model import FIXTURE, convert_fixture
             print(f"converting the fixture {FIXTURE} → {real}", flush=True)
             convert_fixture(real)
         per_step_row("real", real, word_problems(REAL.prompts), REAL, args.steps)
-    with tempfile.TemporaryDirectory() as d:
-        prompts = make_checkpoint(Path(d), TINY.prompts)
-        final.append(f"speedup_vs_trl={per_step_row('tiny', Path(d), prompts, TINY, args.steps):.2f}")
+    if args.steps:
+        with tempfile.TemporaryDirectory() as d:
+            prompts = make_checkpoint(Path(d), TINY.prompts)
+            final.append(f"speedup_vs_trl={per_step_row('tiny', Path(d), prompts, TINY, args.steps):.2f}")
     print("\n".join(final))
 
 
