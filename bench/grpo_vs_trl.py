@@ -157,8 +157,8 @@ def main():
     final = []
     if args.race:
         import grpo_race
-        race = grpo_race.Race(grpo_race.race_config(args.base, args.eval_problems, args.overrides), args.target, args.eval_every,
-                              args.cap_s)
+        cfg = grpo_race.race_config(args.base, args.eval_problems, args.overrides)
+        race = grpo_race.Race(cfg, args.target, args.eval_every, args.cap_s)
         curves = grpo_race.run(race)
         print(grpo_race.ratio_line(curves, race, clock=2), flush=True)
         final.append(grpo_race.ratio_line(curves, race))
