@@ -26,14 +26,8 @@ def load_avg() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def trl_args(cfg: GRPOConfig, out_dir: str, max_steps: int, **extra):
-    """TRL's GRPOConfig with r1kit's algorithm: the same batch, sampling, loss, optimizer and schedule.
-
-    Raises ValueError naming the r1kit field TRL has no equivalent for. `extra` adds TRL-only settings
-    (e.g. generation_kwargs). CPU friction (FINDINGS.md): bf16 must be off explicitly, and TRL turns
-    gradient checkpointing on by default — off here, as r1kit's grad_checkpointing is.
-    """
-    from trl import GRPOConfig as TRLConfig
+def check_trl_equivalent(cfg: GRPOConfig) -> None:
+    """Raise ValueError naming the first r1kit field whose setting TRL's GRPOTrainer has no equivalent for."""
     agg = aggregation_of(cfg)
     unsupported = [("loss", cfg.loss != "clipped"), ("aggregation", agg not in TRL_LOSS_TYPE),
                    ("advantage", cfg.advantage not in TRL_SCALE_REWARDS), ("schedule", cfg.schedule != "constant"),
@@ -42,6 +36,17 @@ def trl_args(cfg: GRPOConfig, out_dir: str, max_steps: int, **extra):
     for name, bad in unsupported:
         if bad:
             raise ValueError(f"grpo.{name} = {getattr(cfg, name)!r}: the TRL side of this bench has no equivalent")
+
+
+def trl_args(cfg: GRPOConfig, out_dir: str, max_steps: int, **extra):
+    """TRL's GRPOConfig with r1kit's algorithm: the same batch, sampling, loss, optimizer and schedule.
+
+    Raises ValueError naming the r1kit field TRL has no equivalent for. `extra` adds TRL-only settings
+    (e.g. generation_kwargs). CPU friction (FINDINGS.md): bf16 must be off explicitly, and TRL turns
+    gradient checkpointing on by default — off here, as r1kit's grad_checkpointing is.
+    """
+    from trl import GRPOConfig as TRLConfig
+    check_trl_equivalent(cfg)
     betas = adamw(torch.nn.Linear(1, 1), cfg.lr).defaults["betas"]  # r1kit's AdamW betas, read, not restated
     return TRLConfig(
         output_dir=out_dir, per_device_train_batch_size=cfg.prompts_per_step * cfg.group_size,
@@ -50,7 +55,7 @@ def trl_args(cfg: GRPOConfig, out_dir: str, max_steps: int, **extra):
         lr_scheduler_type="constant_with_warmup" if cfg.warmup else "constant", warmup_steps=cfg.warmup,
         weight_decay=cfg.weight_decay, adam_beta1=betas[0], adam_beta2=betas[1], max_grad_norm=cfg.grad_clip or 1e9,
         beta=cfg.kl_coef, num_iterations=cfg.mu, epsilon=cfg.eps_low, epsilon_high=cfg.eps_high,
-        loss_type=TRL_LOSS_TYPE[agg], scale_rewards=TRL_SCALE_REWARDS[cfg.advantage], seed=cfg.seed,
+        loss_type=TRL_LOSS_TYPE[aggregation_of(cfg)], scale_rewards=TRL_SCALE_REWARDS[cfg.advantage], seed=cfg.seed,
         max_steps=max_steps, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, report_to=[],
         logging_steps=10**9, save_strategy="no", dataloader_num_workers=0, shuffle_dataset=False,
         disable_tqdm=True, log_completions=False, **extra)

@@ -33,7 +33,7 @@ from r1kit.stages.grpo import Cursor, GRPOConfig, batch_problems, train_step
 from r1kit.tasks import get_task
 from r1kit.training import adamw, is_checkpoint, resolve_ckpt
 
-from grpo_peer import Profile, load_avg, step_callback, timed_attr, timed_generate, trl_args
+from grpo_peer import Profile, check_trl_equivalent, load_avg, step_callback, timed_attr, timed_generate, trl_args
 
 RECIPE = Path(r1kit.__file__).parent / "recipes" / "r1_zero_tiny.toml"
 
@@ -119,6 +119,7 @@ def race_config(base: str, eval_problems: int, overrides=()) -> GRPOConfig:
     pretrained first by the recipe's [pretrain] section."""
     cfg = load_config(GRPOConfig, RECIPE, overrides, section="grpo")
     cfg.base, cfg.eval_problems = base, eval_problems
+    check_trl_equivalent(cfg)  # before either side runs
     if not is_checkpoint(resolve_ckpt(base)):
         from r1kit.stages import pretrain
         print(f"race: base {base} is missing — pretraining it with {RECIPE.name}'s [pretrain] section", flush=True)

@@ -29,6 +29,7 @@ import torch
 
 import r1kit
 from r1kit import rl
+from r1kit.config import ConfigError
 from r1kit.engine import Engine, SamplingParams
 from r1kit.models.llama import Llama, LlamaConfig
 from r1kit.rollout import Rollout
@@ -154,6 +155,13 @@ def main():
                     help="also the real-shaped row on SmolLM2-135M (default DIR runs/smollm2-hf)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    except (ConfigError, ValueError) as e:  # a bad --set, --base or --real: one line, not a traceback
+        sys.exit(f"grpo_vs_trl: {e}")
+
+
+def run(args) -> None:
     final = []
     if args.race:
         import grpo_race
