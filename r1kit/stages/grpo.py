@@ -44,8 +44,8 @@ from r1kit.tasks import get_task
 from r1kit.stages.grpo_batch import (ROUTING_REPLAY, MicroBatch, completion_logprobs, completion_targets,  # noqa: F401
                                      engine_routes, load_teacher, micro_batch_bounds, micro_batches,
                                      teacher_advantages, to_tensors)
-from r1kit.training import (MemoryOptions, MetricsLog, Progress, adamw, apply_memory_options, is_checkpoint,
-                            lr_at, resolve_ckpt, set_lr)
+from r1kit.training import (MemoryOptions, MetricsLog, Progress, adamw, apply_memory_options, clip_grad_norm,
+                            is_checkpoint, lr_at, resolve_ckpt, set_lr)
 
 
 @dataclass
@@ -312,7 +312,7 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id, share
                 step_stats = micro_step(cfg, model, mb, loss_fn, kw, agg, w)
             for k, v in step_stats.items():
                 stats[k] = stats.get(k, 0.0) + v / cfg.mu
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gn = clip_grad_norm(model.parameters(), cfg.grad_clip)
         if not torch.isfinite(gn):
             raise FloatingPointError(f"gradient norm is {gn.item()}")
         opt.step()

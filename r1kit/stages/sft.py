@@ -37,7 +37,7 @@ from r1kit.models import lora
 from r1kit.models.llama import IGNORE_INDEX, document_mask
 from r1kit.tokenizer import Tokenizer, TokenizerError
 from r1kit.training import (MemoryOptions, MetricsLog, ModelSpec, Progress, adamw, apply_memory_options, build_model,
-                            is_checkpoint, lr_at, resolve_ckpt, set_lr)
+                            clip_grad_norm, is_checkpoint, lr_at, resolve_ckpt, set_lr)
 
 PACKING = ("document", "concat", "none")
 
@@ -297,7 +297,7 @@ def _train_step(cfg, model, opt, examples, rows, pad_id, step, steps) -> tuple[f
         raise FloatingPointError(f"sft: loss is {loss.item()} at step {step + 1}; lower sft.lr")
     opt.zero_grad(set_to_none=True)
     (loss * scale).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    clip_grad_norm(model.parameters(), cfg.grad_clip)
     opt.step()
     dist.after_optimizer_step(model)  # MoE: aux-loss-free bias update from every rank's loads
     m = dist.all_reduce_sum({"loss": loss.item() * scale / dist.world().world_size, "tokens": ntok})
