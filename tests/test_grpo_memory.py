@@ -11,7 +11,7 @@ from r1kit.engine import Engine, SamplingParams
 from r1kit.models import lora
 from r1kit.models.llama import Llama, LlamaConfig
 from r1kit.rollout import Rollout
-from r1kit.stages.grpo import GRPOConfig, micro_batch_bounds, policy_update
+from r1kit.stages.grpo import GRPOConfig, micro_batch_bounds, plan_micro_batches, policy_update
 
 
 @pytest.fixture()
@@ -40,19 +40,21 @@ def test_memory_switches_leave_the_update_unchanged(batch):
     cfg = GRPOConfig(grad_clip=1e9, max_new_tokens=12, max_tokens_per_micro_batch=40, logprob_chunk=7,
                      grad_checkpointing=True)
     got, s1 = updated(model, cfg, rollouts, adv, tok.pad_id)
-    assert len(micro_batch_bounds(rollouts, 0, 40)) > 2  # the budget really splits the batch
+    assert len(plan_micro_batches(cfg, rollouts)) > 2  # the budget really splits the batch
     for k in want:
         assert torch.allclose(want[k], got[k], atol=1e-6), k
     assert abs(s0["entropy"] - s1["entropy"]) <= 1e-5 and abs(s0["loss"] - s1["loss"]) <= 1e-6
 
 
-def test_token_budget_bounds_every_micro_batch(batch):
+@pytest.mark.parametrize("packing", [True, False])
+def test_token_budget_bounds_every_micro_batch(batch, packing):
     _, _, rollouts, _ = batch
+    lengths = [len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts]
     for budget in (1, 30, 64):
-        for a, b in micro_batch_bounds(rollouts, 0, budget):
-            longest = max(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts[a:b])
-            assert b - a == 1 or (b - a) * longest <= budget
-    assert micro_batch_bounds(rollouts, 5, 0) == [(0, 5), (5, 10), (10, 12)]
+        for rows in plan_micro_batches(GRPOConfig(max_tokens_per_micro_batch=budget, packing=packing), rollouts):
+            widest = max(sum(lengths[i] for i in row) for row in rows)  # the forward's (rows, W) tensor
+            assert len(rows) == 1 or len(rows) * widest <= budget
+    assert micro_batch_bounds([3] * 12, 5, 0) == [(0, 5), (5, 10), (10, 12)]
 
 
 def test_merged_and_unmerged_adapters_sample_the_same(batch):

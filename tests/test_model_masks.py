@@ -134,13 +134,13 @@ def test_moe_statistics_of_a_padded_batch_equal_the_unpadded_ones():
     assert padded_balance == pytest.approx(sum(balances) / 2, rel=1e-5)  # the same per-sequence balance loss
 
 
-def test_grpo_forward_counts_only_completion_tokens():
-    from r1kit.stages.grpo import completion_logprobs, completion_targets
+@pytest.mark.parametrize("rows", [[[0], [1]], [[0, 1]]])  # right-padded rows, or both documents in one row
+def test_grpo_forward_counts_only_completion_tokens(rows):
+    from r1kit.packing import pack_documents
+    from r1kit.stages.grpo import completion_logprobs
     model = build("deepseek").train()
-    idx = torch.randint(0, V, (2, 9))  # row 0: 4 prompt + 5 completion; row 1: 6 prompt + 2 completion + 1 pad
-    starts = torch.tensor([4, 6])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    completion_logprobs(model, idx, starts, mask, completion_targets(idx, starts, mask.shape[1]), 1.0)
+    docs = [torch.randint(0, V, (9,)).tolist(), torch.randint(0, V, (8,)).tolist()]  # 4 + 5 and 6 + 2 tokens
+    completion_logprobs(model, pack_documents(docs, [5, 2], rows, pad_id=0), 1.0)
     load = model.after_optimizer_step()
     assert load[0].sum() == 2 * 7 and load[1].sum() == 0  # 7 predicted tokens × k = 2; MTP does not run in GRPO
 

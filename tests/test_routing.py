@@ -88,7 +88,7 @@ def test_engine_records_the_rollout_routing_and_training_replays_it():
     """R3: the sampler's own expert ids, laid out like the training forward, are what it routes by."""
     from r1kit.engine import Engine, SamplingParams
     from r1kit.rollout import Rollout
-    from r1kit.stages.grpo import engine_routes, to_tensors
+    from r1kit.stages.grpo import engine_routes, rollout_batch
 
     model = moe(4).eval()
     prompts = [[1, 2, 3, 4], [5, 6]]  # ragged: rows are padded differently in the training batch
@@ -98,8 +98,8 @@ def test_engine_records_the_rollout_routing_and_training_replays_it():
     for r in rollouts:  # every fed token: the prompt and all generated tokens but the last
         assert r.sample.routes[0].shape == (len(r.prompt_ids) + len(r.sample.tokens) - 1, 2)
         assert r.sample.routes[2] is None  # the MTP gate never runs while sampling
-    idx, mask, starts, _ = to_tensors(rollouts, pad_id=0)
-    routes = engine_routes(rollouts, idx.shape[1])
+    batch, _ = rollout_batch(rollouts, [[i] for i in range(len(rollouts))], pad_id=0)  # one right-padded row each
+    idx, routes = batch.idx, engine_routes(rollouts, batch)
     with record_routing(model) as own:
         model(idx)
     recorded = routes[0][:, 0] >= 0

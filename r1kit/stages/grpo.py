@@ -41,9 +41,9 @@ from r1kit.models.routing import replay_routing
 from r1kit.rewards import overlong_penalty
 from r1kit.rollout import Rollout, greedy_accuracy, rollout
 from r1kit.tasks import get_task
-from r1kit.stages.grpo_batch import (ROUTING_REPLAY, MicroBatch, completion_logprobs, completion_targets,  # noqa: F401
-                                     engine_routes, load_teacher, micro_batch_bounds, micro_batches,
-                                     teacher_advantages, to_tensors)
+from r1kit.stages.grpo_batch import (ROUTING_REPLAY, MicroBatch, completion_logprobs, engine_routes,  # noqa: F401
+                                     load_teacher, micro_batch_bounds, micro_batches, plan_micro_batches,
+                                     rollout_batch, teacher_advantages)
 from r1kit.training import (MemoryOptions, MetricsLog, Progress, adamw, apply_memory_options, clip_grad_norm,
                             is_checkpoint, lr_at, resolve_ckpt, set_lr)
 
@@ -70,6 +70,7 @@ class GRPOConfig(MemoryOptions):
     grad_clip: float = 1.0  # clip the gradient's global norm to this (0: off)
     micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches also hold at most this many (padded) tokens
+    packing: bool = True  # training forwards pack rollouts into rows of documents (no FLOPs on padding); false: padded rows
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
@@ -266,7 +267,7 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     """Forward + backward of one micro-batch, its loss scaled by `weight`."""
     replay = ROUTING_REPLAY[cfg.routing_replay][0]
     with replay_routing(model, mb.routes, replay) if mb.routes is not None else contextlib.nullcontext() as routing:
-        logp, entropy = completion_logprobs(model, mb.idx, mb.starts, mb.mask, mb.targets, cfg.temperature)
+        logp, entropy = completion_logprobs(model, mb.batch, cfg.temperature)
     old = logp.detach() if mb.old is None else mb.old
     per_tok, s = loss_fn(logp, old, mb.adv, mb.mask, **kw)
     w, ws = token_weights(cfg, mb, old, entropy)

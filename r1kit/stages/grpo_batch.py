@@ -1,4 +1,4 @@
-"""GRPO's batches: rollouts → padded tensors → micro-batches with their reference and pre-update
+"""GRPO's batches: rollouts → packed rows (r1kit/packing.py) → micro-batches with their reference and pre-update
 log-probs, the routing replay records of MoE policies, and the teacher's per-token scores of on-policy
 distillation. The step itself (losses, updates, the run loop) is stages/grpo.py.
 """
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from r1kit import checkpoint, dist, rl
+from r1kit import checkpoint, dist, packing, rl
 from r1kit.common import autocast, resolve_dtype
 from r1kit.config import ConfigError
 from r1kit.models import lora
@@ -30,77 +30,84 @@ ROUTING_REPLAY = {"off": (False, False), "trainer": (True, False), "rollout": (T
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch → tensors
+# Batch → packed rows → micro-batches
 # ---------------------------------------------------------------------------------------------
-def to_tensors(rollouts: list[Rollout], pad_id: int):
-    """→ idx (N, P+T), completion mask (N, T), completion start P per row, the sampler's log-probs (N, T).
+def plan_micro_batches(cfg: GRPOConfig, rollouts: list[Rollout]) -> list[list[list[int]]]:
+    """The micro-batches of a batch, each a list of rows, each row the rollout indices packed into it.
 
-    Rows are right-padded; completions start at different offsets when prompts are ragged, so
-    log-probs are gathered per row at its own completion positions.
+    With cfg.packing the sequences (prompt + completion) go into rows by first-fit-decreasing, whose
+    capacity is the longest sequence (or max_tokens_per_micro_batch, if smaller): no row is longer than
+    the padded batch's, so its W × W attention never costs more than padding saved. Without it, one
+    sequence per row in batch order (the right-padded layout). Rows are then cut into micro-batches by
+    micro_batch_bounds: both switches keep their meaning — rows per forward, tokens of the (rows, W) tensor.
     """
-    N = len(rollouts)
-    L = max(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts)
-    T = max(len(r.sample.tokens) for r in rollouts)
-    idx = torch.full((N, L), pad_id, dtype=torch.long)
-    mask = torch.zeros(N, T)
-    starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
-    rollout_logp = torch.zeros(N, T)
-    for i, r in enumerate(rollouts):
-        seq = r.prompt_ids + r.sample.tokens
-        idx[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(r.sample.tokens)] = 1
-        rollout_logp[i, : len(r.sample.logprobs)] = torch.tensor(r.sample.logprobs, dtype=torch.float32)
-    return idx, mask, starts, rollout_logp
+    lengths = [len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts]
+    if cfg.packing and lengths:
+        cap = max(lengths)
+        cap = min(cap, cfg.max_tokens_per_micro_batch) if cfg.max_tokens_per_micro_batch else cap
+        rows = packing.first_fit_decreasing(lengths, cap)
+    else:
+        rows = [[i] for i in range(len(rollouts))]
+    widths = [sum(lengths[i] for i in row) for row in rows]
+    return [rows[a:b] for a, b in micro_batch_bounds(widths, cfg.micro_batch, cfg.max_tokens_per_micro_batch)]
 
 
-def completion_logprobs(model, idx, starts, mask, targets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (N, T) of the completion tokens under the policy scaled like the rollout's sampler, and
-    the entropy (N, T, detached) of that distribution at each position.
+def rollout_batch(rollouts: list[Rollout], rows: list[list[int]], pad_id: int, device=None):
+    """Rows of rollout indices → (the PackedBatch of their prompt + completion, the sampler's log-probs (n, T)).
 
-    Only the positions that predict a real completion token (mask (N, T)) are the forward's
-    `token_mask`: prompts and padding never steer an MoE model's load balancing. With the model's
-    `logprob_chunk` > 0 the forward returns hidden states and the vocabulary projection runs a chunk
-    of tokens at a time (models/logprobs.py): no (N, T, V) logits are ever held.
+    The completion is each document's scored suffix; n and T follow the batch's order (`order`).
     """
-    T = mask.shape[1]
-    pos = (starts[:, None] - 1 + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (N, T)
-    real = mask.bool()
-    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(pos)  # (N, T)
-    learn = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)  # (N, L)
-    learn[rows[real], pos[real]] = True
+    batch = packing.pack_documents([r.prompt_ids + r.sample.tokens for r in rollouts],
+                                   [len(r.sample.tokens) for r in rollouts], rows, pad_id, device)
+    rollout_logp = torch.zeros(batch.mask.shape)
+    for k, i in enumerate(batch.order):
+        lp = rollouts[i].sample.logprobs
+        rollout_logp[k, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return batch, rollout_logp.to(device)
+
+
+def completion_logprobs(model, batch: packing.PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (n, T) of the completion tokens under the policy scaled like the rollout's sampler, and
+    the entropy (n, T, detached) of that distribution at each position; exact zeros at padding.
+
+    The forward runs over the packed rows (per-document positions and block-diagonal mask when a row
+    holds several documents). Only the outputs that predict a completion token go on to the vocabulary:
+    the prompt's and the padding's never do, and they are the forward's `token_mask` (so prompts and
+    padding never steer an MoE model's load balancing). With the model's `logprob_chunk` > 0 the
+    projection runs a chunk of tokens at a time (models/logprobs.py): no (M, V) logits are ever held.
+    """
     inner = dist.unwrap(model)  # DDP: the forward goes through the wrapper, attributes live on the model
     chunk = getattr(inner, "logprob_chunk", 0)
     if chunk:
-        h = model(idx, logit_pos=pos, token_mask=learn, return_hidden=True)  # (N, T, d)
-        logp, ent = chunked_logprobs(h, inner.head.weight, targets, temperature, bias=inner.head.bias, chunk=chunk)
-        return logp, ent.detach()
-    logits = model(idx, logit_pos=pos, token_mask=learn)  # (N, T, V): no logits for the prompt
+        h = batch.gather(model(batch.idx, return_hidden=True, **batch.forward_kwargs()))  # (R, K, d) → (M, d)
+        logp, ent = chunked_logprobs(h, inner.head.weight, batch.targets[batch.mask.bool()], temperature,
+                                     bias=inner.head.bias, chunk=chunk)
+        return batch.scatter(logp), batch.scatter(ent.detach())
+    logits = model(batch.idx, **batch.forward_kwargs())  # (R, K, V): no logits for prompts or padding
     logits = logits / temperature if temperature > 0 else logits
     with torch.no_grad():
-        ent = rl.entropy_from_logits(logits.detach())
-    return rl.token_logprobs(logits, targets), ent
-
-
-def completion_targets(idx, starts, T: int):
-    pos = (starts[:, None] + torch.arange(T, device=idx.device)).clamp(max=idx.shape[1] - 1)  # (N, T)
-    return idx.gather(1, pos)
+        ent = rl.entropy_from_logits(logits.detach())  # (R, K)
+    logp = rl.token_logprobs(logits, batch.row_targets())  # (R, K): the logits are never copied to (M, V)
+    return batch.scatter(batch.gather(logp)), batch.scatter(batch.gather(ent))
 
 
 @dataclass
 class MicroBatch:
-    idx: torch.Tensor  # (n, L)
-    mask: torch.Tensor  # (n, T)
+    batch: packing.PackedBatch  # the forward's rows of documents and where each completion token sits
     old: torch.Tensor | None  # (n, T) log-probs before the update; None: μ = 1, the current ones
-    starts: torch.Tensor  # (n,)
-    targets: torch.Tensor  # (n, T)
-    adv: torch.Tensor  # (n,)
+    adv: torch.Tensor  # (n,) or (n, T)
     ref_logp: torch.Tensor | None
     rollout_logp: torch.Tensor  # (n, T) log-probs under the sampler's distribution (Sample.logprobs)
     routes: list | None = None  # MoE: per gate, expert ids of the pre-update forward or the engine (routing replay)
 
+    @property
+    def mask(self) -> torch.Tensor:
+        """(n, T) float: 1 at a real completion token."""
+        return self.batch.mask
+
 
 def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
-    """Split the batch into micro-batches of at most cfg.micro_batch rows (0 = one batch).
+    """Split the batch into micro-batches of packed rows (plan_micro_batches).
 
     Old log-probs come from a training-style forward, not from the sampler: in bf16 the two
     differ by a few hundredths per token, and that noise alone would trip the clip. With μ = 1
@@ -122,67 +129,69 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
 def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device, replay, from_engine, moe):
     """The micro-batches of micro_batches(), with their reference and pre-update log-probs."""
     out = []
-    for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
-        rows = rollouts[a:b]
-        idx, mask, starts, rollout_logp = (t.to(device) for t in to_tensors(rows, pad_id))
-        targets = completion_targets(idx, starts, mask.shape[1])
+    for rows in plan_micro_batches(cfg, rollouts):
+        batch, rollout_logp = rollout_batch(rollouts, rows, pad_id, device)
         logp = {}
-        routes = engine_routes(rows, idx.shape[1]) if moe and from_engine else None
+        routes = engine_routes(rollouts, batch) if moe and from_engine else None
         with torch.no_grad():
             if ref is not None:  # a LoRA run's reference is the policy itself with its adapters off
                 with lora.adapters_off(ref) if ref is model else contextlib.nullcontext():
-                    logp["ref"] = completion_logprobs(scorer[ref], idx, starts, mask, targets, cfg.temperature)[0]
+                    logp["ref"] = completion_logprobs(scorer[ref], batch, cfg.temperature)[0]
             if cfg.mu > 1 or (moe and replay and routes is None):
-                # the pre-update forward: routed like the engine (R3), or recording its own routing (R2)
+                # the pre-update forward: routed like the engine (R3), or recording its own routing (R2),
+                # over the same packed rows the policy forward will run, so the records line up token by token
                 inner = dist.unwrap(model)
                 with replay_routing(inner, routes) if routes is not None else record_routing(inner) as rec:
-                    logp["old"] = completion_logprobs(scorer[model], idx, starts, mask, targets, cfg.temperature)[0]
-                routes = rec if routes is None else routes
-        rows_adv = adv[a:b] if adv.dim() == 1 else adv[a:b, : mask.shape[1]]  # per-token advantages: this width
-        out.append(MicroBatch(idx, mask, logp.get("old") if cfg.mu > 1 else None, starts, targets,
-                              rows_adv.to(device), logp.get("ref"), rollout_logp, routes if moe else None))
+                    logp["old"] = completion_logprobs(scorer[model], batch, cfg.temperature)[0]
+                if routes is None:  # R2: padding has no routing to keep (-1, as in the engine's records), so the
+                    pad = (batch.doc < 0).flatten()[:, None]  # disagreement counts the same tokens in any layout
+                    routes = [None if r is None else r.masked_fill(pad, -1) for r in rec]
+        T = batch.mask.shape[1]
+        rows_adv = adv[batch.order] if adv.dim() == 1 else adv[batch.order, :T]  # per-token advantages: this width
+        out.append(MicroBatch(batch, logp.get("old") if cfg.mu > 1 else None, rows_adv.to(device), logp.get("ref"),
+                              rollout_logp, routes if moe else None))
     return out
 
 
-def engine_routes(rollouts: list[Rollout], L: int) -> list:
-    """The engine's expert ids (Sample.routes) laid out like a training forward of width L.
+def engine_routes(rollouts: list[Rollout], batch: packing.PackedBatch) -> list:
+    """The engine's expert ids (Sample.routes) laid out like the training forward over `batch`'s rows.
 
-    Per gate (n·L, k), rows in the order of `to_tensors`; -1 where the engine fed no token (the
-    last completion token, padding), so those positions keep the trainer's own routing.
+    Per gate (R·W, k), each document's ids at its own place in its row; -1 where the engine fed no token
+    (the last completion token, padding), so those positions keep the trainer's own routing.
     """
-    first = rollouts[0].sample.routes
+    first = rollouts[batch.order[0]].sample.routes
     if first is None:
         raise ConfigError("grpo.routing_replay = 'rollout': the rollouts carry no routing (engine not recording)")
+    R, W = batch.idx.shape
     out = []
     for g, r0 in enumerate(first):
         if r0 is None:
             out.append(None)
             continue
-        ids = torch.full((len(rollouts), L, r0.shape[-1]), -1, dtype=torch.long)  # (n, L, k)
-        for i, r in enumerate(rollouts):
-            ids[i, : len(r.sample.routes[g])] = r.sample.routes[g]
-        out.append(ids.view(-1, r0.shape[-1]))  # (n·L, k): the gate sees the batch flattened
+        ids = torch.full((R, W, r0.shape[-1]), -1, dtype=torch.long)  # (R, W, k)
+        for i, (row, col) in zip(batch.order, batch.place):
+            rec = rollouts[i].sample.routes[g]
+            ids[row, col:col + len(rec)] = rec
+        out.append(ids.view(-1, r0.shape[-1]).to(batch.idx.device))  # (R·W, k): the gate sees the batch flattened
     return out
 
 
-def micro_batch_bounds(rollouts: list[Rollout], max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive [a, b) slices with at most max_rows rows and (padded) rows × longest row ≤ max_tokens
-    (0 = no limit). A single row longer than max_tokens gets a micro-batch of its own.
+def micro_batch_bounds(widths: list[int], max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [a, b) slices of rows (of these widths) with at most max_rows rows and rows × widest
+    row ≤ max_tokens (0 = no limit): the (rows, W) tensor of each forward. A single row wider than
+    max_tokens gets a micro-batch of its own.
 
-    >>> class R:  # noqa
-    ...     def __init__(self, n): self.prompt_ids, self.sample = [0] * 2, type("S", (), {"tokens": [0] * n})
-    >>> micro_batch_bounds([R(2), R(2), R(6), R(1)], 0, 8)
+    >>> micro_batch_bounds([4, 4, 8, 3], 0, 8)
     [(0, 2), (2, 3), (3, 4)]
     """
-    bounds, a, longest = [], 0, 0
-    for i, r in enumerate(rollouts):
-        n = len(r.prompt_ids) + len(r.sample.tokens)
-        grown = max(longest, n)
+    bounds, a, widest = [], 0, 0
+    for i, n in enumerate(widths):
+        grown = max(widest, n)
         if i > a and ((max_rows and i - a >= max_rows) or (max_tokens and (i - a + 1) * grown > max_tokens)):
             bounds.append((a, i))
             a, grown = i, n
-        longest = grown
-    return bounds + [(a, len(rollouts))] if rollouts else bounds
+        widest = grown
+    return bounds + [(a, len(widths))] if widths else bounds
 
 
 @torch.no_grad()
@@ -191,16 +200,14 @@ def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout],
     device = dist.unwrap(model).embed.weight.device
     T = max(len(r.sample.tokens) for r in rollouts)
     adv, kl, n = torch.zeros(len(rollouts), T), 0.0, 0.0
-    for a, b in micro_batch_bounds(rollouts, cfg.micro_batch, cfg.max_tokens_per_micro_batch):
-        idx, mask, starts, _ = (t.to(device) for t in to_tensors(rollouts[a:b], pad_id))
-        t = mask.shape[1]
-        targets = completion_targets(idx, starts, t)
+    for rows in plan_micro_batches(cfg, rollouts):
+        batch, _ = rollout_batch(rollouts, rows, pad_id, device)
         with autocast(device, resolve_dtype(cfg.dtype, device)):
-            student = completion_logprobs(model, idx, starts, mask, targets, cfg.temperature)[0]
-            scored = completion_logprobs(teacher, idx, starts, mask, targets, cfg.temperature)[0]
-        chunk = rl.TOKEN_ADVANTAGES[cfg.advantage](scored, student, mask)  # (n, t)
-        adv[a:b, :t] = chunk.cpu()
-        kl, n = kl - float(chunk.sum()), n + float(mask.sum())
+            student = completion_logprobs(model, batch, cfg.temperature)[0]
+            scored = completion_logprobs(teacher, batch, cfg.temperature)[0]
+        chunk = rl.TOKEN_ADVANTAGES[cfg.advantage](scored, student, batch.mask)  # (n, t)
+        adv[batch.order, : chunk.shape[1]] = chunk.cpu()
+        kl, n = kl - float(chunk.sum()), n + float(batch.mask.sum())
     return adv, kl / max(n, 1.0)
 
 

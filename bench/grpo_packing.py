@@ -1,0 +1,109 @@
+"""GRPO's training forwards packed (rows of documents, no padding) vs right-padded, side by side.
+
+One realistic batch: 8 prompts × 8 samples, prompts of 20–60 tokens (one length per prompt, shared by
+its group), completion lengths drawn uniformly from 10..128 like a run's spread of short answers and
+long chains. The same rollouts and weights go through `policy_update` (the trainer's real path:
+micro-batch planning, the no-grad scoring forward, the policy forward + backward, the optimizer step)
+with `grpo.packing` false and true, interleaved; one thread, process CPU time, fastest of the repeats.
+
+    python bench/grpo_packing.py [--configs small,real] [--repeats 3] [--real-repeats 1] [--kl]
+small: the bench Llama (hidden 256, 4 layers, 4/2 heads, ffn 688, vocab 512); medium: hidden 512, 8 layers;
+real: the SmolLM2-135M shape (30 layers, hidden 576, 9/3 heads, ffn 1536, vocab 49,152, tied) at
+micro_batch 16 like its recipe. --kl adds a frozen reference (β = 0.04): one more no-grad forward.
+Ends with: packing_speedup=<one per config>
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import time
+
+import torch
+
+from r1kit.engine import Sample
+from r1kit.models.llama import Llama, LlamaConfig
+from r1kit.rollout import Rollout
+from r1kit.stages import grpo
+
+CONFIGS = {
+    "small": (dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2), 0),
+    "medium": (dict(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4), 0),
+    "real": (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True), 16),
+}
+
+
+def batch(vocab: int, prompts: int = 8, group: int = 8, seed: int = 0) -> list[Rollout]:
+    g = random.Random(seed)
+    out = []
+    for p in range(prompts):
+        prompt = [g.randrange(vocab) for _ in range(g.randint(20, 60))]
+        for _ in range(group):
+            tokens = [g.randrange(vocab) for _ in range(g.randint(10, 128))]
+            out.append(Rollout(None, prompt, Sample(p, tokens, [-2.0] * len(tokens), "stop"), "", {}))
+    return out
+
+
+def token_counts(cfg: grpo.GRPOConfig, rollouts: list[Rollout]) -> tuple[int, int, int]:
+    """(real tokens, tokens the forwards compute, rows) over the batch's micro-batches."""
+    lengths = [len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts]
+    computed = rows = 0
+    for mb in grpo.plan_micro_batches(cfg, rollouts):
+        rows += len(mb)
+        computed += len(mb) * max(sum(lengths[i] for i in row) for row in mb)
+    return sum(lengths), computed, rows
+
+
+def timed_update(cfg, model, ref, rollouts, adv) -> float:
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    t0 = time.process_time()
+    grpo.policy_update(cfg, m, ref, opt, rollouts, adv, pad_id=0)
+    return time.process_time() - t0
+
+
+def run(name: str, repeats: int, kl: bool) -> float:
+    shape, micro = CONFIGS[name]
+    model = Llama(LlamaConfig(max_position_embeddings=256, **shape)).init_weights(0).train()
+    ref = Llama(LlamaConfig(max_position_embeddings=256, **shape)).init_weights(1).eval().requires_grad_(False) \
+        if kl else None
+    rollouts = batch(shape["vocab_size"])
+    adv = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(0))
+    cfgs = {p: grpo.GRPOConfig(max_new_tokens=128, micro_batch=micro, kl_coef=0.04 if kl else 0.0, packing=p)
+            for p in (False, True)}
+    real, padded, rows_padded = token_counts(cfgs[False], rollouts)
+    _, packed, rows_packed = token_counts(cfgs[True], rollouts)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {len(rollouts)} rollouts, "
+          f"micro_batch {micro}: real_tokens={real} padded_tokens={padded} ({padded / real:.2f}×, {rows_padded} rows) "
+          f"packed_tokens={packed} ({packed / real:.2f}×, {rows_packed} rows)")
+    times = {False: [], True: []}
+    for _ in range(repeats):
+        for p in (False, True):
+            times[p].append(timed_update(cfgs[p], model, ref, rollouts, adv))
+    t_pad, t_pack = min(times[False]), min(times[True])
+    print(f"{name}: update_s padded={t_pad:.3f} packed={t_pack:.3f} speedup={t_pad / t_pack:.2f} "
+          f"(forward{' + reference' if kl else ''} + backward + step, best of {repeats})")
+    return t_pad / t_pack
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="small,real", help="comma-separated: small, medium, real")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per layout (the fastest counts)")
+    ap.add_argument("--real-repeats", type=int, default=1, help="repeats for the real shape (≈ a minute each)")
+    ap.add_argument("--kl", action="store_true", help="add a frozen reference model (β = 0.04)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"grpo_packing: unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    speedups = [run(n, args.real_repeats if n == "real" else args.repeats, args.kl) for n in names]
+    print("packing_speedup=" + " ".join(f"{s:.2f}" for s in speedups))
+
+
+if __name__ == "__main__":
+    main()
