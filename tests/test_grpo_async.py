@@ -35,12 +35,22 @@ def first_token_parity(cfg, rollouts):
     return torch.tensor([float(r.sample.tokens[0] % 2) for r in rollouts])
 
 
-def async_steps(cfg, tiny, n, monkeypatch, reward=first_token_parity):
-    """The run loop's async path over `n` steps → (metrics, rollouts trained on, live state at each step's start)."""
+def async_steps(cfg, tiny, n, monkeypatch, reward=first_token_parity, late=False):
+    """The run loop's async path over `n` steps → (metrics, rollouts trained on, live state at each step's start).
+
+    late: the rollout thread draws step s+1 only once step s has updated the live model (the worst case
+    for a sampler that read the live weights instead of its snapshot).
+    """
     model, tok, task, problems = tiny
     monkeypatch.setattr(grpo, "rewards_of", reward)
     opt, engine, cursor = adamw(model, cfg.lr), Engine(model, tok), grpo.Cursor()
-    draw = lambda module, eng, step, prompts: grpo.draw(cfg, step, module, tok, task, problems, eng, prompts)  # noqa: E731
+    trained = [threading.Event() for _ in range(n)]
+
+    def draw(module, eng, step, prompts):
+        if late and eng is not engine:  # drawn ahead, in the rollout thread
+            assert trained[step - 1].wait(60)
+        return grpo.draw(cfg, step, module, tok, task, problems, eng, prompts)
+
     ms, batches, states, prompts = [], [], [], []
     with OneStepAhead(model, engine, draw, n, torch.get_num_threads()) as ahead:
         for step in range(n):
@@ -48,6 +58,7 @@ def async_steps(cfg, tiny, n, monkeypatch, reward=first_token_parity):
             prompts.append(cursor.prompts)
             drawn = ahead.take(step, cursor.prompts)
             m, rollouts = grpo.train_step(cfg, step, model, None, tok, task, problems, opt, engine, cursor, drawn=drawn)
+            trained[step].set()
             ms.append(m)
             batches.append(rollouts)
     return ms, batches, states, prompts
@@ -68,7 +79,7 @@ def tokens_and_logprobs(rollouts):
 
 def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update(tiny, monkeypatch):
     cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, lr=3e-2, corrections=["tis"], async_=True)
-    ms, batches, states, prompts = async_steps(cfg, tiny, 4, monkeypatch)
+    ms, batches, states, prompts = async_steps(cfg, tiny, 4, monkeypatch, late=True)
     assert [m["rollout_lag"] for m in ms] == [0, 1, 1, 1]
     # step 0 is drawn in line from the start weights; step s+1 from the weights step s started with
     assert tokens_and_logprobs(batches[0]) == tokens_and_logprobs(redraw(cfg, tiny, states[0], 0, prompts[0]))
@@ -223,7 +234,7 @@ def fails(cfg, step, *a):
 grpo.sample_groups = fails
 sys.exit(main(["grpo", "--set", "base={base_dir}", "--out", "{tmp_path / 'r'}", "--set", "async=true",
                "--set", "steps=4", "--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "max_new_tokens=4",
-               "--set", "task_args={{ digits = 2 }}", "--set", "eval_problems=4", "--set", 'corrections=["tis"]']))
+               "--set", "task_args={{ digits = 2, train_size = 200, test_size = 8 }}", "--set", "eval_problems=4", "--set", 'corrections=["tis"]']))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
