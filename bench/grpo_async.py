@@ -11,14 +11,20 @@ Each run stops at its first evaluation at --target (grpo.target_accuracy). Time 
 the evaluations taken out (they are reported apart). Per step: generation seconds (in the rollout thread when
 async), training seconds, how long the trainer waited for its batch, and the generation hidden behind training
 (overlap = generation − wait). The last lines are the ratios of on-policy time to target over async's.
-    python bench/grpo_async.py [--seeds 0,1] [--threads 2] [--steps 40] [--eval-every 2] [--target 0.95]
+
+--probe measures what overlaps, outside the loop: one step's generation and one update on the base, alone and
+at once in two threads (one intra-op thread each), with the process's CPU time over wall time (≈ the cores
+it got), beside two threads of GIL-free 512×512 matmuls (what the machine gives two threads at all).
+    python bench/grpo_async.py [--seeds 0,1] [--threads 2] [--steps 40] [--eval-every 1] [--target 0.95] [--probe]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import os
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -73,6 +79,75 @@ def run_one(cfg: grpo.GRPOConfig, mode: str, threads: int, out: Path, target: fl
             "mismatch": mean("mismatch_abs_logp"), "tis_clip": mean("tis_clip_frac")}
 
 
+def timed_together(a, b) -> tuple[float, float, float, float]:
+    """Run a() in a second thread and b() here → (a's seconds, b's seconds, wall, process CPU / wall)."""
+    took = {}
+
+    def in_thread():
+        torch.set_num_threads(1)
+        t = time.perf_counter()
+        a()
+        took["a"] = time.perf_counter() - t
+
+    c0, t0 = os.times(), time.perf_counter()
+    th = threading.Thread(target=in_thread)
+    th.start()
+    b()
+    tb = time.perf_counter() - t0
+    th.join()
+    wall, c1 = time.perf_counter() - t0, os.times()
+    return took["a"], tb, wall, (c1.user + c1.system - c0.user - c0.system) / wall
+
+
+def timed(f) -> tuple[float, float]:
+    """→ (seconds, process CPU / wall) of f() alone."""
+    c0, t0 = os.times(), time.perf_counter()
+    f()
+    wall, c1 = time.perf_counter() - t0, os.times()
+    return wall, (c1.user + c1.system - c0.user - c0.system) / wall
+
+
+def probe(cfg: grpo.GRPOConfig, repeats: int = 3) -> None:
+    """What overlaps: generation and training of one step, alone and at once (see the module docstring)."""
+    import copy
+    from r1kit import checkpoint
+    from r1kit.engine import Engine
+    from r1kit.tasks import get_task
+    from r1kit.training import adamw
+    torch.set_num_threads(1)
+    model, tok = checkpoint.load(Path(cfg.base) / "model", dtype="float32")
+    task = get_task(cfg.task, **cfg.task_args)
+    problems = task.problems("train")
+    snap = copy.deepcopy(model)
+    gen_cfg = replace(cfg, dynamic_sampling=False)  # one round: the same work every repeat
+    drawn = grpo.draw(gen_cfg, 0, model, tok, task, problems, Engine(model, tok), 0)
+    batch = [r for g in drawn.trained for r in g]
+    adv = grpo.advantages_of(cfg, task, batch, grpo.rewards_of(cfg, batch))
+    opt = adamw(model, 0.0)  # lr 0: the same update every repeat
+    gen = lambda: grpo.draw(gen_cfg, 1, snap, tok, task, problems, Engine(snap, tok), 0)  # noqa: E731
+    train = lambda: grpo.policy_update(cfg, model, None, opt, batch, adv, tok.pad_id)  # noqa: E731
+    x = torch.randn(512, 512)
+    mm = lambda: [x @ x for _ in range(400)]  # noqa: E731  (GIL released inside each matmul)
+    rows = {"gen alone": [], "train alone": [], "gen+train": [], "mm alone": [], "mm+mm": []}
+    for _ in range(repeats):
+        rows["gen alone"].append(timed(gen))
+        rows["train alone"].append(timed(train))
+        rows["gen+train"].append(timed_together(gen, train))
+        rows["mm alone"].append(timed(mm))
+        rows["mm+mm"].append(timed_together(mm, mm))
+    med = {k: [statistics.median(c) for c in zip(*v)] for k, v in rows.items()}
+    ntok = sum(len(r.sample.tokens) for r in batch)
+    print(f"\nprobe (median of {repeats}; {len(batch)} rollouts, {ntok} completion tokens; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+    for k in ("gen alone", "train alone", "mm alone"):
+        print(f"  {k:<12} {med[k][0]:6.3f}s  cpu/wall {med[k][1]:.2f}")
+    for k, (a, b) in (("gen+train", ("gen alone", "train alone")), ("mm+mm", ("mm alone", "mm alone"))):
+        ta, tb, wall, util = med[k]
+        serial = med[a][0] + med[b][0]
+        print(f"  {k:<12} {wall:6.3f}s  cpu/wall {util:.2f}  (thread {ta:.3f}s, main {tb:.3f}s; one after the "
+              f"other {serial:.3f}s → overlap_speedup={serial / wall:.2f})")
+
+
 def fmt(x, spec="{:.2f}") -> str:
     return "never" if x is None else spec.format(x)
 
@@ -100,15 +175,18 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every mode runs once per seed")
     p.add_argument("--threads", type=int, default=2, help="cores to use (async splits them between its two threads)")
     p.add_argument("--steps", type=int, default=40, help="most steps per run (each stops at the target)")
-    p.add_argument("--eval-every", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--base", default="runs/bases/arith_tiny", help="base checkpoint dir (pretrained if missing)")
+    p.add_argument("--probe", action="store_true", help="only measure what overlaps (see above)")
     args = p.parse_args()
     base = ensure_base(Path(args.base))
     cfg = load_config(grpo.GRPOConfig, RECIPE, section="grpo")
     cfg = replace(cfg, base=str(base), steps=args.steps, eval_every=args.eval_every, eval_problems=args.eval_problems,
                   time_budget_s=0.0, save_every=args.steps, target_accuracy=args.target)
+    if args.probe:
+        return probe(cfg)
     half = max(1, args.threads // 2)
     plans = [("on-policy x1", 1, {}), (f"on-policy x{args.threads}", args.threads, {}),
              (f"async {half}+{half} tis", half, {"async_": True, "corrections": ["tis"]})]
