@@ -77,9 +77,19 @@ def tokens_and_logprobs(rollouts):
     return [(r.sample.tokens, r.sample.logprobs) for r in rollouts]
 
 
-def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update(tiny, monkeypatch):
-    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, lr=3e-2, corrections=["tis"], async_=True)
-    ms, batches, states, prompts = async_steps(cfg, tiny, 4, monkeypatch, late=True)
+def some_groups_constant(cfg, rollouts):
+    """0 for every sample of prompts with an even first operand (dynamic sampling drops those groups), else
+    the first token's parity."""
+    return torch.tensor([0.0 if int(r.problem.prompt.split("+")[0].split()[-1]) % 2 == 0
+                         else float(r.sample.tokens[0] % 2) for r in rollouts])
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["one_round", "dynamic_sampling"])
+def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update(tiny, monkeypatch, dynamic):
+    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, lr=3e-2, corrections=["tis"], async_=True,
+                     dynamic_sampling=dynamic)
+    reward = some_groups_constant if dynamic else first_token_parity
+    ms, batches, states, prompts = async_steps(cfg, tiny, 4, monkeypatch, reward=reward, late=True)
     assert [m["rollout_lag"] for m in ms] == [0, 1, 1, 1]
     # step 0 is drawn in line from the start weights; step s+1 from the weights step s started with
     assert tokens_and_logprobs(batches[0]) == tokens_and_logprobs(redraw(cfg, tiny, states[0], 0, prompts[0]))
@@ -89,7 +99,40 @@ def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update
         # ... and not those of the weights step s+1 trains (the updates moved the policy)
         fresh = redraw(cfg, tiny, states[s + 1], s + 1, prompts[s + 1])
         assert tokens_and_logprobs(batches[s + 1]) != tokens_and_logprobs(fresh), f"step {s + 1}"
-    assert prompts == [0, 3, 6, 9]  # the data cursor advances one batch per step, none lost or repeated
+    # the data cursor advances by what each step sampled (dynamic sampling: more than a batch), none lost or repeated
+    assert prompts == [sum(m["sampled_groups"] for m in ms[:s]) for s in range(4)]
+    assert not dynamic or prompts[-1] > 9
+
+
+def test_the_snapshot_follows_trained_weights_and_buffers_but_not_later_updates(tiny_tok):
+    """MoE router biases (buffers) move at every update and LoRA trains only its adapters: the snapshot
+    takes both at take(), keeps the frozen base it was built with, and shares no storage with the live model."""
+    from r1kit.models import lora
+    from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
+    model = DeepseekV3(DeepseekConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                      moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                      n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                                      max_position_embeddings=128)).init_weights(0)
+    lora.apply_lora(model, rank=2, targets=["q", "o"])
+    drawn = []
+    ahead = OneStepAhead(model, Engine(model, tiny_tok), lambda m, e, step, p: drawn.append(m) or grpo.Drawn(
+        step, [], [], 1, p, 0.0, 0.0), steps=3, threads=1)
+    with ahead, torch.no_grad():
+        ahead.take(0, 0)
+        ahead.pending()
+        for name, t in model.state_dict().items():
+            if "lora_B" in name or "e_score_correction_bias" in name:
+                t.add_(1.0)  # what step 0's update (AdamW, the bias rule) does to the live model
+        ahead.take(1, 0)
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        for t in model.state_dict().values():
+            t.add_(1.0)  # step 1's update: the batch of step 2 is being drawn from the weights before it
+        ahead.pending()
+    assert drawn[1] is ahead.snapshot and drawn[2] is ahead.snapshot and drawn[0] is model  # step 0: in line
+    got = ahead.snapshot.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert any("e_score_correction_bias" in k for k in want) and any("lora_B" in k for k in want)
 
 
 def test_tis_and_icepop_weights_correct_the_stale_tokens(tiny, monkeypatch):
@@ -266,3 +309,14 @@ def test_a_tiny_async_run_learns_to_emit_the_rewarded_token(monkeypatch):
     curve = [m["reward_mean"] for m in ms]
     assert curve[0] < 0.15 and min(curve[-3:]) > 0.9, curve
     assert all(m["rollout_lag"] == 1 for m in ms[1:])
+
+
+def test_an_async_lora_run_with_a_kl_term_trains(base_dir, tmp_path, monkeypatch):
+    """LoRA: the rollout thread samples its snapshot with the adapters merged while the trainer's reference is
+    the live model with them off."""
+    monkeypatch.setattr(grpo, "rewards_of", first_token_parity)
+    summary = grpo.run(run_cfg(base_dir, tmp_path / "r", steps=3, lora_rank=2, kl_coef=0.01))
+    ms = read_metrics(tmp_path / "r")
+    assert "stopped" not in summary and [m["rollout_lag"] for m in ms] == [0, 1, 1]
+    assert all(m["mismatch_abs_logp"] > 1e-3 and m["kl"] > 0 for m in ms[1:])
+    assert (tmp_path / "r" / "model" / "adapter_model.safetensors").exists()
