@@ -7,15 +7,17 @@ missing), everything equal but the mode and the intra-op threads:
   on-policy ×N   N intra-op threads (the cores the async run uses, given to one thread at a time)
   async 1+1...   generation of step s+1 in a second thread (from the weights before step s's update) while
                  step s trains, each thread with N/2 intra-op threads; corrections = ["tis"]
-Each run stops at its first evaluation at --target (grpo.target_accuracy). Time to target is RL wall time with
-the evaluations taken out (they are reported apart). Per step: generation seconds (in the rollout thread when
+Each run stops at its first evaluation at --target (grpo.target_accuracy). Time to target is RL wall time,
+evaluations (the same schedule for every mode) included: in async mode they run while the next batch is drawn,
+so taking them out would hide that generation; their seconds are shown apart, and `s→tgt −eval` without them.
+Per step (evaluation excluded): generation seconds (in the rollout thread when
 async), training seconds, how long the trainer waited for its batch, and the generation hidden behind training
 (overlap = generation − wait). The last lines are the ratios of on-policy time to target over async's.
 
 --probe measures what overlaps, outside the loop: one step's generation and one update on the base, alone and
 at once in two threads (one intra-op thread each), with the process's CPU time over wall time (≈ the cores
 it got), beside two threads of GIL-free 512×512 matmuls (what the machine gives two threads at all).
-    python bench/grpo_async.py [--seeds 0,1] [--threads 2] [--steps 40] [--eval-every 1] [--target 0.95] [--probe]
+    python bench/grpo_async.py [--seeds 0,1] [--threads 2] [--steps 40] [--eval-every 2] [--target 0.95] [--probe]
 """
 from __future__ import annotations
 
@@ -50,12 +52,12 @@ def ensure_base(base_dir: Path) -> Path:
 
 
 def time_to_target(rows: list[dict], target: float) -> tuple[int | None, float | None, float]:
-    """(step, RL seconds less evaluation, evaluation seconds) at the first evaluation ≥ target."""
+    """(step, RL seconds, evaluation seconds within them) at the first evaluation ≥ target."""
     evals = 0.0
     for r in rows:
         evals += r.get("eval_seconds", 0.0)
         if r.get("eval_greedy_accuracy", -1.0) >= target:
-            return r["step"], r["rl_seconds"] - evals, evals
+            return r["step"], r["rl_seconds"], evals
     return None, None, evals
 
 
@@ -155,14 +157,17 @@ def fmt(x, spec="{:.2f}") -> str:
 def report(results: list[dict], modes: list[str], args) -> dict:
     print(f"\nR1-Zero tiny, target {args.target:.0%} held-out greedy accuracy ({args.eval_problems} problems, "
           f"every {args.eval_every} steps), seeds {args.seeds}; per-step figures are means over steps 2..target")
-    print(f"{'mode':<16} {'seed':>4} {'steps':>5} {'s→target':>8} {'eval s':>6} {'acc':>5} {'s/step':>6} "
+    print(f"{'mode':<16} {'seed':>4} {'steps':>5} {'s→target':>8} {'eval s':>6} {'s→tgt −eval':>11} {'acc':>5} "
+          f"{'s/step':>6} "
           f"{'gen s':>6} {'train s':>7} {'wait s':>6} {'overlap':>7} {'|Δlogp|':>7} {'tis clip':>8}")
     medians = {}
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
         for r in rs:
+            less = None if r["secs"] is None else r["secs"] - r["eval_s"]
             print(f"{mode:<16} {r['seed']:>4} {fmt(r['step'], '{}'):>5} {fmt(r['secs'], '{:.1f}'):>8} "
-                  f"{r['eval_s']:>6.1f} {fmt(r['acc_at_stop'], '{:.3f}'):>5} {fmt(r['step_s']):>6} {r['gen']:>6.3f} "
+                  f"{r['eval_s']:>6.1f} {fmt(less, '{:.1f}'):>11} {fmt(r['acc_at_stop'], '{:.3f}'):>5} "
+                  f"{fmt(r['step_s']):>6} {r['gen']:>6.3f} "
                   f"{r['train']:>7.3f} {r['wait']:>6.3f} {r['overlap']:>7.3f} {r['mismatch']:>7.4f} "
                   f"{r['tis_clip']:>8.4f}")
         secs = sorted(float("inf") if r["secs"] is None else r["secs"] for r in rs)
@@ -173,9 +178,10 @@ def report(results: list[dict], modes: list[str], args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every mode runs once per seed")
-    p.add_argument("--threads", type=int, default=2, help="cores to use (async splits them between its two threads)")
+    p.add_argument("--threads", type=int, default=2, help="cores to use (async splits them between its two threads; "
+                   "1: on-policy and each async thread get one intra-op thread)")
     p.add_argument("--steps", type=int, default=40, help="most steps per run (each stops at the target)")
-    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--base", default="runs/bases/arith_tiny", help="base checkpoint dir (pretrained if missing)")
@@ -188,8 +194,8 @@ def main() -> None:
     if args.probe:
         return probe(cfg)
     half = max(1, args.threads // 2)
-    plans = [("on-policy x1", 1, {}), (f"on-policy x{args.threads}", args.threads, {}),
-             (f"async {half}+{half} tis", half, {"async_": True, "corrections": ["tis"]})]
+    plans = [("on-policy x1", 1, {})] + ([(f"on-policy x{args.threads}", args.threads, {})] if args.threads > 1 else [])
+    plans.append((f"async {half}+{half} tis", half, {"async_": True, "corrections": ["tis"]}))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(x) for x in args.seeds.split(",")]:
@@ -199,8 +205,8 @@ def main() -> None:
                 print(f"done {mode} seed {seed}: steps {fmt(r['step'], '{}')} {fmt(r['secs'], '{:.1f}')}s to target, "
                       f"wall {r['wall']:.0f}s", flush=True)
     medians = report(results, [m for m, _, _ in plans], args)
-    asyn = medians[plans[2][0]]
-    for mode, _, _ in plans[:2]:
+    asyn = medians[plans[-1][0]]
+    for mode, _, _ in plans[:-1]:
         ratio = medians[mode] / asyn if asyn not in (0, float("inf")) and medians[mode] != float("inf") else None
         print(f"time_to_acc_ratio_{mode.replace(' ', '_')}_vs_async={fmt(ratio)}")
 

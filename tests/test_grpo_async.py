@@ -277,7 +277,8 @@ def fails(cfg, step, *a):
 grpo.sample_groups = fails
 sys.exit(main(["grpo", "--set", "base={base_dir}", "--out", "{tmp_path / 'r'}", "--set", "async=true",
                "--set", "steps=4", "--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "max_new_tokens=4",
-               "--set", "task_args={{ digits = 2, train_size = 200, test_size = 8 }}", "--set", "eval_problems=4", "--set", 'corrections=["tis"]']))
+               "--set", "task_args={{ digits = 2, train_size = 200, test_size = 8 }}", "--set", "eval_problems=4",
+               "--set", 'corrections=["tis"]']))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -485,7 +485,8 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
 def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     _, device = dist.init(resolve_device(cfg.device), cfg.dist_timeout_s)
     if cfg.async_ and dist.world().distributed:  # each rank's rollout thread would run collectives beside training's
-        raise ConfigError("grpo.async = true runs in one process: launch it without torchrun, or set grpo.async = false")
+        raise ConfigError("grpo.async = true runs in one process: launch it without torchrun, "
+                          "or set grpo.async = false")
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """GRPO's one-step off-policy mode (`async = true`): step s+1's rollouts are drawn while step s trains.
 
-    step s:   take(s) ─ copy the live weights θ_s into the snapshot ─ start drawing s+1 from it ─┐
-              train step s on its batch (the live model moves to θ_{s+1} in place)            │ (overlap)
-    step s+1: take(s+1) ─ wait for the batch of s+1 (drawn from θ_s) ◄─────────────────────────┘
+    step s:   take(s): copy the live weights θ_s into the snapshot, start drawing s+1 from it ──┐
+              train step s on its batch (the live model moves to θ_{s+1} in place)        (overlap)
+    step s+1: take(s+1): wait for the batch of s+1 (drawn from θ_s) ◄─────────────────────────┘
 
 So the samples step s+1 trains on come from the weights *before* step s's update: one step stale.
 The first step of a run draws its own batch in line (on-policy). π_old, which the clipped ratio is
