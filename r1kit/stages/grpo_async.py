@@ -19,6 +19,10 @@ synchronous loop, so a run is deterministic given its seed. A checkpoint keeps t
 (it came from weights the checkpoint no longer holds), so a resumed run trains on exactly the batch the
 uninterrupted one would have; a run that stops (steps, time budget, target accuracy) drops it.
 An error in the rollout thread is raised again in the trainer's thread when it takes that batch.
+
+It pays only where the two threads get a core each (or a GPU stream each). Measured on a shared 2-core
+CPU box (bench/grpo_async.py --probe), where the scheduler gives each login session an equal share: the
+process got ≈ 0.5–0.7 of a core whatever its thread count, so generation and training only took turns.
 """
 from __future__ import annotations
 
@@ -59,8 +63,9 @@ class OneStepAhead:
     last. pending() is the batch drawn ahead, for a checkpoint; `ready` seeds it when resuming.
     Use it as a context manager: leaving joins the thread, so no draw outlives the run.
 
-    `threads`: intra-op threads of the rollout thread (a new thread does not inherit the trainer's
-    torch.set_num_threads; on a CPU the two threads share the cores).
+    `threads`: intra-op threads of the rollout thread, set there (torch's setting is per thread: the
+    trainer's stays as it is). run() passes the trainer's own count, so on a CPU the two threads together
+    use twice torch.get_num_threads(): give each half the cores (OMP_NUM_THREADS or torch.set_num_threads).
     """
 
     def __init__(self, model, engine: Engine, draw: DrawFn, steps: int, threads: int, ready: Drawn | None = None):
@@ -68,7 +73,8 @@ class OneStepAhead:
         self.snapshot = copy.deepcopy(self.live).requires_grad_(False)
         for p in self.snapshot.parameters():
             p.grad = None
-        self.snap_engine = Engine(self.snapshot, engine.tok, engine.max_batch, engine.record_routing)
+        self.snap_engine = Engine(self.snapshot, engine.tok, max_batch=engine.max_batch,
+                                  record_routing=engine.record_routing)
         # what can change between steps: the trained parameters and the buffers (MoE router biases); a
         # frozen parameter (a LoRA base) was copied once above
         live, snap = dict(self.live.named_parameters()), dict(self.snapshot.named_parameters())
