@@ -22,7 +22,7 @@ An error in the rollout thread is raised again in the trainer's thread when it t
 
 It pays only where the two threads get a core each (or a GPU stream each). Measured on a shared 2-core
 CPU box (bench/grpo_async.py --probe), where the scheduler gives each login session an equal share: the
-process got ≈ 0.5–0.7 of a core whatever its thread count, so generation and training only took turns.
+process got 0.5–1.0 core whatever its thread count, so generation and training only took turns.
 """
 from __future__ import annotations
 
