@@ -6,6 +6,7 @@ known key; a value of the wrong type names the key and the expected type.
 
 Each field's meaning is the `# ...` comment on its line (or the comment lines just above it), so
 the config class stays the one readable place; `r1kit VERB --help` lists every key from it.
+A key that is a Python keyword (`async`) is the field with a trailing underscore (`async_`, PEP 8's spelling).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import functools
 import inspect
 import io
 import json
+import keyword
 import textwrap
 import tokenize
 import tomllib
@@ -70,24 +72,37 @@ def _coerce(value, typ, key: str, where: str):
     raise ConfigError(f"{where}: '{key}' must be {_type_name(typ)}, got {value!r}")
 
 
+def key_of(field_name: str) -> str:
+    """The recipe key of a dataclass field: its name, less the trailing underscore of a Python keyword.
+
+    >>> key_of("async_"), key_of("lr"), key_of("out_")
+    ('async', 'lr', 'out_')
+    """
+    stem = field_name[:-1]
+    return stem if field_name.endswith("_") and keyword.iskeyword(stem) else field_name
+
+
 def from_dict(cls, d: dict, where: str = "config", prefix: str = ""):
     """Build dataclass `cls` from a (nested) dict, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    names = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
+    names.update({f: f for f in list(names.values())})  # dataclasses.asdict's spelling reads back too
     kwargs = {}
     for key, value in d.items():
         full = f"{prefix}{key}"
         if key not in names:
-            near = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; known keys: {', '.join(names)}"
+            known = [key_of(f.name) for f in dataclasses.fields(cls)]
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"{where}: unknown key '{full}'{hint}")
-        typ = hints[key]
+        name = names[key]
+        typ = hints[name]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{full}' must be a table")
-            kwargs[key] = from_dict(typ, value, where, f"{full}.")
+            kwargs[name] = from_dict(typ, value, where, f"{full}.")
         else:
-            kwargs[key] = _coerce(value, typ, full, where)
+            kwargs[name] = _coerce(value, typ, full, where)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -155,7 +170,7 @@ def load_config(cls, path=None, overrides=(), base: dict | None = None, section:
 
 
 def _field_names(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+    return {key_of(f.name) for f in dataclasses.fields(cls)}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -235,12 +250,12 @@ def config_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Every key of config `cls` (nested dataclasses flattened to `a.b`) → (key, type, default, meaning)."""
     hints, meanings, rows = typing.get_type_hints(cls), field_meanings(cls), []
     for f in dataclasses.fields(cls):
-        typ = hints[f.name]
+        typ, key = hints[f.name], prefix + key_of(f.name)
         if dataclasses.is_dataclass(typ):
-            rows.append((prefix + f.name, "table", "", meanings[f.name]))
-            rows += config_keys(typ, f"{prefix}{f.name}.")
+            rows.append((key, "table", "", meanings[f.name]))
+            rows += config_keys(typ, f"{key}.")
         else:
-            rows.append((prefix + f.name, _type_label(typ), toml_literal(_default(f)), meanings[f.name]))
+            rows.append((key, _type_label(typ), toml_literal(_default(f)), meanings[f.name]))
     return rows
 
 

@@ -6,7 +6,7 @@ import typing
 import pytest
 
 from r1kit.cli import VERBS, main
-from r1kit.config import config_keys, field_meanings, toml_literal
+from r1kit.config import config_keys, field_meanings, key_of, toml_literal
 from r1kit.recipe import SECTIONS, VERB_OF, DemoConfig
 from r1kit.stages.distill import DistillConfig
 from r1kit.stages.evaluate import EvalConfig
@@ -44,7 +44,7 @@ def all_fields(cls, prefix=""):
             yield from all_fields(hints[f.name], f"{prefix}{f.name}.")
         else:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            yield prefix + f.name, default
+            yield prefix + key_of(f.name), default  # async_ is written `async`
 
 
 @pytest.mark.parametrize("verb", list(STAGES))

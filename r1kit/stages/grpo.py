@@ -18,6 +18,10 @@ A step with no learning signal — β = 0 and no group whose rewards vary, or (d
 group left — costs generation only: its update would be exactly zero, so the forward, backward and
 optimizer step are skipped (`update_skipped` in metrics.jsonl, a warning from the first one), the
 data cursor moves on, and the LR schedule, indexed by updates taken, waits for the next real update.
+
+With `async = true` (one process) step s+1's rollouts are drawn in a second thread, from a snapshot of
+the weights before step s's update, while step s trains: grpo_async.py says what π_old is then and how
+the staleness is corrected (`corrections`), checkpointed and kept deterministic.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from r1kit.models.routing import replay_routing
 from r1kit.rewards import overlong_penalty
 from r1kit.rollout import Rollout, greedy_accuracy, rollout
 from r1kit.tasks import get_task
+from r1kit.stages.grpo_async import Drawn, OneStepAhead
 from r1kit.stages.grpo_batch import (ROUTING_REPLAY, MicroBatch, completion_logprobs, engine_routes,  # noqa: F401
                                      load_teacher, micro_batch_bounds, micro_batches, plan_micro_batches,
                                      rollout_batch, teacher_advantages)
@@ -112,6 +117,9 @@ class GRPOConfig(MemoryOptions):
     # prompts_per_step groups with reward variance, in at most dynamic_sampling_max_rounds generation rounds
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 3  # rounds in all, the first included (1 = drop without resampling)
+    # one-step off-policy: step s+1's rollouts are drawn, in a second thread from the weights before step s's
+    # update, while step s trains; correct the staleness with corrections = ["tis"] or ["icepop"] (grpo_async.py)
+    async_: bool = False
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2: policy and reference sharded)
     dist_timeout_s: float = 600.0  # under torchrun: a missing or dead peer ends the run after this long
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
@@ -422,12 +430,22 @@ def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine
     return kept[:want], sampled, rnd + 1
 
 
-def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
-               cursor: Cursor, teacher=None) -> tuple[dict, list[Rollout]]:
+def draw(cfg, step: int, model, tok, task, problems, engine, prompts: int) -> Drawn:
+    """Step `step`'s rollouts sampled from `model` with the data cursor at `prompts`, timed."""
     t0 = time.perf_counter()
+    cursor = Cursor(prompts=prompts)
     with lora.merged(model):  # LoRA: sample with the adapters folded in (the base comes back bit for bit)
         trained, sampled, rounds = sample_groups(cfg, step, model, tok, task, problems, engine, cursor)
     gen_s = time.perf_counter() - t0
+    return Drawn(step, trained, sampled, rounds, cursor.prompts, gen_s, wait_seconds=gen_s)
+
+
+def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
+               cursor: Cursor, teacher=None, drawn: Drawn | None = None) -> tuple[dict, list[Rollout]]:
+    """One step: sample (unless `drawn` holds the step's rollouts, drawn ahead by async mode), score, update."""
+    drawn = drawn or draw(cfg, step, model, tok, task, problems, engine, cursor.prompts)
+    trained, sampled, rounds, gen_s = drawn.trained, drawn.sampled, drawn.rounds, drawn.gen_seconds
+    cursor.prompts = drawn.prompts
     rollouts = [r for g in sampled for r in g]
     rewards = rewards_of(cfg, rollouts)
     zero_var = rl.zero_variance_groups(rewards, cfg.group_size)
@@ -460,12 +478,16 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
                                      cfg.schedule),
              gen_seconds=gen_s, train_seconds=train_s, tokens_per_second=ntok / max(gen_s, 1e-9),
              update_skipped=skip, trained_groups=0 if skip else len(trained), sampled_groups=len(sampled),
-             sampling_rounds=rounds, updates=cursor.updates)
+             sampling_rounds=rounds, updates=cursor.updates, gen_wait_seconds=drawn.wait_seconds,
+             rollout_lag=drawn.lag)
     return m, rollouts
 
 
 def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     _, device = dist.init(resolve_device(cfg.device), cfg.dist_timeout_s)
+    if cfg.async_ and dist.world().distributed:  # each rank's rollout thread would run collectives beside training's
+        raise ConfigError("grpo.async = true runs in one process: launch it without torchrun, "
+                          "or set grpo.async = false")
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,27 +496,40 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     if not problems:  # batch_problems would divide by zero; say what is empty instead
         raise ConfigError(f"grpo.task = {cfg.task!r} (task_args {cfg.task_args}): the train split is empty, "
                           "nothing to sample prompts from")
-    model, ref, tok, opt, start, summary, cursor = _setup(cfg, out, task, test, pretrain_cfg, device)
+    model, ref, tok, opt, start, summary, cursor, drawn_ahead = _setup(cfg, out, task, test, pretrain_cfg, device)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
     engine = Engine(dist.unwrap(model), tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1])
+    ahead = None
+    if cfg.async_:
+        if not cfg.corrections:
+            print0("grpo: warning: async = true without corrections trains on one-step-stale samples as if they "
+                   "were on-policy; add corrections = [\"tis\"] (or [\"icepop\"])")
+        ahead = OneStepAhead(model, engine, functools.partial(_draw_for, cfg, tok, task, problems), cfg.steps,
+                             torch.get_num_threads(), drawn_ahead)
     alarms = Alarms(cfg)
     teacher = load_teacher(cfg, tok)
     rl_seconds = summary.get("rl_seconds", 0.0)
     # a resumed run with nothing left to do (all steps, or the time budget, spent) finishes at once
     spent = cfg.time_budget_s > 0 and rl_seconds >= cfg.time_budget_s
     step = start - 1
-    with Progress(cfg.steps, "grpo", start) as bar:
+    with ahead or contextlib.nullcontext(), Progress(cfg.steps, "grpo", start) as bar:
         for step in range(start, start if spent else cfg.steps):
             t0 = time.perf_counter()
             try:
-                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, cursor, teacher)
+                drawn = ahead.take(step, cursor.prompts) if ahead else None
+                m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, cursor, teacher,
+                                         drawn)
             except FloatingPointError as e:
                 print0(f"grpo: stopping at step {step + 1}: {e}; the last good checkpoint is {out / 'model'}")
                 return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step, failed=str(e))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                t_eval = time.perf_counter()
                 with lora.merged(model):
                     m["eval_greedy_accuracy"] = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
+                m["eval_seconds"] = time.perf_counter() - t_eval
+            if ahead and (step + 1) % cfg.save_every == 0:
+                ahead.pending()  # the checkpoint keeps the batch drawn ahead: wait for it within this step's time
             rl_seconds += time.perf_counter() - t0
             m["rl_seconds"] = rl_seconds
             log.write(m)
@@ -507,7 +542,9 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
                     or 0 < cfg.target_accuracy <= m.get("eval_greedy_accuracy", -1.0))
             if (step + 1) % cfg.save_every == 0 or done:
                 summary["rl_seconds"] = rl_seconds
-                _save(cfg, out, model, tok, opt, step + 1, summary, cursor)
+                if done and ahead:
+                    ahead.close()  # the run stops: no step trains on the batch drawn ahead, so none is saved
+                _save(cfg, out, model, tok, opt, step + 1, summary, cursor, ahead.pending() if ahead else None)
             if done:
                 break
     return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step + 1)
@@ -518,9 +555,17 @@ def _info(m: dict) -> str:
     return s + (f" eval {m['eval_greedy_accuracy']:.2f}" if "eval_greedy_accuracy" in m else "")
 
 
-def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict, cursor: Cursor) -> None:
+def _draw_for(cfg, tok, task, problems, model, engine, step: int, prompts: int) -> Drawn:
+    """draw() in the argument order OneStepAhead calls it."""
+    return draw(cfg, step, model, tok, task, problems, engine, prompts)
+
+
+def _save(cfg, out: Path, model, tok, opt, step: int, summary: dict, cursor: Cursor,
+          drawn_ahead: Drawn | None = None) -> None:
+    """`drawn_ahead`: async mode's batch for step `step` + 1, drawn from weights this checkpoint no longer holds."""
     state = {"stage": "grpo", "step": step, "summary": summary, "cursor": asdict(cursor), "config": asdict(cfg)}
-    checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state},
+    extra = {"drawn_ahead": drawn_ahead} if drawn_ahead is not None else None
+    checkpoint.save(model, tok, out / "model", trainer_state={"optimizer": opt, "state": state, "extra": extra},
                     generation=cfg.generation_config)
 
 
@@ -555,16 +600,16 @@ def _setup(cfg: GRPOConfig, out: Path, task, test, pretrain_cfg, device):
         ref = dist.wrap(ref, cfg.parallel, amp) if cfg.parallel == "fsdp" else ref
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     if resuming:
-        state, _ = checkpoint.load_trainer_state(ckpt, opt, stage="grpo", model=model)
+        state, extra = checkpoint.load_trainer_state(ckpt, opt, stage="grpo", model=model)
         print0(f"grpo: resuming {ckpt} at step {state['step']}")
         # a checkpoint from before the cursor existed: one batch per step, one update per step
         cursor = Cursor(**state.get("cursor", {"prompts": state["step"] * cfg.prompts_per_step,
                                                "updates": state["step"]}))
-        return model, ref, tok, opt, state["step"], state["summary"], cursor
+        return model, ref, tok, opt, state["step"], state["summary"], cursor, extra.get("drawn_ahead")
     with lora.merged(model):
         base_acc = greedy_accuracy(model, tok, task, test, cfg.max_new_tokens)
     print0(f"grpo: base {base} held-out greedy accuracy {base_acc:.3f}")
-    return model, ref, tok, opt, 0, {"base": str(base), "base_accuracy": base_acc}, Cursor()
+    return model, ref, tok, opt, 0, {"base": str(base), "base_accuracy": base_acc}, Cursor(), None
 
 
 def _finish(cfg, out, model, tok, task, test, summary, rl_seconds, steps, failed=None) -> dict:
