@@ -59,13 +59,14 @@ def macs_per_token(cfg: LlamaConfig, ctx: float) -> float:
 
 def matmul_steps(cfg: LlamaConfig, rows: int, steps: int):
     """A callable running `steps` decode steps' worth of bare F.linear over the config's weight shapes
-    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers."""
-    mats = [(torch.randn(rows, i), torch.randn(o, i), n) for o, i, n in weight_shapes(cfg)]
+    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers. Every layer has weights of
+    its own, as in the model: one matrix reused L times would sit in cache and overstate the ceiling."""
+    mats = [(torch.randn(rows, i), [torch.randn(o, i) for _ in range(n)]) for o, i, n in weight_shapes(cfg)]
 
     def run():
         for _ in range(steps):
-            for x, w, n in mats:
-                for _ in range(n):
+            for x, ws in mats:
+                for w in ws:
                     F.linear(x, w)
     return run
 
