@@ -11,7 +11,8 @@ in one process (the machine is shared and noisy) and the medians are reported, w
          config's weight shapes at this batch, i.e. the best any engine built on torch matmuls can do.
 
 Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
-`--profile` prints where one decode step of the real config at batch 16 spends its time.
+`--profile` prints where a decode step of each config at batch 16 spends its time (matmul, attention,
+cache writes, norms, RoPE, sampling, other).
     python bench/generate.py [--new 128 --new-real 64 --repeats 3 --threads 1 --profile]
 """
 from __future__ import annotations
@@ -58,13 +59,14 @@ def macs_per_token(cfg: LlamaConfig, ctx: float) -> float:
 
 def matmul_steps(cfg: LlamaConfig, rows: int, steps: int):
     """A callable running `steps` decode steps' worth of bare F.linear over the config's weight shapes
-    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers."""
-    mats = [(torch.randn(rows, i), torch.randn(o, i), n) for o, i, n in weight_shapes(cfg)]
+    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers. Every layer has weights of
+    its own, as in the model: one matrix reused L times would sit in cache and overstate the ceiling."""
+    mats = [(torch.randn(rows, i), [torch.randn(o, i) for _ in range(n)]) for o, i, n in weight_shapes(cfg)]
 
     def run():
         for _ in range(steps):
-            for x, w, n in mats:
-                for _ in range(n):
+            for x, ws in mats:
+                for w in ws:
                     F.linear(x, w)
     return run
 
@@ -129,20 +131,44 @@ def sampling_times(vocab: int, rows: int, repeats: int = 20) -> None:
           f"top-k prefilter {t['prefilter'] * 1e3:.1f} ms ({t['sort'] / t['prefilter']:.1f}x)", flush=True)
 
 
-def profile_step(built, batch: int = 16, prompt: int = 32) -> None:
-    """torch.profiler over decode steps of a running batch: the top operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
+PARTS = {  # part of a decode step → the top-level operators whose inclusive time it is
+    "matmul": ("aten::linear",), "attention": ("aten::scaled_dot_product_attention",),
+    "cache": ("aten::index_copy_",), "norms": ("aten::rms_norm",), "rope": ("aten::roll", "aten::addcmul"),
+    "sampling": ("sampling",),
+}
+
+
+def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int = 24) -> None:
+    """Where a decode step's time goes: torch.profiler over `steps` steps of a running batch, summed into the
+    parts of PARTS (sampling.sample is labelled as a whole); "other" is everything else — the small ops between
+    them (residual adds, SiLU, views), the embedding and Python. Shares of the profiled wall time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
     cfg, model, _ = built
-    b = Batch(model, None, batch, prompt + 64)
+    b = Batch(model, None, batch, prompt + 128)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
-    b.add(ids, [SamplingParams(max_new_tokens=64, temperature=1.0, ignore_eos=True, seed=i) for i in range(batch)],
+    b.add(ids, [SamplingParams(max_new_tokens=128, temperature=1.0, ignore_eos=True, seed=i) for i in range(batch)],
           list(range(batch)))
-    for _ in range(4):
+    for _ in range(64 - steps // 2):  # profile around the mean context of a 128-token generation
         b.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(8):
-            b.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+    plain = sampling.sample
+
+    def labelled(*a, **kw):
+        with record_function("sampling"):
+            return plain(*a, **kw)
+    sampling.sample = labelled  # the engine calls sampling.sample through the module
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                b.step()
+            wall = time.perf_counter() - t0
+    finally:
+        sampling.sample = plain
+    total = {e.key: e.cpu_time_total * 1e-6 for e in prof.key_averages()}
+    parts = {part: sum(total.get(op, 0.0) for op in ops) for part, ops in PARTS.items()}
+    parts["other"] = max(0.0, wall - sum(parts.values()))
+    print(f"profile {name} batch {batch}: decode step {wall / steps * 1e3:.2f} ms under the profiler — "
+          + " ".join(f"{k} {v / wall:.0%}" for k, v in parts.items()), flush=True)
 
 
 def main():
@@ -162,10 +188,10 @@ def main():
         built = build(name)
         for batch in args.batches:
             results[name, batch] = bench(name, batch, args.new_real if name == "real" else args.new, args, built)
+        if args.profile:
+            profile_step(name, built)
         if name == "real":
             sampling_times(CONFIGS["real"]["vocab_size"], 16)
-            if args.profile:
-                profile_step(built)
         del built
     b = args.batches[0]
     print("ratio_vs_hf=" + " ".join(f"{results[n, b]['ratio']:.2f}" for n in args.configs if (n, b) in results))

@@ -177,9 +177,10 @@ class Batch:
         slots = [i for i, r in enumerate(self.rows) if r is not None]
         if not slots:
             return []
-        self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0  # idle slots stay empty
         # slots fill lowest first, so a lightly loaded batch only runs the rows up to its last busy one
         n = slots[-1] + 1
+        if len(slots) < len(self.rows):  # idle slots stay empty (an index op per step only when some are)
+            self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0
         cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
         with self._routing() as routes:
             logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
@@ -191,7 +192,7 @@ class Batch:
         if len(slots) < n:  # a hole among the leading rows: only busy ones sample (a full batch copies nothing)
             logits = logits[slots]
         tokens, logp = self._sample(logits, slots)
-        self.last[slots] = tokens
+        self.last[slots if len(slots) < n else slice(0, n)] = tokens
         return self._record(slots, tokens, logp)
 
     def _routing(self):
@@ -199,11 +200,17 @@ class Batch:
 
     def _sample(self, logits: torch.Tensor, slots: list[int]):
         """logits (n, V) for `slots` → (tokens (n,), log π_rollout (n,))."""
-        u = torch.rand(len(slots), generator=self.shared_gen, device=self.device)  # one call for unseeded rows
         seeded = [(j, self.rows[s].generator) for j, s in enumerate(slots) if self.rows[s].generator is not None]
-        if seeded:  # rows with their own seed draw from their own generator: one number per token
-            u[[j for j, _ in seeded]] = torch.cat([torch.rand(1, generator=g, device=self.device) for _, g in seeded])
-        return sampling.sample(logits, self.temp[slots], self.top_p[slots], self.top_k[slots], u)
+        # rows with their own seed draw from their own generator, one number per token; the others share one call
+        own = [torch.rand(1, generator=g, device=self.device) for _, g in seeded]
+        if len(seeded) == len(slots):  # all seeded (GRPO, benchmarks): nothing to merge
+            u = torch.cat(own)
+        else:
+            u = torch.rand(len(slots), generator=self.shared_gen, device=self.device)
+            if seeded:
+                u[[j for j, _ in seeded]] = torch.cat(own)
+        at = slots if slots[-1] + 1 > len(slots) else slice(0, len(slots))  # leading rows: views, not gathers
+        return sampling.sample(logits, self.temp[at], self.top_p[at], self.top_k[at], u)
 
     def _record(self, slots: list[int], tokens: torch.Tensor, logps: torch.Tensor):
         """Append each slot's new token; end the rows that finished. A row whose own checks raise (a bad

@@ -229,6 +229,50 @@ def test_cached_equals_uncached():
     assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
 
 
+def test_rope_table_equals_the_angles_computed_directly_and_follows_its_buffer():
+    from r1kit.models.llama import rope_cos_sin
+    m = make_model("llama3")  # llama3 frequency scaling: the table must hold the scaled angles
+    pos = torch.tensor([[0, 5, 70], [3, 3, 200]])  # (B, T); 200 lies past the first table
+    for bound in (71, 201):  # the second lookup grows the table
+        p = pos.clamp(max=bound - 1)
+        cos, sin = m.rope.lookup(m.inv_freq, p, bound, torch.float32)
+        want_cos, want_sin = rope_cos_sin(m.inv_freq, p, torch.float32)
+        assert cos.shape == (2, 3, 1, m.config.head_dim)
+        torch.testing.assert_close(cos[:, :, 0], want_cos, atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[:, :, 0], want_sin, atol=1e-6, rtol=0)
+    assert m.rope.table.shape[0] >= 201
+    m.inv_freq = m.inv_freq * 0.5  # a new buffer (as after .to() or reset_buffers): the table follows it
+    cos, _ = m.rope.lookup(m.inv_freq, pos, 201, torch.float32)
+    torch.testing.assert_close(cos[:, :, 0], rope_cos_sin(m.inv_freq, pos, torch.float32)[0], atol=1e-6, rtol=0)
+
+
+def test_rope_rotates_pairs_half_a_head_apart():
+    from r1kit.models.llama import apply_rope, rope_cos_sin
+    x = torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(0))  # (B, T, H, D)
+    cos, sin = rope_cos_sin(torch.tensor([1.0, 0.1, 0.01, 0.001]), torch.arange(3), torch.float32)  # (T, D)
+    got = apply_rope(x, cos[:, None], sin[:, None])
+    c, s = cos[:, None, :4], -sin[:, None, :4]  # the angles' cos and sin, (T, 1, D/2)
+    x1, x2 = x[..., :4], x[..., 4:]
+    torch.testing.assert_close(got, torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1))  # (x1, x2) rotated
+
+
+def test_cache_writes_land_at_each_rows_positions():
+    from r1kit.models.llama import KVCache
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(2, 3, 2, 10, 4, torch.float32, "cpu")
+    view = cache.leading_rows(2)  # writes through a view of the first rows land in the cache
+    for c, pos in ((cache, torch.tensor([[0, 1, 2], [4, 5, 6], [7, 8, 9]])), (view, torch.tensor([[3], [0]]))):
+        B, T = pos.shape
+        k = torch.randn(B, T, 2, 4, generator=g).transpose(1, 2)  # (B, H, T, D) strided, as attention gives it
+        v = torch.randn(B, 2, T, 4, generator=g)
+        before_k, before_v = cache.k.clone(), cache.v.clone()
+        out_k, _ = c.write(1, k, v, pos, 10)
+        for b in range(B):
+            before_k[1, b, :, pos[b]], before_v[1, b, :, pos[b]] = k[b], v[b]
+        assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)  # those slots and no others
+        assert torch.equal(out_k, cache.k[1, :B])
+
+
 def test_ragged_batch_matches_each_prompt_alone():
     m = make_model("llama3")
     eng = Engine(m)
