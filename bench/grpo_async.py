@@ -27,6 +27,7 @@ import statistics
 import os
 import tempfile
 import threading
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,21 +35,10 @@ from pathlib import Path
 import torch
 
 from r1kit.config import load_config
-from r1kit.stages import grpo, pretrain
+from r1kit.stages import grpo
 
-RECIPE = Path(__file__).resolve().parents[1] / "r1kit" / "recipes" / "r1_zero_tiny.toml"
-
-
-def ensure_base(base_dir: Path) -> Path:
-    if (base_dir / "model" / "config.json").exists():
-        print(f"base: reusing {base_dir}")
-        return base_dir
-    cfg = load_config(pretrain.PretrainConfig, RECIPE, section="pretrain", bare_keys=False)
-    cfg.out_dir = str(base_dir)
-    t0 = time.perf_counter()
-    pretrain.run(cfg)
-    print(f"base: pretrained {base_dir} in {time.perf_counter() - t0:.0f}s")
-    return base_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_ablation import RECIPE, ensure_base  # noqa: E402  (the tiny base, pretrained once by its recipe)
 
 
 def time_to_target(rows: list[dict], target: float) -> tuple[int | None, float | None, float]:
