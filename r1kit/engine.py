@@ -177,8 +177,13 @@ class Batch:
         slots = [i for i, r in enumerate(self.rows) if r is not None]
         if not slots:
             return []
-        # slots fill lowest first, so a lightly loaded batch only runs the rows up to its last busy one
+        # slots fill lowest first, so a lightly loaded batch only runs the rows up to its last busy one; once
+        # finished rows leave most of those idle, the busy ones move down, so the long tail of a batch (a few
+        # rows still writing after the rest stopped) decodes at its own size
         n = slots[-1] + 1
+        if n >= 8 and 2 * len(slots) <= n:
+            slots = self._compact(slots)
+            n = len(slots)
         if len(slots) < len(self.rows):  # idle slots stay empty (an index op per step only when some are)
             self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0
         cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
@@ -194,6 +199,19 @@ class Batch:
         tokens, logp = self._sample(logits, slots)
         self.last[slots if len(slots) < n else slice(0, n)] = tokens
         return self._record(slots, tokens, logp)
+
+    def _compact(self, slots: list[int]) -> list[int]:
+        """Move the rows in `slots` to slots 0..k-1 (cache rows, next tokens, sampling settings and row
+        state travel together, so each row decodes as before); returns the new slots."""
+        k = len(slots)
+        src, dst = torch.tensor(slots, device=self.device), torch.arange(k, device=self.device)
+        moved = self.cache.leading_rows(slots[-1] + 1)
+        moved.select(src)  # a copy of the busy rows (select indexes: new tensors), then written back in place
+        self.cache.insert(dst, moved)
+        for t in (self.last, self.temp, self.top_p, self.top_k):
+            t[:k] = t[src]
+        self.rows = [self.rows[s] for s in slots] + [None] * (len(self.rows) - k)
+        return list(range(k))
 
     def _routing(self):
         return record_routing(self.model) if self.record_routing else contextlib.nullcontext()

@@ -283,6 +283,49 @@ def test_ragged_batch_matches_each_prompt_alone():
         assert got[0].tokens == eng.generate([p], sp)[0][0].tokens
 
 
+@pytest.mark.parametrize("family", ["llama3", "deepseek"])
+def test_busy_rows_move_down_once_most_slots_are_idle_and_decode_as_before(family):
+    """Two long rows among sixteen: once the short ones end, the long ones move to slots 0 and 1 (the tail
+    of the batch decodes at its own size), and their tokens and log-probs are those of each row alone."""
+    from r1kit.engine import Batch
+    m = make_model("llama3") if family == "llama3" else build(tiny())
+    prompts = [[(3 * i) % 40 + 1, i + 2] for i in range(16)]
+    long = {5, 12}
+    params = [SamplingParams(max_new_tokens=12 if i in long else 2, temperature=1.0, ignore_eos=True, seed=i)
+              for i in range(16)]
+    batch = Batch(m, None, capacity=16, max_len=16)
+    batch.add(prompts, params, list(range(16)))
+    slots_seen = []
+    while batch.active:
+        batch.step()
+        slots_seen.append([(slot, r.tag) for slot, r in enumerate(batch.rows) if r is not None])
+    assert slots_seen[0] == [(5, 5), (12, 12)]  # the short rows ended at step 1 …
+    assert slots_seen[1] == [(0, 5), (1, 12)]  # … so step 2 moved the long ones down
+    done = {r.tag: r for r in batch.pop_finished()}
+    assert len(done) == 16
+    for i in long:
+        alone = Batch(m, None, capacity=1, max_len=16)
+        alone.add([prompts[i]], [params[i]], [i])
+        while alone.active:
+            alone.step()
+        (ref,) = alone.pop_finished()
+        assert done[i].tokens == ref.tokens
+        assert torch.allclose(torch.tensor(done[i].logprobs), torch.tensor(ref.logprobs), atol=1e-5)
+
+
+def test_compaction_moves_rows_with_their_state():
+    from r1kit.engine import Batch
+    m = make_model("qwen2")
+    params = [SamplingParams(max_new_tokens=8 if i in (6, 9) else 1, temperature=0.7, top_k=5, ignore_eos=True,
+                             seed=i) for i in range(10)]
+    batch = Batch(m, None, capacity=10, max_len=12)
+    batch.add([[i + 1, i + 3] for i in range(10)], params, list(range(10)))
+    batch.step()  # rows 6 and 9 are the only busy ones: 2 of 10 leading rows, so they move down
+    assert [r.tag if r else None for r in batch.rows[:3]] == [6, 9, None]
+    assert batch.top_k[:2].tolist() == [5, 5] and torch.allclose(batch.temp[:2], torch.tensor([0.7, 0.7]))
+    assert batch.cache.lens[:2].tolist() == [3, 3] and batch.cache.lens[2:].tolist() == [0] * 8
+
+
 def test_per_token_nll_and_logprobs_agree():
     m = make_model("qwen2")
     eng = Engine(m)
