@@ -3,7 +3,9 @@
 A `Batch` owns a fixed number of slots (rows of the model's KV cache). Prompts are prefilled
 together — ragged lengths right-padded, each row's logits read at its own last token — and
 copied into free slots; then every `step()` decodes one token for all slots at once. Slots
-free up as rows finish and new prompts can join at any time (continuous batching).
+free up as rows finish and new prompts can join at any time (continuous batching). When most of
+the slots up to the last busy one are idle, the busy rows move down, so the long tail of a batch
+decodes at its own size rather than at the batch's.
 
 Each row carries its own sampling settings (temperature, top-p, top-k, stop strings, stop
 tokens, max tokens, seed); sampling.py draws the tokens (transformers' temperature → top-k →
