@@ -1,4 +1,4 @@
-"""GRPO stage: a tiny run end to end, exact resume after SIGKILL, and clear errors on bad input."""
+"""GRPO stage: a tiny_policy run end to end, exact resume after SIGKILL, and clear errors on bad input."""
 import json
 import os
 import signal
@@ -193,7 +193,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
 
 
 def test_gpu_recipe_loads_and_steps_with_a_tiny_stand_in(tmp_path, monkeypatch):
-    """The real-model recipe, unchanged but for paths and sizes: a tiny Qwen2 and a 12-row GSM8K file."""
+    """The real-model recipe, unchanged but for paths and sizes: a tiny_policy Qwen2 and a 12-row GSM8K file."""
     import r1kit
     from r1kit.models.llama import Llama, LlamaConfig
     from r1kit.stages import grpo
@@ -214,7 +214,7 @@ def test_gpu_recipe_loads_and_steps_with_a_tiny_stand_in(tmp_path, monkeypatch):
         f"task_args.path={json.dumps(str(tmp_path / 'gsm8k.jsonl'))}", "steps=1", "max_new_tokens=8",
         "prompts_per_step=2", "group_size=4", "micro_batch=3", "eval_problems=2", "overlong_cache=4",
         "device=\"cpu\""], section="grpo")
-    # a random tiny model never answers right: rewards that vary in the second group only
+    # a random tiny_policy model never answers right: rewards that vary in the second group only
     monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: (torch.arange(len(rollouts)) >= 4) *
                         (torch.arange(len(rollouts)) % 2) * 1.0)
     summary = grpo.run(cfg)
@@ -307,24 +307,16 @@ def test_each_loss_defaults_to_its_papers_aggregation():
 
 
 # ---------------------------------------------------------------------------------------------
-# Steps on a tiny random model: what a step skips, samples and advances
+# Steps on a tiny_policy random model: what a step skips, samples and advances
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture()
-def tiny(tiny_tok):
-    from r1kit.models.llama import Llama, LlamaConfig
-    from r1kit.tasks import get_task
-    cfg = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=256)
-    task = get_task("arithmetic", digits=2, train_size=200, test_size=10)
-    return Llama(cfg).init_weights(0), tiny_tok, task, task.problems("train")
 
 
-def one_step(cfg, tiny, rewards, step=0, cursor=None):
+def one_step(cfg, tiny_policy, rewards, step=0, cursor=None):
     """train_step with `rewards(rollouts)` as the reward; → metrics, cursor, forwards with grad, batches trained."""
     from r1kit.engine import Engine
     from r1kit.stages import grpo
     from r1kit.training import adamw
-    model, tok, task, problems = tiny
+    model, tok, task, problems = tiny_policy
     opt = adamw(model, cfg.lr)
     calls, batches = [], []
     hook = model.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
@@ -341,11 +333,11 @@ def one_step(cfg, tiny, rewards, step=0, cursor=None):
     return m, cursor, sum(calls), batches, opt
 
 
-def test_a_step_without_signal_does_no_forward_backward_or_update(tiny):
-    model = tiny[0]
+def test_a_step_without_signal_does_no_forward_backward_or_update(tiny_policy):
+    model = tiny_policy[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, kl_coef=0.0, lr=1e-2, warmup=5)
-    m, cursor, grad_forwards, batches, opt = one_step(cfg, tiny, lambda rs: torch.ones(len(rs)))
+    m, cursor, grad_forwards, batches, opt = one_step(cfg, tiny_policy, lambda rs: torch.ones(len(rs)))
     assert m["update_skipped"] is True and m["trained_groups"] == 0 and not batches
     assert grad_forwards == 0  # generation only: no training forward, hence no backward
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -353,18 +345,18 @@ def test_a_step_without_signal_does_no_forward_backward_or_update(tiny):
     assert (cursor.prompts, cursor.updates) == (3, 0)  # the data moves on; the LR schedule waits
     assert m["lr"] == pytest.approx(1e-2 / 5)  # still warm-up step 1 for the next update
     # the same step with varied rewards does train, and only then advances the schedule
-    m, cursor, grad_forwards, batches, _ = one_step(cfg, tiny, lambda rs: torch.arange(len(rs)) % 2 * 1.0)
+    m, cursor, grad_forwards, batches, _ = one_step(cfg, tiny_policy, lambda rs: torch.arange(len(rs)) % 2 * 1.0)
     assert m["update_skipped"] is False and m["trained_groups"] == 3 and grad_forwards >= 1
     assert (cursor.prompts, cursor.updates) == (3, 1)
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_equal_rewards_with_a_kl_term_still_update(tiny):
+def test_equal_rewards_with_a_kl_term_still_update(tiny_policy):
     import copy
     from r1kit.engine import Engine
     from r1kit.stages import grpo
     from r1kit.training import adamw
-    model, tok, task, problems = tiny
+    model, tok, task, problems = tiny_policy
     ref = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():
         model.norm.weight.mul_(1.5)  # the policy has moved away from the reference: KL has a gradient
@@ -399,11 +391,11 @@ def half_constant(rollouts):
                          else float(r.sample.tokens[0] % 2) for r in rollouts])
 
 
-def test_dynamic_sampling_fills_the_batch_with_varied_groups(tiny):
+def test_dynamic_sampling_fills_the_batch_with_varied_groups(tiny_policy):
     from r1kit import rl
     cfg = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=4, dynamic_sampling=True,
                      dynamic_sampling_max_rounds=6)
-    m, cursor, _, batches, _ = one_step(cfg, tiny, half_constant)
+    m, cursor, _, batches, _ = one_step(cfg, tiny_policy, half_constant)
     (batch,) = batches
     assert len(batch) == 4 * 4 and m["trained_groups"] == 4
     assert not rl.zero_variance_groups(half_constant(batch), 4).any()  # every trained group carries signal
@@ -411,15 +403,15 @@ def test_dynamic_sampling_fills_the_batch_with_varied_groups(tiny):
     assert cursor.updates == 1
     # one round only (the cap): the batch shrinks to the varied groups of that round, and says so
     cfg.dynamic_sampling_max_rounds = 1
-    m, cursor, _, batches, _ = one_step(cfg, tiny, half_constant)
+    m, cursor, _, batches, _ = one_step(cfg, tiny_policy, half_constant)
     assert m["sampling_rounds"] == 1 and m["sampled_groups"] == 4 and m["trained_groups"] == len(batches[0]) // 4 < 4
 
 
-def test_dynamic_sampling_that_drops_everything_does_not_advance_the_schedule(tiny):
+def test_dynamic_sampling_that_drops_everything_does_not_advance_the_schedule(tiny_policy):
     cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, dynamic_sampling=True,
                      dynamic_sampling_max_rounds=2, kl_coef=0.0, lr=1e-2, warmup=4)
     from r1kit.stages.grpo import Cursor
-    m, cursor, grad_forwards, batches, _ = one_step(cfg, tiny, lambda rs: torch.zeros(len(rs)), step=3,
+    m, cursor, grad_forwards, batches, _ = one_step(cfg, tiny_policy, lambda rs: torch.zeros(len(rs)), step=3,
                                                     cursor=Cursor(prompts=6, updates=1))
     assert m["update_skipped"] and m["trained_groups"] == 0 and not batches and grad_forwards == 0
     assert m["sampling_rounds"] == 2 and m["sampled_groups"] == 4 and cursor.prompts == 6 + 4

@@ -20,28 +20,18 @@ from r1kit.stages.grpo_async import OneStepAhead
 from r1kit.training import adamw
 
 
-@pytest.fixture()
-def tiny(tiny_tok):
-    from r1kit.models.llama import Llama, LlamaConfig
-    from r1kit.tasks import get_task
-    cfg = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=256)
-    task = get_task("arithmetic", digits=2, train_size=200, test_size=10)
-    return Llama(cfg).init_weights(0), tiny_tok, task, task.problems("train")
-
-
 def first_token_parity(cfg, rollouts):
     """A reward that varies within every group and that an update moves: the parity of the first token."""
     return torch.tensor([float(r.sample.tokens[0] % 2) for r in rollouts])
 
 
-def async_steps(cfg, tiny, n, monkeypatch, reward=first_token_parity, late=False):
+def async_steps(cfg, tiny_policy, n, monkeypatch, reward=first_token_parity, late=False):
     """The run loop's async path over `n` steps → (metrics, rollouts trained on, live state at each step's start).
 
     late: the rollout thread draws step s+1 only once step s has updated the live model (the worst case
     for a sampler that read the live weights instead of its snapshot).
     """
-    model, tok, task, problems = tiny
+    model, tok, task, problems = tiny_policy
     monkeypatch.setattr(grpo, "rewards_of", reward)
     opt, engine, cursor = adamw(model, cfg.lr), Engine(model, tok), grpo.Cursor()
     trained = [threading.Event() for _ in range(n)]
@@ -64,9 +54,9 @@ def async_steps(cfg, tiny, n, monkeypatch, reward=first_token_parity, late=False
     return ms, batches, states, prompts
 
 
-def redraw(cfg, tiny, state, step, prompts):
+def redraw(cfg, tiny_policy, state, step, prompts):
     """Step `step`'s rollouts drawn in line, synchronously, from a saved copy of the weights."""
-    model, tok, task, problems = tiny
+    model, tok, task, problems = tiny_policy
     frozen = copy.deepcopy(model)
     frozen.load_state_dict(state)
     d = grpo.draw(cfg, step, frozen, tok, task, problems, Engine(frozen, tok), prompts)
@@ -85,19 +75,19 @@ def some_groups_constant(cfg, rollouts):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["one_round", "dynamic_sampling"])
-def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update(tiny, monkeypatch, dynamic):
+def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update(tiny_policy, monkeypatch, dynamic):
     cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, lr=3e-2, corrections=["tis"], async_=True,
                      dynamic_sampling=dynamic)
     reward = some_groups_constant if dynamic else first_token_parity
-    ms, batches, states, prompts = async_steps(cfg, tiny, 4, monkeypatch, reward=reward, late=True)
+    ms, batches, states, prompts = async_steps(cfg, tiny_policy, 4, monkeypatch, reward=reward, late=True)
     assert [m["rollout_lag"] for m in ms] == [0, 1, 1, 1]
     # step 0 is drawn in line from the start weights; step s+1 from the weights step s started with
-    assert tokens_and_logprobs(batches[0]) == tokens_and_logprobs(redraw(cfg, tiny, states[0], 0, prompts[0]))
+    assert tokens_and_logprobs(batches[0]) == tokens_and_logprobs(redraw(cfg, tiny_policy, states[0], 0, prompts[0]))
     for s in range(3):
-        stale = redraw(cfg, tiny, states[s], s + 1, prompts[s + 1])
+        stale = redraw(cfg, tiny_policy, states[s], s + 1, prompts[s + 1])
         assert tokens_and_logprobs(batches[s + 1]) == tokens_and_logprobs(stale), f"step {s + 1}"
         # ... and not those of the weights step s+1 trains (the updates moved the policy)
-        fresh = redraw(cfg, tiny, states[s + 1], s + 1, prompts[s + 1])
+        fresh = redraw(cfg, tiny_policy, states[s + 1], s + 1, prompts[s + 1])
         assert tokens_and_logprobs(batches[s + 1]) != tokens_and_logprobs(fresh), f"step {s + 1}"
     # the data cursor advances by what each step sampled (dynamic sampling: more than a batch), none lost or repeated
     assert prompts == [sum(m["sampled_groups"] for m in ms[:s]) for s in range(4)]
@@ -135,7 +125,7 @@ def test_the_snapshot_follows_trained_weights_and_buffers_but_not_later_updates(
     assert any("e_score_correction_bias" in k for k in want) and any("lora_B" in k for k in want)
 
 
-def test_tis_and_icepop_weights_correct_the_stale_tokens(tiny, monkeypatch):
+def test_tis_and_icepop_weights_correct_the_stale_tokens(tiny_policy, monkeypatch):
     seen = []
     real_tis = offpolicy.CORRECTIONS["tis"]
 
@@ -147,7 +137,7 @@ def test_tis_and_icepop_weights_correct_the_stale_tokens(tiny, monkeypatch):
     monkeypatch.setitem(offpolicy.CORRECTIONS, "tis", recording_tis)
     cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, lr=3e-2, corrections=["tis"],
                      tis_cap=1.05, async_=True)
-    ms, *_ = async_steps(cfg, (copy.deepcopy(tiny[0]), *tiny[1:]), 3, monkeypatch)
+    ms, *_ = async_steps(cfg, (copy.deepcopy(tiny_policy[0]), *tiny_policy[1:]), 3, monkeypatch)
     # step 0 is on-policy: the trainer and the engine agree up to rounding; later steps trained on stale samples
     assert (seen[0] - 1).abs().max() < 1e-4 and ms[0]["mismatch_abs_logp"] < 1e-4
     for w, m in zip(seen[1:], ms[1:]):
@@ -156,11 +146,11 @@ def test_tis_and_icepop_weights_correct_the_stale_tokens(tiny, monkeypatch):
     # the masked variant drops the tokens outside its band, and logs their share
     cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, lr=3e-2, corrections=["icepop"],
                      icepop_low=0.95, icepop_high=1.05, async_=True)
-    ms, *_ = async_steps(cfg, (copy.deepcopy(tiny[0]), *tiny[1:]), 3, monkeypatch)
+    ms, *_ = async_steps(cfg, (copy.deepcopy(tiny_policy[0]), *tiny_policy[1:]), 3, monkeypatch)
     assert ms[0]["icepop_mask_frac"] == 0 and all(m["icepop_mask_frac"] > 0 for m in ms[1:])
 
 
-def test_a_failure_in_the_rollout_thread_is_raised_in_the_trainer(tiny, monkeypatch):
+def test_a_failure_in_the_rollout_thread_is_raised_in_the_trainer(tiny_policy, monkeypatch):
     from r1kit.rewards import RewardError
     real = grpo.sample_groups
 
@@ -173,14 +163,14 @@ def test_a_failure_in_the_rollout_thread_is_raised_in_the_trainer(tiny, monkeypa
     before = threading.active_count()
     cfg = GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, async_=True, corrections=["tis"])
     with pytest.raises(RewardError, match="boom"):
-        async_steps(cfg, tiny, 4, monkeypatch)
+        async_steps(cfg, tiny_policy, 4, monkeypatch)
     assert threading.active_count() == before  # the rollout thread is gone, not left running
 
 
 @pytest.fixture()
-def base_dir(tiny, tmp_path):
+def base_dir(tiny_policy, tmp_path):
     from r1kit import checkpoint
-    model, tok, *_ = tiny
+    model, tok, *_ = tiny_policy
     checkpoint.save(model, tok, tmp_path / "base")
     return tmp_path / "base"
 
