@@ -7,8 +7,9 @@ in one process (the machine is shared and noisy) and the medians are reported, w
 
   flop   tokens/s as a fraction of the FLOP limit: 87 GFLOP/s / (2 × multiply-adds per token,
          attention at the mean context included);
-  ceil   the same against the matmul ceiling measured in the same rounds: bare `F.linear` over this
-         config's weight shapes at this batch, i.e. the best any engine built on torch matmuls can do.
+  ceil   the same against the matmul ceiling measured in the same rounds: bare matmuls over this
+         config's weight shapes at this batch, the faster of `F.linear` (MKL) and r1kit's CPU decode
+         kernel (r1kit/kernels.py), i.e. what the matmuls alone would allow.
 
 Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
 `--profile` prints where a decode step of each config at batch 16 spends its time (matmul, attention,
@@ -25,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from r1kit import sampling
+from r1kit import kernels, sampling
 from r1kit.engine import Batch, Engine, SamplingParams
 from r1kit.formats import hf
 from r1kit.models.llama import Llama, LlamaConfig
@@ -57,17 +58,18 @@ def macs_per_token(cfg: LlamaConfig, ctx: float) -> float:
     return weights + cfg.num_hidden_layers * 2 * cfg.num_attention_heads * cfg.head_dim * ctx
 
 
-def matmul_steps(cfg: LlamaConfig, rows: int, steps: int):
-    """A callable running `steps` decode steps' worth of bare F.linear over the config's weight shapes
-    at `rows` rows: the matmul ceiling, timed in the same rounds as the peers. Every layer has weights of
+def matmul_steps(cfg: LlamaConfig, rows: int, steps: int, matmul=F.linear):
+    """A callable running `steps` decode steps' worth of bare `matmul` over the config's weight shapes
+    at `rows` rows: a matmul ceiling, timed in the same rounds as the peers. Every layer has weights of
     its own, as in the model: one matrix reused L times would sit in cache and overstate the ceiling."""
     mats = [(torch.randn(rows, i), [torch.randn(o, i) for _ in range(n)]) for o, i, n in weight_shapes(cfg)]
 
     def run():
-        for _ in range(steps):
-            for x, ws in mats:
-                for w in ws:
-                    F.linear(x, w)
+        with torch.no_grad(), kernels.decode_matmuls():  # as the engine calls them
+            for _ in range(steps):
+                for x, ws in mats:
+                    for w in ws:
+                        matmul(x, w)
     return run
 
 
@@ -107,13 +109,16 @@ def bench(name: str, batch: int, new: int, args, built) -> dict:
             ref.generate(prompts, attention_mask=torch.ones_like(prompts), **gen_kw)
 
     t = interleaved({"r1kit": lambda: engine.generate(prompts.tolist(), sp), "hf": theirs,
-                     "matmuls": matmul_steps(cfg, batch, new)}, args.repeats)
+                     "mkl": matmul_steps(cfg, batch, new),
+                     "kernel": matmul_steps(cfg, batch, new, kernels.linear)}, args.repeats)
     n = batch * new
-    ours, hf_tps, ceiling = n / t["r1kit"], n / t["hf"], n / t["matmuls"]
+    ours, hf_tps = n / t["r1kit"], n / t["hf"]
+    ceiling = n / min(t["mkl"], t["kernel"])  # the faster of F.linear (MKL) and r1kit's decode kernel
     limit = PEAK / (2 * macs_per_token(cfg, args.prompt + new / 2))
     print(f"{name:6s} batch {batch:3d}  r1kit {ours:7.0f} tok/s   transformers {hf_tps:7.0f} tok/s   "
           f"ratio {ours / hf_tps:4.2f}x   flop {ours / limit:4.0%} (limit {limit:6.0f})   "
-          f"ceil {ours / ceiling:4.0%} (matmuls alone {ceiling:6.0f} tok/s)", flush=True)
+          f"ceil {ours / ceiling:4.0%} (matmuls alone {ceiling:6.0f} tok/s: F.linear {n / t['mkl']:.0f}, "
+          f"kernel {n / t['kernel']:.0f})", flush=True)
     return {"ratio": ours / hf_tps, "flop": ours / limit}
 
 
@@ -132,7 +137,7 @@ def sampling_times(vocab: int, rows: int, repeats: int = 20) -> None:
 
 
 PARTS = {  # part of a decode step → the top-level operators whose inclusive time it is
-    "matmul": ("aten::linear",), "attention": ("aten::scaled_dot_product_attention",),
+    "matmul": ("linear",), "attention": ("aten::scaled_dot_product_attention",),
     "cache": ("aten::index_copy_",), "norms": ("aten::rms_norm",), "rope": ("aten::roll", "aten::addcmul"),
     "sampling": ("sampling",),
 }
@@ -140,7 +145,7 @@ PARTS = {  # part of a decode step → the top-level operators whose inclusive t
 
 def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int = 24) -> None:
     """Where a decode step's time goes: torch.profiler over `steps` steps of a running batch, summed into the
-    parts of PARTS (sampling.sample is labelled as a whole); "other" is everything else — the small ops between
+    parts of PARTS (sampling.sample and kernels.linear are labelled as wholes); "other" is everything else — the small ops between
     them (residual adds, SiLU, views), the embedding and Python. Shares of the profiled wall time."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cfg, model, _ = built
@@ -150,12 +155,15 @@ def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int
           list(range(batch)))
     for _ in range(64 - steps // 2):  # profile around the mean context of a 128-token generation
         b.step()
-    plain = sampling.sample
+    plain = {"sampling": (sampling, sampling.sample), "linear": (kernels, kernels.linear)}
 
-    def labelled(*a, **kw):
-        with record_function("sampling"):
-            return plain(*a, **kw)
-    sampling.sample = labelled  # the engine calls sampling.sample through the module
+    def labelled(label, fn):
+        def run(*a, **kw):
+            with record_function(label):
+                return fn(*a, **kw)
+        return run
+    for label, (module, fn) in plain.items():  # both are called through their modules
+        setattr(module, fn.__name__, labelled(label, fn))
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
@@ -163,7 +171,8 @@ def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int
                 b.step()
             wall = time.perf_counter() - t0
     finally:
-        sampling.sample = plain
+        for module, fn in plain.values():
+            setattr(module, fn.__name__, fn)
     total = {e.key: e.cpu_time_total * 1e-6 for e in prof.key_averages()}
     parts = {part: sum(total.get(op, 0.0) for op in ops) for part, ops in PARTS.items()}
     parts["other"] = max(0.0, wall - sum(parts.values()))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r1kit import kernels
+
 
 @dataclass
 class SpecResult:
@@ -42,7 +44,8 @@ def mtp_generate(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> 
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompt, max_new_tokens, frozenset(stop_ids))
+        with kernels.decode_matmuls():  # as the engine decodes: greedy tokens equal to its own
+            return _generate(model, prompt, max_new_tokens, frozenset(stop_ids))
     finally:
         model.train(was_training)
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from r1kit.models.llama import (IGNORE_INDEX, MLP, KVCache, RMSNorm, checkpointed, head_loss, init_weights_,
                                 positions_and_mask, select_positions)
+from r1kit.kernels import Linear
 from r1kit.models.lora import weight_of
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")
@@ -240,15 +241,15 @@ class MLA(nn.Module):
         self.nope, self.rope, self.v_dim, self.rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                                       cfg.v_head_dim, cfg.kv_lora_rank)
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(d, H * cfg.qk_head_dim, bias=False)
+            self.wq = Linear(d, H * cfg.qk_head_dim, bias=False)
         else:  # query compression only saves activation memory in training; the cache never holds q
-            self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(d, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(d, self.rank + self.rope, bias=False)  # → [c_kv | k_pe]
+            self.wq_b = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.wkv_a = Linear(d, self.rank + self.rope, bias=False)  # → [c_kv | k_pe]
         self.kv_norm = RMSNorm(self.rank, LATENT_NORM_EPS)
-        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # W_UK and W_UV, per head
-        self.wo = nn.Linear(H * self.v_dim, d, bias=False)
+        self.wkv_b = Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # W_UK and W_UV, per head
+        self.wo = Linear(H * self.v_dim, d, bias=False)
 
     def forward(self, x, cos, sin, cache, layer: int, pos, mask, absorb: bool):
         B, T, _ = x.shape
@@ -487,7 +488,7 @@ class MTPLayer(Block):
         super().__init__(cfg, dense=False, softmax_scale=softmax_scale)  # MTP blocks are MoE, as in V3
         d = cfg.hidden_size
         self.enorm, self.hnorm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.head_norm = RMSNorm(d, cfg.rms_norm_eps)  # shared_head.norm
         self.embed, self.head = SharedWeight(embed), SharedWeight(head)
 
@@ -507,7 +508,7 @@ class DeepseekV3(nn.Module):
         inv_freq, self.rope_factor, scale = rope_params(cfg)
         N, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # layers[:N] is the main model; layers[N:N+D] the MTP depths, where DeepSeek's checkpoint keeps them
         self.layers = nn.ModuleList([Block(cfg, i < cfg.first_k_dense_replace, scale) for i in range(N)]
                                     + [MTPLayer(cfg, scale, self.embed, self.head) for _ in range(D)])

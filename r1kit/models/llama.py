@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from r1kit.kernels import Linear
 from r1kit.models.logprobs import chunked_logprobs
 
 IGNORE_INDEX = -100
@@ -303,10 +304,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.wq = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
-        self.wk = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
-        self.wv = nn.Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
-        self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        self.wq = Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
+        self.wk = Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.wv = Linear(d, self.n_kv * hd, bias=cfg.attention_bias)
+        self.wo = Linear(self.n_heads * hd, d, bias=cfg.o_bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -334,9 +335,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter, bias=False)  # gate
-        self.w2 = nn.Linear(inter, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, inter, bias=False)  # up
+        self.w1 = Linear(dim, inter, bias=False)  # gate
+        self.w2 = Linear(inter, dim, bias=False)  # down
+        self.w3 = Linear(dim, inter, bias=False)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -365,7 +366,7 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from r1kit.kernels import Linear, linear
+
 # alias → r1kit leaf names of nn.Linear modules
 ALIASES = {
     "q": ("wq", "wq_a", "wq_b"), "k": ("wk", "wkv_a", "wkv_b"), "v": ("wv", "wkv_a", "wkv_b"),
@@ -40,7 +42,7 @@ LEAVES = {"wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b", "w1", "w2", 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     """nn.Linear + a rank-r adapter. Build with `LoRALinear.wrap(linear, ...)`; the base is shared."""
 
     def __init__(self, in_features, out_features, bias=True, rank=16, alpha=32.0, dropout=0.0,
@@ -83,7 +85,7 @@ class LoRALinear(nn.Linear):
         return (self.weight.float() + self.delta()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # the base, by the decode kernel when it applies
         if self.merged or self.disabled:
             return y
         a = self.lora_dropout(x).to(self.lora_A.dtype)
@@ -105,9 +107,9 @@ class LoRALinear(nn.Linear):
             self._base = None
             self.merged = False
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear with the adapter folded in (for export and full checkpoints)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+    def to_linear(self) -> Linear:
+        """A plain Linear with the adapter folded in (for export and full checkpoints)."""
+        lin = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.effective_weight() if not self.merged else self.weight)
@@ -155,7 +157,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dro
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
-                if child_name in leaves and type(child) is nn.Linear and (modules is None or full in modules):
+                if child_name in leaves and type(child) in (nn.Linear, Linear) and (modules is None or full in modules):
                     setattr(module, child_name, LoRALinear.wrap(child, rank, alpha, dropout))
                     wrapped.append(full)
     finally:
@@ -215,7 +217,7 @@ def adapters_off(model: nn.Module):
 
 
 def fold(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding base + adapter (in place); returns model."""
+    """Replace every LoRALinear by a plain Linear holding base + adapter (in place); returns model."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
