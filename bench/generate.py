@@ -9,7 +9,7 @@ in one process (the machine is shared and noisy) and the medians are reported, w
          attention at the mean context included);
   ceil   the same against the matmul ceiling measured in the same rounds: bare matmuls over this
          config's weight shapes at this batch, the faster of `F.linear` (MKL) and r1kit's CPU decode
-         kernel (r1kit/kernels.py), i.e. what the matmuls alone would allow.
+         kernel (r1kit/models/linear.py), i.e. what the matmuls alone would allow.
 
 Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
 `--profile` prints where a decode step of each config at batch 16 spends its time (matmul, attention,
@@ -26,7 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from r1kit import kernels, sampling
+from r1kit import sampling
+from r1kit.models import linear as kernels
 from r1kit.engine import Batch, Engine, SamplingParams
 from r1kit.formats import hf
 from r1kit.models.llama import Llama, LlamaConfig

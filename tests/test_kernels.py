@@ -1,4 +1,4 @@
-"""r1kit/kernels.py: the CPU decode matmul equals F.linear, is batch-invariant, is used only where it
+"""r1kit/models/linear.py: the CPU decode matmul equals F.linear, is batch-invariant, is used only where it
 is asked for and applies (never in a trainer's forward), and a build that fails falls back to F.linear
 with one warning."""
 import logging
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r1kit import kernels
+from r1kit.models import linear as kernels
 from r1kit.engine import Engine, SamplingParams
 from r1kit.models.llama import Llama, LlamaConfig
 
@@ -105,7 +105,7 @@ def test_failed_build_warns_once_and_falls_back(kernel_state, monkeypatch, caplo
     kernel_state.update(tried=False, module=None)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     x, w = torch.randn(4, 32), torch.randn(8, 32)
-    with caplog.at_level(logging.WARNING, logger="r1kit.kernels"), torch.no_grad(), kernels.decode_matmuls():
+    with caplog.at_level(logging.WARNING, logger="r1kit.models.linear"), torch.no_grad(), kernels.decode_matmuls():
         assert torch.equal(kernels.linear(x, w), F.linear(x, w))
         kernels.linear(x, w)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from r1kit.models.linear import Linear
 from r1kit.models.llama import (IGNORE_INDEX, MLP, KVCache, RMSNorm, checkpointed, head_loss, init_weights_,
                                 positions_and_mask, select_positions)
-from r1kit.kernels import Linear
 from r1kit.models.lora import weight_of
 
 BALANCE_MODES = ("aux_free", "none", "aux_loss")

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from r1kit.kernels import Linear
+from r1kit.models.linear import Linear
 from r1kit.models.logprobs import chunked_logprobs
 
 IGNORE_INDEX = -100

@@ -1,4 +1,4 @@
-// y = x Wᵀ (+ b) for the few rows of a decode step, fp32, AVX2 + FMA.  Loaded by r1kit/kernels.py.
+// y = x Wᵀ (+ b) for the few rows of a decode step, fp32, AVX2 + FMA.  Loaded by r1kit/models/linear.py.
 //
 // Why a kernel of our own: at 16 rows, MKL's sgemm (torch's F.linear) reads each weight at ≈ 3.7 GB/s
 // on this box while one core streams 13 GB/s; it is neither compute- nor bandwidth-bound (it packs

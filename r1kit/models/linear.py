@@ -5,17 +5,18 @@ Measured on the 2-core AVX2 box (one thread, a weight matrix per layer so nothin
 one core streams memory at 13 GB/s, but MKL's sgemm behind `F.linear` reads the weights at only
 ≈ 3.7 GB/s with 16 rows (≈ 30 GFLOP/s of the 87 a large matmul reaches) — at 16 rows a matmul needs
 8 FLOP per weight byte, so neither memory nor the FMA units are what stops it. `csrc/skinny_linear.cpp`
-uses the weight in place and streams it once per call: 1.2–1.4× F.linear on the layers' shapes and
-≈ 2× on a 49k-vocabulary head at 16 rows (bench/generate.py measures it inside the engine).
+uses the weight in place and streams it once per call: 45–51 GFLOP/s at 16 rows over the bench
+configs' weights against MKL's 21–31, about equal at 64 (bench/generate.py measures both in the engine).
 
-The kernel is compiled on first use with torch's C++-extension loader (≈ 45 s once; cached under
-TORCH_EXTENSIONS_DIR). It is used only where it is asked for and pays: inside `decode_matmuls()`
-(the engine's prefill and decode steps, MTP speculation; per thread, so an async trainer's thread is
-not affected), on the CPU, fp32, no autograd, at most `MAX_ROWS` rows, not while torch.compile traces.
-Everywhere else this is `F.linear` — in particular every forward of a trainer, so π_θ, π_old and
-π_ref stay one function, bit for bit (a ratio of exactly 1 on-policy, a KL of exactly 0 at step 0).
-Each output is summed in the same order whatever the other rows, so decoding is batch-invariant. No compiler, a CPU without AVX2 or `R1KIT_CPU_KERNELS=0`: one
-warning (or none, when switched off) and `F.linear` for the rest of the process.
+The kernel is compiled on first use by torch's C++-extension loader (≈ 45 s once, cached under
+TORCH_EXTENSIONS_DIR; it needs a C++ compiler and ninja — `pip install ninja` where the system has
+none). It is used only where it is asked for and pays: inside `decode_matmuls()` (the engine's prefill
+and decode forwards, MTP speculation; per thread, so an async trainer's thread is not affected), on the
+CPU, fp32, no autograd, at most `MAX_ROWS` rows, not while torch.compile traces. Everywhere else this
+is `F.linear` — every forward of a trainer in particular, so π_θ, π_old and π_ref stay one function,
+bit for bit (a ratio of exactly 1 on-policy, a KL of exactly 0 at step 0). Each output is summed in
+the same order whatever the other rows, so decoding through it is batch-invariant. No compiler, no
+AVX2 or `R1KIT_CPU_KERNELS=0`: one warning (none when switched off) and `F.linear` from then on.
 """
 from __future__ import annotations
 
