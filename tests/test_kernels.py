@@ -54,6 +54,21 @@ def test_rows_are_batch_invariant_bit_for_bit():
 
 
 @needs_kernel
+def test_threads_split_the_columns_without_changing_a_bit():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(16, 576, generator=g), torch.randn(1537, 576, generator=g)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad(), kernels.decode_matmuls():
+            torch.set_num_threads(1)
+            one = kernels.linear(x, w)
+            torch.set_num_threads(2)
+            assert torch.equal(kernels.linear(x, w), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 def test_leading_dims_and_noncontiguous_input():
     x = torch.randn(4, 1, 24).transpose(0, 1)  # (1, 4, 24), not contiguous
     w = torch.randn(10, 24)

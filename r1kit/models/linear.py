@@ -63,7 +63,10 @@ def _module():
         from torch.utils.cpp_extension import load
         log.info("r1kit: compiling the CPU decode kernel (once, about a minute)")
         _state["module"] = load("r1kit_skinny_linear", [str(_SOURCE)], verbose=False,
-                                extra_cflags=["-O3", "-mavx2", "-mfma", "-std=c++17"])
+                                # -fopenmp: at::parallel_for splits the tiles over torch's threads only
+                                # when the extension itself is built with OpenMP (else one thread runs all)
+                                extra_cflags=["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 — any build failure (no compiler, no ninja) means: use F.linear
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("r1kit: the CPU decode kernel did not build (%s); decode matmuls use F.linear", first)
