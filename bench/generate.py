@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from r1kit import sampling
-from r1kit.models import linear as kernels
 from r1kit.engine import Batch, Engine, SamplingParams
 from r1kit.formats import hf
+from r1kit.models import linear as kernels
 from r1kit.models.llama import Llama, LlamaConfig
 
-PEAK = 87e9  # fp32 FLOP/s of one thread in a large matmul on this machine (FINDINGS.md)
+PEAK = 87e9  # fp32 FLOP/s of one thread in a large matmul on this machine (FINDINGS.md); × --threads
 CONFIGS = {
     "small": dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=688),
@@ -115,7 +115,7 @@ def bench(name: str, batch: int, new: int, args, built) -> dict:
     n = batch * new
     ours, hf_tps = n / t["r1kit"], n / t["hf"]
     ceiling = n / min(t["mkl"], t["kernel"])  # the faster of F.linear (MKL) and r1kit's decode kernel
-    limit = PEAK / (2 * macs_per_token(cfg, args.prompt + new / 2))
+    limit = PEAK * args.threads / (2 * macs_per_token(cfg, args.prompt + new / 2))  # the limit of all threads
     print(f"{name:6s} batch {batch:3d}  r1kit {ours:7.0f} tok/s   transformers {hf_tps:7.0f} tok/s   "
           f"ratio {ours / hf_tps:4.2f}x   flop {ours / limit:4.0%} (limit {limit:6.0f})   "
           f"ceil {ours / ceiling:4.0%} (matmuls alone {ceiling:6.0f} tok/s: F.linear {n / t['mkl']:.0f}, "
