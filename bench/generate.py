@@ -9,7 +9,7 @@ in one process (the machine is shared and noisy) and the medians are reported, w
          attention at the mean context included);
   ceil   the same against the matmul ceiling measured in the same rounds: bare matmuls over this
          config's weight shapes at this batch, the faster of `F.linear` (MKL) and r1kit's CPU decode
-         kernel (r1kit/models/linear.py), i.e. what the matmuls alone would allow.
+         kernel (r1kit/models/kernels.py), i.e. what the matmuls alone would allow.
 
 Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
 `--profile` prints where a decode step of each config at batch 16 spends its time (matmul, attention,
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from r1kit import sampling
 from r1kit.engine import Batch, Engine, SamplingParams
 from r1kit.formats import hf
-from r1kit.models import linear as kernels
+from r1kit.models import kernels, llama
 from r1kit.models.llama import Llama, LlamaConfig
 
 PEAK = 87e9  # fp32 FLOP/s of one thread in a large matmul on this machine (FINDINGS.md); × --threads
@@ -66,7 +66,7 @@ def matmul_steps(cfg: LlamaConfig, rows: int, steps: int, matmul=F.linear):
     mats = [(torch.randn(rows, i), [torch.randn(o, i) for _ in range(n)]) for o, i, n in weight_shapes(cfg)]
 
     def run():
-        with torch.no_grad(), kernels.decode_matmuls():  # as the engine calls them
+        with torch.no_grad(), kernels.decode_kernels():  # as the engine calls them
             for _ in range(steps):
                 for x, ws in mats:
                     for w in ws:
@@ -138,7 +138,7 @@ def sampling_times(vocab: int, rows: int, repeats: int = 20) -> None:
 
 
 PARTS = {  # part of a decode step → the top-level operators whose inclusive time it is
-    "matmul": ("linear",), "attention": ("aten::scaled_dot_product_attention",),
+    "matmul": ("linear",), "attention": ("attention",),
     "cache": ("aten::index_copy_",), "norms": ("aten::rms_norm",), "rope": ("aten::roll", "aten::addcmul"),
     "sampling": ("sampling",),
 }
@@ -146,7 +146,7 @@ PARTS = {  # part of a decode step → the top-level operators whose inclusive t
 
 def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int = 24) -> None:
     """Where a decode step's time goes: torch.profiler over `steps` steps of a running batch, summed into the
-    parts of PARTS (sampling.sample and kernels.linear are labelled as wholes); "other" is everything else — the small ops between
+    parts of PARTS (sampling.sample, kernels.linear and kernels.attention are labelled as wholes); "other" is everything else — the small ops between
     them (residual adds, SiLU, views), the embedding and Python. Shares of the profiled wall time."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cfg, model, _ = built
@@ -156,7 +156,8 @@ def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int
           list(range(batch)))
     for _ in range(64 - steps // 2):  # profile around the mean context of a 128-token generation
         b.step()
-    plain = {"sampling": (sampling, sampling.sample), "linear": (kernels, kernels.linear)}
+    plain = {"sampling": (sampling, sampling.sample), "linear": (kernels, kernels.linear),
+             "attention": (llama, llama.attention)}  # llama.py holds its own name for kernels.attention
 
     def labelled(label, fn):
         def run(*a, **kw):

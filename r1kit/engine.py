@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from r1kit import sampling
-from r1kit.models.linear import decode_matmuls
+from r1kit.models.kernels import decode_kernels
 from r1kit.models.routing import record_routing
 
 
@@ -142,7 +142,7 @@ class Batch:
         for i, p in enumerate(unique):
             ids[i, : len(p)] = torch.tensor(p, device=self.device)
         tmp = self.model.new_cache(len(unique), ids.shape[1])
-        with self._routing() as routes, decode_matmuls():
+        with self._routing() as routes, decode_kernels():
             logits = self.model(ids, kv_cache=tmp, logit_pos=lens - 1)[:, -1][which]  # (n, V)
         tmp.lens = lens  # padding past each row's end is garbage; decoding overwrites it
         if len(unique) < len(prompts):
@@ -190,7 +190,7 @@ class Batch:
         if len(slots) < len(self.rows):  # idle slots stay empty (an index op per step only when some are)
             self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0
         cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
-        with self._routing() as routes, decode_matmuls():
+        with self._routing() as routes, decode_kernels():
             logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
         if routes is not None:  # one fed token per slot: (n, k) per gate
             for s in slots:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1kit.models.linear import decode_matmuls
+from r1kit.models.kernels import decode_kernels
 
 
 @dataclass
@@ -44,7 +44,7 @@ def mtp_generate(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> 
     was_training = model.training
     model.eval()
     try:
-        with decode_matmuls():  # as the engine decodes: greedy tokens equal to its own
+        with decode_kernels():  # as the engine decodes: greedy tokens equal to its own
             return _generate(model, prompt, max_new_tokens, frozenset(stop_ids))
     finally:
         model.train(was_training)

@@ -1,13 +1,13 @@
-"""r1kit/models/linear.py: the CPU decode matmul equals F.linear, is batch-invariant, is used only where it
-is asked for and applies (never in a trainer's forward), and a build that fails falls back to F.linear
-with one warning."""
+"""r1kit/models/kernels.py: the CPU decode matmul equals F.linear and the decode attention equals SDPA, both
+are batch-invariant, used only where asked for and where they apply (never in a trainer's forward), and a
+build that fails falls back to torch's functions with one warning."""
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from r1kit.models import linear as kernels
+from r1kit.models import kernels
 from r1kit.engine import Engine, SamplingParams
 from r1kit.models.llama import Llama, LlamaConfig
 
@@ -31,7 +31,7 @@ def test_kernel_equals_float64_matmul(rows, n, k):
     """Every row / column / K-tail combination of the tiles, with and without bias, against fp64."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    with torch.no_grad(), kernels.decode_matmuls():
+    with torch.no_grad(), kernels.decode_kernels():
         assert kernels.uses_kernel(x, w)
         for bias in (None, b):
             ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
@@ -46,7 +46,7 @@ def test_rows_are_batch_invariant_bit_for_bit():
     """A row's output does not depend on the other rows or on its place in the batch."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(16, 576, generator=g), torch.randn(1536, 576, generator=g)
-    with torch.no_grad(), kernels.decode_matmuls():
+    with torch.no_grad(), kernels.decode_kernels():
         full = kernels.linear(x, w)
         for i in (0, 3, 5, 15):
             assert torch.equal(kernels.linear(x[i:i + 1], w), full[i:i + 1])
@@ -59,7 +59,7 @@ def test_threads_split_the_columns_without_changing_a_bit():
     x, w = torch.randn(16, 576, generator=g), torch.randn(1537, 576, generator=g)
     before = torch.get_num_threads()
     try:
-        with torch.no_grad(), kernels.decode_matmuls():
+        with torch.no_grad(), kernels.decode_kernels():
             torch.set_num_threads(1)
             one = kernels.linear(x, w)
             torch.set_num_threads(2)
@@ -72,17 +72,17 @@ def test_threads_split_the_columns_without_changing_a_bit():
 def test_leading_dims_and_noncontiguous_input():
     x = torch.randn(4, 1, 24).transpose(0, 1)  # (1, 4, 24), not contiguous
     w = torch.randn(10, 24)
-    with torch.no_grad(), kernels.decode_matmuls():
+    with torch.no_grad(), kernels.decode_kernels():
         torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_only_where_asked_and_where_it_applies():
     x, w = torch.randn(4, 32), torch.randn(8, 32)
     with torch.no_grad():
-        assert not kernels.uses_kernel(x, w)  # outside decode_matmuls: a trainer's no-grad forward (π_old, π_ref)
-    with kernels.decode_matmuls():
+        assert not kernels.uses_kernel(x, w)  # outside decode_kernels: a trainer's no-grad forward (π_old, π_ref)
+    with kernels.decode_kernels():
         assert not kernels.uses_kernel(x, w)  # autograd on
-    with torch.no_grad(), kernels.decode_matmuls():
+    with torch.no_grad(), kernels.decode_kernels():
         assert not kernels.uses_kernel(torch.randn(kernels.MAX_ROWS + 1, 32), w)
         assert not kernels.uses_kernel(x.double(), w.double())
         assert not kernels.uses_kernel(x, torch.randn(32, 8).t())  # a transposed view
@@ -105,7 +105,7 @@ def test_switched_off_means_f_linear_exactly(kernel_state, monkeypatch):
     monkeypatch.setenv("R1KIT_CPU_KERNELS", "0")
     kernel_state.update(tried=False, module=None)
     x, w = torch.randn(4, 32), torch.randn(8, 32)
-    with torch.no_grad(), kernels.decode_matmuls():
+    with torch.no_grad(), kernels.decode_kernels():
         assert not kernels.uses_kernel(x, w)
         assert torch.equal(kernels.linear(x, w), F.linear(x, w))
 
@@ -114,26 +114,43 @@ def test_failed_build_warns_once_and_falls_back(kernel_state, monkeypatch, caplo
     import torch.utils.cpp_extension as ext
 
     def broken(*a, **kw):
-        raise RuntimeError("Error building extension 'r1kit_skinny_linear'\nlong compiler output")
+        raise RuntimeError("Error building extension 'r1kit_cpu_kernels'\nlong compiler output")
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.delenv("R1KIT_CPU_KERNELS", raising=False)
     kernel_state.update(tried=False, module=None)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     x, w = torch.randn(4, 32), torch.randn(8, 32)
-    with caplog.at_level(logging.WARNING, logger="r1kit.models.linear"), torch.no_grad(), kernels.decode_matmuls():
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    with caplog.at_level(logging.WARNING, logger="r1kit.models.kernels"), torch.no_grad(), kernels.decode_kernels():
         assert torch.equal(kernels.linear(x, w), F.linear(x, w))
         kernels.linear(x, w)
+        assert torch.equal(kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["r1kit: the CPU decode kernel did not build (Error building extension "
-                        "'r1kit_skinny_linear'); decode matmuls use F.linear"]
+    assert warnings == ["r1kit: the CPU decode kernels did not build (Error building extension "
+                        "'r1kit_cpu_kernels'); decode steps use F.linear and SDPA"]
+
+
+def tiny_deepseek(attn_impl="absorb"):
+    from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
+    cfg = DeepseekConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+                         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_nextn_predict_layers=1,
+                         max_position_embeddings=64)
+    return DeepseekV3(cfg, attn_impl=attn_impl).init_weights(seed=0).eval()
 
 
 @needs_kernel
-def test_engine_with_kernel_matches_engine_without(kernel_state):
-    """Generation through the kernel draws the same tokens with the same log-probs as F.linear's."""
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=136, max_position_embeddings=64)
-    model = Llama(cfg).init_weights(seed=0).eval()
+@pytest.mark.parametrize("family", ["llama", "deepseek-naive"])
+def test_engine_with_kernel_matches_engine_without(kernel_state, family):
+    """Generation through the kernels draws the same tokens with the same log-probs as F.linear's and SDPA's
+    (ragged prompts: each row's decode mask ends at its own length)."""
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=136, max_position_embeddings=64)
+        model = Llama(cfg).init_weights(seed=0).eval()
+    else:  # per-head K (d_nope + d_rope = 16) and V (8) of different widths through the same attention
+        model = tiny_deepseek("naive")
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     sp = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     with_kernel = Engine(model).generate(prompts, sp)
@@ -145,13 +162,13 @@ def test_engine_with_kernel_matches_engine_without(kernel_state):
 
 
 def test_the_switch_is_per_thread_and_restored():
-    """An async trainer's thread is not switched on by the generating thread's decode_matmuls()."""
+    """An async trainer's thread is not switched on by the generating thread's decode_kernels()."""
     import threading
     seen = {}
     inside, go = threading.Event(), threading.Event()
 
     def generate():
-        with kernels.decode_matmuls():
+        with kernels.decode_kernels():
             seen["generator"] = kernels._local.on
             inside.set()
             go.wait(5)
@@ -166,16 +183,100 @@ def test_the_switch_is_per_thread_and_restored():
 
 
 @needs_kernel
-def test_speculative_decoding_equals_engine_greedy_with_the_kernel():
-    from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_speculative_decoding_equals_engine_greedy_with_the_kernel(attn_impl):
     from r1kit.speculative import mtp_generate
-    cfg = DeepseekConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
-                         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
-                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_nextn_predict_layers=1,
-                         max_position_embeddings=64)
-    model = DeepseekV3(cfg).init_weights(seed=0).eval()
+    model = tiny_deepseek(attn_impl)
     spec = mtp_generate(model, [1, 2, 3, 4], 16)
     (plain,), = Engine(model).generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=16, temperature=0.0,
                                                                        ignore_eos=True))
     assert spec.tokens == plain.tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention
+# ---------------------------------------------------------------------------------------------
+def attention_case(B, H, Hkv, Tq, Tk, Dk, Dv, mask_kind, seed):
+    """q, k, v as the engine passes them (k, v: [:Tk] views of a longer cache buffer) and a mask with
+    ragged ends, holes, and one row that sees nothing."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Tq, H, Dk, generator=g).transpose(1, 2)  # (B, H, Tq, Dk), strided as the model's
+    k = torch.randn(B, Hkv, Tk + 7, Dk, generator=g)[:, :, :Tk]
+    v = torch.randn(B, Hkv, Tk + 7, Dv, generator=g)[:, :, :Tk]
+    see = torch.rand(B, 1, Tq, Tk, generator=g) < 0.8
+    lens = torch.randint(1, Tk + 1, (B,), generator=g)
+    see &= torch.arange(Tk) < lens[:, None, None, None]  # ragged rows: nothing past a row's length
+    see[0, :, -1] = False  # a query with no key: zeros, as SDPA gives
+    if mask_kind == "bool":
+        return q, k, v, see
+    if mask_kind == "float":
+        return q, k, v, torch.zeros(see.shape).masked_fill_(~see, float("-inf"))
+    return q, k, v, None
+
+
+@needs_kernel
+@pytest.mark.parametrize("mask_kind", ["float", "bool", None])
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,Dk,Dv", [(1, 1, 1, 1, 1, 8, 8), (3, 4, 2, 1, 13, 16, 8), (2, 6, 3, 3, 37, 64, 64),
+                                                 (4, 2, 2, 1, 9, 32, 128), (2, 9, 3, 2, 21, 64, 72),
+                                                 (5, 4, 4, 4, 70, 32, 32)])
+def test_attention_kernel_equals_sdpa(B, H, Hkv, Tq, Tk, Dk, Dv, mask_kind):
+    """Grouped heads, several queries, K and V of different widths (MLA's naive path), ragged and holed masks,
+    an empty row, strided cache views — against SDPA in float64."""
+    if mask_kind is None and Tq > 1:
+        Tq = 1  # several queries without a mask mean causal: SDPA's own path (below)
+    q, k, v, mask = attention_case(B, H, Hkv, Tq, Tk, Dk, Dv, mask_kind, seed=B * 100 + Tk)
+    with torch.no_grad(), kernels.decode_kernels():
+        assert kernels.uses_attention_kernel(q, k, v, mask)
+        got = kernels.attention(q, k, v, mask, scale=0.3)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3, enable_gqa=H != Hkv,
+                                         attn_mask=None if mask is None else mask if mask.dtype == torch.bool
+                                         else mask.double())
+    assert got.shape == (B, H, Tq, Dv) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+    if mask is not None:
+        assert torch.equal(got[0, :, -1], torch.zeros(H, Dv))  # the query that sees nothing
+
+
+@needs_kernel
+def test_attention_kernel_is_batch_invariant_and_thread_invariant():
+    """A row's output does not depend on the other rows or on how many threads split the work: bit for bit."""
+    q, k, v, mask = attention_case(6, 9, 3, 1, 50, 64, 64, "float", seed=1)
+    with torch.no_grad(), kernels.decode_kernels():
+        full = kernels.attention(q, k, v, mask)
+        for r in range(6):
+            assert torch.equal(kernels.attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], mask[r:r + 1]), full[r:r + 1])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            assert torch.equal(kernels.attention(q, k, v, mask), full)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_attention_dispatch_only_where_asked_and_where_it_applies():
+    q, k, v, mask = attention_case(2, 4, 2, 1, 10, 16, 16, "float", seed=2)
+    on = kernels._module() is not None
+    with torch.no_grad():
+        assert not kernels.uses_attention_kernel(q, k, v, mask)  # outside decode_kernels: a trainer's forward
+    with kernels.decode_kernels():
+        assert not kernels.uses_attention_kernel(q.requires_grad_(), k, v, mask)  # autograd on
+    q = q.detach()
+    with torch.no_grad(), kernels.decode_kernels():
+        many = torch.randn(2, 4, kernels.MAX_QUERIES + 1, 16)
+        assert not kernels.uses_attention_kernel(many, k, v, torch.zeros(2, 1, kernels.MAX_QUERIES + 1, 10))  # prefill
+        assert not kernels.uses_attention_kernel(torch.randn(2, 4, 2, 16), k, v, None)  # several queries, causal
+        assert not kernels.uses_attention_kernel(q, k, v, mask[:1])  # a broadcast mask
+        assert not kernels.uses_attention_kernel(q, k, v, mask.half())
+        assert not kernels.uses_attention_kernel(q.double(), k.double(), v.double(), mask.double())
+        assert not kernels.uses_attention_kernel(torch.randn(2, 4, 1, 12), torch.randn(2, 2, 10, 12), v, mask)  # Dk % 8
+        assert not kernels.uses_attention_kernel(torch.randn(2, 4, 1, 16), torch.randn(2, 3, 10, 16),
+                                                 torch.randn(2, 3, 10, 16), mask)  # 4 heads over 3 KV heads
+        assert not kernels.uses_attention_kernel(q, k, torch.randn(2, 1, 10, 16), mask)  # v's heads are not k's
+        assert not kernels.uses_attention_kernel(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask)
+        assert kernels.uses_attention_kernel(q, k, v, mask) == on
+        assert kernels.uses_attention_kernel(q, k, v, None) == on  # one query, no mask: every key
+        # whichever path runs, the result is SDPA's (the causal case included)
+        q3 = torch.randn(2, 4, 3, 16)
+        torch.testing.assert_close(kernels.attention(q3, k[:, :, :3], v[:, :, :3]),
+                                   F.scaled_dot_product_attention(q3, k[:, :, :3], v[:, :, :3], is_causal=True,
+                                                                  enable_gqa=True))

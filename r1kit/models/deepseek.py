@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r1kit.models.linear import Linear
+from r1kit.models.kernels import Linear, attention
 from r1kit.models.llama import (IGNORE_INDEX, MLP, KVCache, RMSNorm, checkpointed, head_loss, init_weights_,
                                 positions_and_mask, select_positions)
 from r1kit.models.lora import weight_of
@@ -275,8 +275,7 @@ class MLA(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, H, Tk, ·)
         # mask (B, 1, T, Tk) broadcasts over heads; None: plain causal
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           scale=self.softmax_scale)
+        y = attention(q, k, v, mask, scale=self.softmax_scale)  # (B, H, T, d_v)
         return y.transpose(1, 2)  # (B, T, H, d_v)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask):

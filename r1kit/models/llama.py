@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from r1kit.models.linear import Linear
+from r1kit.models.kernels import Linear, attention
 from r1kit.models.logprobs import chunked_logprobs
 
 IGNORE_INDEX = -100
@@ -323,10 +323,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, Hkv, Tk, D)
-        # one path for training, packing, prefill and decode: SDPA with the forward's mask (torch 2.13 on
-        # CPU: as fast as hand-written matmuls at one query per row, faster above), or causal without one
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=Hkv != H)
+        # one path for training, packing, prefill and decode: SDPA's contract with the forward's mask, or
+        # causal without one (kernels.attention: SDPA itself, or its CPU decode kernel inside a decode step)
+        y = attention(q, k, v, mask)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) → (B, T, d)
 
 

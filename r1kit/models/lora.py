@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from r1kit.models.linear import Linear, linear
+from r1kit.models.kernels import Linear, linear
 
 # alias → r1kit leaf names of nn.Linear modules
 ALIASES = {

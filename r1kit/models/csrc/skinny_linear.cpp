@@ -1,4 +1,4 @@
-// y = x Wᵀ (+ b) for the few rows of a decode step, fp32, AVX2 + FMA.  Loaded by r1kit/models/linear.py.
+// y = x Wᵀ (+ b) for the few rows of a decode step, fp32, AVX2 + FMA.  Loaded by r1kit/models/kernels.py.
 //
 // Why a kernel of our own: at 16 rows, MKL's sgemm (torch's F.linear) reads each weight at ≈ 3.7 GB/s
 // on this box while one core streams 13 GB/s; it is neither compute- nor bandwidth-bound (it packs
@@ -123,8 +123,4 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
     }
   });
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows (fp32, AVX2 + FMA)");
 }

@@ -1,0 +1,12 @@
+// The Python module of r1kit's CPU decode kernels (r1kit/models/kernels.py builds and loads it).
+#include <torch/extension.h>
+
+torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias);
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const c10::optional<torch::Tensor>& mask, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows (fp32, AVX2 + FMA)");
+  m.def("decode_attention", &decode_attention, "softmax(q k^T scale + mask) v for few queries (fp32, AVX2 + FMA)");
+}

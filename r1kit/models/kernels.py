@@ -1,0 +1,142 @@
+"""CPU decode kernels: `linear` (= F.linear) and `attention` (= SDPA), by AVX2 kernels in a decode step.
+
+A decode step multiplies a handful of rows (one per sequence in the batch) by every weight matrix, and
+attends from one new query per row over the KV cache. Measured on the 2-core AVX2 box (one thread):
+- matmuls (a weight matrix per layer, so nothing stays in cache): one core streams memory at 13 GB/s,
+  but MKL's sgemm behind `F.linear` reads the weights at only ≈ 3.7 GB/s with 16 rows (≈ 30 GFLOP/s of
+  the 87 a large matmul reaches) — at 16 rows a matmul needs 8 FLOP per weight byte, so neither memory
+  nor the FMA units are what stops it. `csrc/skinny_linear.cpp` uses the weight in place and streams
+  it once per call: 45–51 GFLOP/s at 16 rows over the bench configs' weights against MKL's 21–31,
+  about equal at 64 (bench/generate.py measures both in the engine).
+- attention: a decode query does 4 FLOP per cached float, so reading the cache is its whole cost;
+  torch's CPU SDPA reads it at 2.4–4.8 GB/s, a plain pass over the same cache slices runs at 7–11.
+  `csrc/decode_attention.cpp` reads each row's keys and values once for all its query heads, only up
+  to the last key a query may see: ≈ 2× SDPA's speed at the race's and the SmolLM2 shape's decode.
+
+The kernels are compiled on first use by torch's C++-extension loader (≈ 70 s once, cached under
+TORCH_EXTENSIONS_DIR; it needs a C++ compiler and ninja — `pip install ninja` where the system has
+none). They are used only where asked for and where they apply: inside `decode_kernels()` (the engine's
+prefill and decode forwards, MTP speculation; per thread, so an async trainer's thread is not
+affected), on the CPU, fp32, no autograd, not while torch.compile traces, and for `linear` at most
+`MAX_ROWS` rows, for `attention` at most `MAX_QUERIES` queries per row. Everywhere else these are
+`F.linear` and `F.scaled_dot_product_attention` — every forward of a trainer in particular, so π_θ,
+π_old and π_ref stay one function, bit for bit (a ratio of exactly 1 on-policy, a KL of exactly 0 at
+step 0). Each output is summed in the same order whatever the other rows, so decoding through them is
+batch-invariant. No compiler, no AVX2 or `R1KIT_CPU_KERNELS=0`: one warning (none when switched off)
+and the torch functions from then on.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 64  # above this MKL's sgemm is as fast (bench/generate.py, batch 64 at the layers' shapes)
+MAX_QUERIES = 4  # queries per row: decode (1), MTP verification; above ≈ 8 SDPA is faster (its GEMM reuses keys)
+_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny_linear.cpp", "decode_attention.cpp")]
+_state: dict = {"tried": False, "module": None}
+_local = threading.local()  # .on: this thread is inside decode_kernels()
+
+
+@contextlib.contextmanager
+def decode_kernels():
+    """Within this block, this thread's `linear` and `attention` calls take the kernels where they apply."""
+    before = getattr(_local, "on", False)
+    _local.on = True
+    try:
+        yield
+    finally:
+        _local.on = before
+
+
+def _module():
+    """The compiled extension, built on first call; None when it cannot be (said once)."""
+    if _state["tried"]:
+        return _state["module"]
+    _state["tried"] = True
+    if os.environ.get("R1KIT_CPU_KERNELS", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.warning("r1kit: this CPU has no AVX2; decode steps use F.linear and SDPA")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        log.info("r1kit: compiling the CPU decode kernels (once, about a minute)")
+        _state["module"] = load("r1kit_cpu_kernels", [str(f) for f in _SOURCES], verbose=False,
+                                # -fopenmp: at::parallel_for splits the tiles over torch's threads only
+                                # when the extension itself is built with OpenMP (else one thread runs all)
+                                extra_cflags=["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 — any build failure (no compiler, no ninja) means: use torch's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("r1kit: the CPU decode kernels did not build (%s); decode steps use F.linear and SDPA", first)
+    return _state["module"]
+
+
+def _switched_on(*tensors: torch.Tensor) -> bool:
+    """The rules both kernels share: inside decode_kernels(), CPU fp32 plain tensors, no autograd, eager."""
+    return (getattr(_local, "on", False) and not torch.is_grad_enabled()
+            and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+                    for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` takes the kernel (see the module docstring for the rules)."""
+    return (_switched_on(x, weight) and x.shape[-1] >= 8 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
+            and weight.is_contiguous() and _module() is not None)
+
+
+def uses_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `attention(q, k, v, mask)` takes the kernel: a few queries per row (with a mask, or one
+    query), head dims that are multiples of 8, grouped heads, contiguous last axes."""
+    if not _switched_on(q, k, v) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    B, H, Tq, Dk = q.shape
+    if mask is None:
+        mask_ok = Tq == 1  # a single query attends to every key; several without a mask mean causal
+    else:
+        mask_ok = (mask.dtype in (torch.float32, torch.bool) and mask.device.type == "cpu"
+                   and tuple(mask.shape) == (B, 1, Tq, k.shape[2]) and mask.stride(-1) == 1)
+    return (mask_ok and 0 < Tq <= MAX_QUERIES and Dk % 8 == 0 and v.shape[-1] % 8 == 0
+            and k.shape[0] == B and k.shape[-1] == Dk and v.shape[:3] == k.shape[:3]
+            and k.shape[1] > 0 and H % k.shape[1] == 0
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and _module() is not None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (…, K) @ weight (N, K)ᵀ + bias (N,) → (…, N); equal to F.linear up to summation order."""
+    if not uses_kernel(x, weight):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    y = _state["module"].skinny_linear(rows, weight, None if bias is None else bias.contiguous())  # (M, N)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v, as F.scaled_dot_product_attention: the one attention of every forward.
+
+    q (B, H, Tq, Dk), k (B, Hkv, Tk, Dk), v (B, Hkv, Tk, Dv) with H a multiple of Hkv (grouped-query
+    heads share a KV head); mask (B, 1, Tq, Tk), additive float or boolean (True = attend), or None:
+    causal over Tq > 1 queries, everything for one. scale: default 1/sqrt(Dk). → (B, H, Tq, Dv).
+    """
+    if uses_attention_kernel(q, k, v, mask):
+        return _state["module"].decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names, so checkpoints and peft see one) whose forward is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
