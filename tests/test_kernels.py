@@ -31,14 +31,13 @@ def test_kernel_equals_float64_matmul(rows, n, k):
     """Every row / column / K-tail combination of the tiles, with and without bias, against fp64."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    with torch.no_grad(), kernels.decode_kernels():
-        assert kernels.uses_kernel(x, w)
-        for bias in (None, b):
-            ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-            got = kernels.linear(x, w, bias)
-            assert got.shape == (rows, n) and got.dtype == torch.float32
-            # fp32 rounding of a K-long dot product of N(0,1) terms: ~ sqrt(K) · 2^-24 · |terms|
-            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
+    kernel = kernels._module().skinny_linear  # the kernel itself: linear() sends some of these to MKL
+    for bias in (None, b):
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        got = kernel(x, w, bias)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        # fp32 rounding of a K-long dot product of N(0,1) terms: ~ sqrt(K) · 2^-24 · |terms|
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
 
 
 @needs_kernel
@@ -70,10 +69,16 @@ def test_threads_split_the_columns_without_changing_a_bit():
 
 @needs_kernel
 def test_leading_dims_and_noncontiguous_input():
-    x = torch.randn(4, 1, 24).transpose(0, 1)  # (1, 4, 24), not contiguous
+    """The leading axes are the rows, in the kernel too; a non-contiguous input goes to F.linear."""
     w = torch.randn(10, 24)
+    x = torch.randn(2, 3, 24)
+    strided = torch.randn(1, 4, 48)[..., :24]  # (1, 4, 24), rows 48 apart
     with torch.no_grad(), kernels.decode_kernels():
-        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert kernels.uses_kernel(x, w) and not kernels.uses_kernel(strided, w)
+        for inp in (x, strided):
+            got = kernels.linear(inp, w)
+            assert got.shape == (*inp.shape[:-1], 10)
+            torch.testing.assert_close(got, F.linear(inp, w), rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_only_where_asked_and_where_it_applies():
@@ -84,6 +89,12 @@ def test_dispatch_only_where_asked_and_where_it_applies():
         assert not kernels.uses_kernel(x, w)  # autograd on
     with torch.no_grad(), kernels.decode_kernels():
         assert not kernels.uses_kernel(torch.randn(kernels.MAX_ROWS + 1, 32), w)
+        # above SMALL_ROWS rows, only a weight too big to stay in cache: MKL's blocking wins on a cached one
+        rows = torch.randn(kernels.SMALL_ROWS + 1, 64)
+        cached, streamed = torch.randn(kernels.CACHED_WEIGHT // 64 - 1, 64), torch.randn(kernels.CACHED_WEIGHT // 64, 64)
+        assert not kernels.uses_kernel(rows, cached)
+        assert kernels.uses_kernel(rows, streamed) == (kernels._module() is not None)
+        assert kernels.uses_kernel(rows[:kernels.SMALL_ROWS], cached) == (kernels._module() is not None)
         assert not kernels.uses_kernel(x.double(), w.double())
         assert not kernels.uses_kernel(x, torch.randn(32, 8).t())  # a transposed view
         assert not kernels.uses_kernel(torch.randn(4, 4), torch.randn(8, 4))  # K < one vector

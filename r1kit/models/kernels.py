@@ -40,10 +40,15 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64  # above this MKL's sgemm is as fast (bench/generate.py, batch 64 at the layers' shapes)
+# between SMALL_ROWS and MAX_ROWS rows MKL's blocking wins on a weight that stays in the 1 MB L2 (the kernel's
+# gain is streaming a weight from memory once): at 64 rows a 128 × 128 weight runs at 66 GFLOP/s in MKL,
+# 52 in the kernel; a 688 × 256 one (704 KB) at 57 in MKL, 63 in the kernel
+SMALL_ROWS, CACHED_WEIGHT = 16, 1 << 17  # rows; weight elements (512 KB in fp32)
 MAX_QUERIES = 4  # queries per row: decode (1), MTP verification; above ≈ 8 SDPA is faster (its GEMM reuses keys)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny_linear.cpp", "decode_attention.cpp")]
 _state: dict = {"tried": False, "module": None}
 _local = threading.local()  # .on: this thread is inside decode_kernels()
+_PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake tensors): those go to torch
 
 
 @contextlib.contextmanager
@@ -81,44 +86,38 @@ def _module():
     return _state["module"]
 
 
-def _switched_on(*tensors: torch.Tensor) -> bool:
-    """The rules both kernels share: inside decode_kernels(), CPU fp32 plain tensors, no autograd, eager."""
+def _switched_on(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The rules both kernels share: inside decode_kernels(), no autograd, eager, CPU fp32 plain tensors.
+    Written out check by check: this runs before every matmul of a decode step (µs count there)."""
     return (getattr(_local, "on", False) and not torch.is_grad_enabled()
-            and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-                    for t in tensors)
+            and a.dtype is torch.float32 and b.dtype is torch.float32
+            and type(a) in _PLAIN and type(b) in _PLAIN and a.device.type == "cpu" and b.device.type == "cpu"
             and not torch.compiler.is_compiling())
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` takes the kernel (see the module docstring for the rules)."""
-    return (_switched_on(x, weight) and x.shape[-1] >= 8 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
-            and weight.is_contiguous() and _module() is not None)
+    """Whether `linear(x, weight)` takes the kernel (see the module docstring for the rules): up to
+    SMALL_ROWS rows always, up to MAX_ROWS only for a weight of at least CACHED_WEIGHT elements."""
+    if not _switched_on(x, weight) or x.shape[-1] < 8:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return (0 < rows <= MAX_ROWS and (rows <= SMALL_ROWS or weight.numel() >= CACHED_WEIGHT)
+            and x.is_contiguous() and weight.is_contiguous() and _module() is not None)
 
 
 def uses_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether `attention(q, k, v, mask)` takes the kernel: a few queries per row (with a mask, or one
-    query), head dims that are multiples of 8, grouped heads, contiguous last axes."""
-    if not _switched_on(q, k, v) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return False
-    B, H, Tq, Dk = q.shape
-    if mask is None:
-        mask_ok = Tq == 1  # a single query attends to every key; several without a mask mean causal
-    else:
-        mask_ok = (mask.dtype in (torch.float32, torch.bool) and mask.device.type == "cpu"
-                   and tuple(mask.shape) == (B, 1, Tq, k.shape[2]) and mask.stride(-1) == 1)
-    return (mask_ok and 0 < Tq <= MAX_QUERIES and Dk % 8 == 0 and v.shape[-1] % 8 == 0
-            and k.shape[0] == B and k.shape[-1] == Dk and v.shape[:3] == k.shape[:3]
-            and k.shape[1] > 0 and H % k.shape[1] == 0
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and _module() is not None)
+    """Whether `attention(q, k, v, mask)` takes the kernel: up to MAX_QUERIES queries per row with a mask
+    (one without), grouped heads, head dims that are multiples of 8, contiguous last axes — the kernel's
+    own check (csrc/decode_attention.cpp), which is the one that decides."""
+    return (_switched_on(q, k) and type(v) in _PLAIN and _module() is not None
+            and _state["module"].decode_attention_applies(q, k, v, mask, MAX_QUERIES))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (…, K) @ weight (N, K)ᵀ + bias (N,) → (…, N); equal to F.linear up to summation order."""
     if not uses_kernel(x, weight):
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    y = _state["module"].skinny_linear(rows, weight, None if bias is None else bias.contiguous())  # (M, N)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _state["module"].skinny_linear(x, weight, None if bias is None else bias.contiguous())  # (…, N)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -129,8 +128,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     heads share a KV head); mask (B, 1, Tq, Tk), additive float or boolean (True = attend), or None:
     causal over Tq > 1 queries, everything for one. scale: default 1/sqrt(Dk). → (B, H, Tq, Dv).
     """
-    if uses_attention_kernel(q, k, v, mask):
-        return _state["module"].decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+    if _switched_on(q, k) and type(v) in _PLAIN and _module() is not None:
+        out = _state["module"].decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                                                MAX_QUERIES)
+        if out is not None:  # None: outside the kernel's contract (uses_attention_kernel)
+            return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 

@@ -178,28 +178,36 @@ void row_head(const Problem& p, int64_t b, int64_t hk, std::vector<float>& s) {
 
 }  // namespace
 
-// see the header; returns (B, H, Tq, Dv), a view of a (B, Tq, H, Dv) tensor (the layout wo reads)
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const c10::optional<torch::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-d");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: fp32 q, k, v expected");
+// Whether the inputs are inside this kernel's contract (see the header): fp32 4-d q, k, v on the CPU with
+// matching shapes, grouped heads, head dims that are multiples of 8, contiguous last axes, 1..max_queries
+// queries, and a (B, 1, Tq, Tk) fp32 / bool mask with a contiguous last axis — or none for one query
+// (several without a mask mean causal: SDPA's). One function, so Python asks here and nowhere else.
+bool decode_attention_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const c10::optional<torch::Tensor>& mask, int64_t max_queries) {
+  for (const auto* t : {&q, &k, &v})
+    if (t->dim() != 4 || t->scalar_type() != at::kFloat || !t->device().is_cpu() || t->stride(3) != 1) return false;
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dk = q.size(3), Hkv = k.size(1), Tk = k.size(2);
+  if (k.size(0) != B || k.size(3) != Dk || v.size(0) != B || v.size(1) != Hkv || v.size(2) != Tk) return false;
+  if (Hkv == 0 || H % Hkv != 0 || Dk % 8 != 0 || v.size(3) % 8 != 0 || Tq < 1 || Tq > max_queries) return false;
+  if (!mask.has_value() || !mask->defined()) return Tq == 1;
+  const auto& m = *mask;
+  return (m.scalar_type() == at::kFloat || m.scalar_type() == at::kBool) && m.device().is_cpu() && m.dim() == 4 &&
+         m.size(0) == B && m.size(1) == 1 && m.size(2) == Tq && m.size(3) == Tk && m.stride(3) == 1;
+}
+
+// see the header → (B, H, Tq, Dv), a view of a (B, Tq, H, Dv) tensor (the layout wo reads); None when the
+// inputs are outside the contract (decode_attention_applies), so the caller runs SDPA instead
+c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                              const c10::optional<torch::Tensor>& mask, double scale,
+                                              int64_t max_queries) {
+  if (!decode_attention_applies(q, k, v, mask, max_queries)) return c10::nullopt;
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dk = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Tk && k.size(3) == Dk,
-              "decode_attention: k (B, Hkv, Tk, Dk) and v (B, Hkv, Tk, Dv) expected, got ", k.sizes(), " ", v.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && Dk % 8 == 0 && Dv % 8 == 0,
-              "decode_attention: H a multiple of Hkv and head dims multiples of 8 expected");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: contiguous last axis expected");
   Problem p{};
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);
   p.H = H; p.Hkv = Hkv; p.Tq = Tq; p.Tk = Tk; p.Dk = Dk; p.Dv = Dv; p.scale = static_cast<float>(scale);
   if (mask.has_value() && mask->defined()) {
-    const auto& m = *mask;
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == 1 && m.size(2) == Tq && m.size(3) == Tk && m.stride(3) == 1,
-                "decode_attention: mask (B, 1, Tq, Tk) with a contiguous last axis expected, got ", m.sizes());
-    TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBool, "decode_attention: fp32 or bool mask expected");
-    p.has_mask = true; p.bool_mask = m.scalar_type() == at::kBool; p.mask = view_of(m);
+    p.has_mask = true; p.bool_mask = mask->scalar_type() == at::kBool; p.mask = view_of(*mask);
   }
   auto out = torch::empty({B, Tq, H, Dv}, q.options());
   p.out = out.data_ptr<float>();

@@ -3,10 +3,15 @@
 
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const c10::optional<torch::Tensor>& mask, double scale);
+bool decode_attention_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const c10::optional<torch::Tensor>& mask, int64_t max_queries);
+c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                              const c10::optional<torch::Tensor>& mask, double scale,
+                                              int64_t max_queries);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows (fp32, AVX2 + FMA)");
-  m.def("decode_attention", &decode_attention, "softmax(q k^T scale + mask) v for few queries (fp32, AVX2 + FMA)");
+  m.def("decode_attention_applies", &decode_attention_applies, "whether decode_attention takes these inputs");
+  m.def("decode_attention", &decode_attention,
+        "softmax(q k^T scale + mask) v for few queries (fp32, AVX2 + FMA); None outside its contract");
 }

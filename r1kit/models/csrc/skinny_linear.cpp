@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -90,16 +91,19 @@ void column(const Args& a, int64_t n, const float* prefetch) {
 
 }  // namespace
 
-// x (M, K), weight (N, K), bias (N,) or None; all fp32, contiguous, on the CPU → y (M, N)
+// x (…, K) contiguous, weight (N, K), bias (N,) or None; all fp32, on the CPU → y (…, N): the leading axes
+// are the rows (taken and given back here, so a decode step's call costs no reshape and view in Python)
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "skinny_linear: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "skinny_linear: x (..., K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == at::kFloat &&
               weight.scalar_type() == at::kFloat, "skinny_linear: contiguous fp32 tensors expected");
   Args a{};
-  a.M = x.size(0); a.K = x.size(1); a.N = weight.size(0);
-  auto y = torch::empty({a.M, a.N}, x.options());
+  a.K = x.size(-1); a.M = a.K > 0 ? x.numel() / a.K : 0; a.N = weight.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = a.N;
+  auto y = torch::empty(shape, x.options());
   a.x = x.data_ptr<float>(); a.w = weight.data_ptr<float>(); a.y = y.data_ptr<float>();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == a.N && bias->scalar_type() == at::kFloat,
