@@ -109,8 +109,12 @@ def uses_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     """Whether `attention(q, k, v, mask)` takes the kernel: up to MAX_QUERIES queries per row with a mask
     (one without), grouped heads, head dims that are multiples of 8, contiguous last axes — the kernel's
     own check (csrc/decode_attention.cpp), which is the one that decides."""
-    return (_switched_on(q, k) and type(v) in _PLAIN and _module() is not None
-            and _state["module"].decode_attention_applies(q, k, v, mask, MAX_QUERIES))
+    return _attention_on(q, k, v) and _state["module"].decode_attention_applies(q, k, v, mask, MAX_QUERIES)
+
+
+def _attention_on(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The shared rules for q, k, v and a built kernel; the rest of the contract is the kernel's own check."""
+    return _switched_on(q, k) and type(v) in _PLAIN and _module() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,7 +132,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     heads share a KV head); mask (B, 1, Tq, Tk), additive float or boolean (True = attend), or None:
     causal over Tq > 1 queries, everything for one. scale: default 1/sqrt(Dk). → (B, H, Tq, Dv).
     """
-    if _switched_on(q, k) and type(v) in _PLAIN and _module() is not None:
+    if _attention_on(q, k, v):
         out = _state["module"].decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
                                                 MAX_QUERIES)
         if out is not None:  # None: outside the kernel's contract (uses_attention_kernel)
