@@ -19,6 +19,9 @@ A seeded row draws from its own generator, one number per token, so its tokens d
 which other rows share the batch; `Engine.generate(seed=s)` seeds row r (sample j of prompt i,
 r = i·n + j) with `row_seed(s, r)`, whatever `max_batch` and however rows are admitted.
 
+`static_decode=True` runs every decode step at a few fixed shapes and, on CUDA, replays each as a CUDA
+graph (StaticDecode): the same tokens as the dynamic step, for a GPU's launch-bound small batches.
+
 Works with any model that keeps the r1kit contract and has `new_cache(batch, max_len)` returning a
 cache that keeps the protocol of models/llama.py's `KVCache` (lens, leading_rows, select, insert, nbytes).
 """
@@ -93,7 +96,8 @@ class _Row:
 class Batch:
     """Slots of a KV cache, each holding one running sequence (or free)."""
 
-    def __init__(self, model, tokenizer, capacity: int, max_len: int, record_routing: bool = False):
+    def __init__(self, model, tokenizer, capacity: int, max_len: int, record_routing: bool = False,
+                 static_decode: bool = False):
         self.model, self.tok = model, tokenizer
         self.record_routing = record_routing  # keep each row's MoE expert ids (routing replay, R3)
         self.device = model.embed.weight.device
@@ -107,6 +111,7 @@ class Batch:
         self.top_k = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.shared_gen = torch.Generator(self.device)
         self.shared_gen.seed()
+        self.static = StaticDecode(self) if static_decode else None  # decode at fixed shapes (CUDA graphs)
 
     # -- admission ------------------------------------------------------------------------------
     @property
@@ -189,9 +194,11 @@ class Batch:
             n = len(slots)
         if len(slots) < len(self.rows):  # idle slots stay empty (an index op per step only when some are)
             self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0
-        cache = self.cache if n == len(self.rows) else self.cache.leading_rows(n)
-        with self._routing() as routes, decode_kernels():
-            logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
+        if self.static is None:
+            logits, routes = self.decode_logits(n)
+        else:  # the columns this step reads: each row's prompt, its tokens so far, and the one it feeds now
+            n, span = self.static.shapes(n, max(self.rows[s].prompt_len + len(self.rows[s].tokens) for s in slots))
+            logits, routes = self.static.logits(n, span)
         if routes is not None:  # one fed token per slot: (n, k) per gate
             for s in slots:
                 for chunks, r in zip(self.rows[s].routes, routes):
@@ -202,6 +209,14 @@ class Batch:
         tokens, logp = self._sample(logits, slots)
         self.last[slots if len(slots) < n else slice(0, n)] = tokens
         return self._record(slots, tokens, logp)
+
+    def decode_logits(self, n: int, span: int | None = None):
+        """The decode forward of slots 0..n-1, each fed its last token → (logits (n, V), routes or None);
+        span: the fixed key span of a static step (see KVCache.leading_rows)."""
+        cache = self.cache if n == len(self.rows) and span is None else self.cache.leading_rows(n, span)
+        with self._routing() as routes, decode_kernels():
+            logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
+        return logits, routes
 
     def _compact(self, slots: list[int]) -> list[int]:
         """Move the rows in `slots` to slots 0..k-1 (cache rows, next tokens, sampling settings and row
@@ -282,6 +297,67 @@ class Batch:
         return False
 
 
+MIN_SPAN = 64  # the shortest key span of a static step: shorter buckets would only add captures
+
+
+def bucket(n: int, cap: int, least: int = 1) -> int:
+    """n rounded up to a power of two, at least `least`, at most `cap`.
+
+    >>> [bucket(n, 48) for n in (1, 3, 16, 17, 40)]
+    [1, 4, 16, 32, 48]
+    """
+    return min(cap, max(least, 1 << (n - 1).bit_length()))
+
+
+class StaticDecode:
+    """A batch's decode step at a few fixed shapes, each captured once as a CUDA graph and replayed.
+
+    At small batch a GPU decode step is launch-bound: a few hundred small kernels, each queued by Python.
+    A CUDA graph replays the whole step as one launch, but only at the shapes it was captured with and with
+    no value read back to the host. So the step runs on `leading_rows(n, span)` views: rows rounded up to
+    a power of two (idle slots hold length 0; their logits are dropped) over a power-of-two span of cache
+    columns (the mask hides the unfilled ones) — at most log2(capacity) · log2(max_len) graphs, each
+    captured the first time it is needed. Where nothing can be captured — not on CUDA, a model whose
+    forward reads device values on the host (`cuda_graphs_safe` false: MoE dispatch counts tokens per
+    expert), routing replay's hooks — the same shapes run eagerly (what the CPU tests hold to the dynamic step).
+    """
+
+    def __init__(self, batch: "Batch"):
+        self.batch = batch
+        self.capture = (batch.device.type == "cuda" and getattr(batch.model, "cuda_graphs_safe", False)
+                        and not batch.record_routing)
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (rows, span) → (graph, its logits tensor)
+        self.pool = None  # one memory pool for all of a batch's graphs: they never run at once
+
+    def shapes(self, n: int, columns: int) -> tuple[int, int]:
+        """(rows, span) of the step that decodes slots 0..n-1 reading `columns` cache columns."""
+        return bucket(n, len(self.batch.rows)), bucket(columns, self.batch.max_len, MIN_SPAN)
+
+    def logits(self, n: int, span: int):
+        """batch.decode_logits(n, span), replayed from its graph when one can be captured."""
+        if not self.capture:
+            return self.batch.decode_logits(n, span)
+        if (n, span) not in self.graphs:
+            self.graphs[n, span] = self._capture(n, span)
+        graph, logits = self.graphs[n, span]
+        graph.replay()  # writes this step's keys and values, advances lens, refills `logits`
+        return logits, None
+
+    def _capture(self, n: int, span: int):
+        b, lens = self.batch, self.batch.cache.lens.clone()
+        side = torch.cuda.Stream()  # warm up off the default stream, as capture requires (lazy inits, workspaces)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            b.decode_logits(n, span)
+        torch.cuda.current_stream().wait_stream(side)
+        b.cache.lens.copy_(lens)  # undo the warm-up's advance; the keys it wrote are the ones the step writes
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # recorded, not run: the cache is untouched until replay
+            logits, _ = b.decode_logits(n, span)
+        self.pool = graph.pool()
+        return graph, logits
+
+
 def row_seed(seed: int, row: int) -> int:
     """The seed of row `row` of a generate(seed=seed) call: distinct rows, distinct streams."""
     return hash((seed, row)) & (2**63 - 1)  # int tuples hash the same in every process
@@ -329,9 +405,11 @@ class Engine:
     whole evaluation set (thousands of prompts × k) never needs one giant KV cache.
     """
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 256, record_routing: bool = False):
+    def __init__(self, model, tokenizer=None, max_batch: int = 256, record_routing: bool = False,
+                 static_decode: bool = False):
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
         self.record_routing = record_routing  # MoE: return each sample's expert ids (Sample.routes)
+        self.static_decode = static_decode  # decode at fixed shapes, replayed as CUDA graphs (StaticDecode)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
@@ -350,7 +428,8 @@ class Engine:
         if limit is not None and max_len > limit:
             raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
                              f"context (max_position_embeddings = {limit})")
-        batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len, self.record_routing)
+        batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len, self.record_routing,
+                      self.static_decode)
         # each row draws from its own stream, so samples depend on neither max_batch nor admission order:
         # from (seeds[i], j) with per-prompt seeds (data-parallel GRPO), else from (seed, row)
         row_params = [replace(params, seed=(seeds[i] * 1_000_003 + t % params.n) if seeds is not None

@@ -500,6 +500,8 @@ class MTPLayer(Block):
 # Model
 # ---------------------------------------------------------------------------------------------
 class DeepseekV3(nn.Module):
+    cuda_graphs_safe = False  # MoE dispatch reads each expert's token count on the host (no CUDA graph)
+
     def __init__(self, cfg: DeepseekConfig, attn_impl: str = "absorb"):
         super().__init__()
         self.config = cfg

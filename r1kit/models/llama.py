@@ -197,12 +197,13 @@ class KVCache:
       lens (B,), max_len, batch_size          filled length of each row, capacity, rows
       positions(T), attn_mask(pos), advance(T) what a cached forward needs
       nbytes(), bytes_per_token_per_layer()   memory, measured from the cache's own tensors
-      leading_rows(n)                         the first n rows as a view whose writes land here
+      leading_rows(n, span)                   the first n rows as a view whose writes land here
       select(rows), insert(slots, other)      shrink to rows; copy a prefilled batch into slots
     A subclass with other storage only names its tensors in `BUFFERS`: attribute → token axis,
     each tensor laid out (layers, batch, …); the row operations above are written once, here.
     """
     BUFFERS = {"k": 3, "v": 3}
+    span: int | None = None  # fixed key span of forwards through this cache (see leading_rows), else None
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
@@ -219,13 +220,13 @@ class KVCache:
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) positions of the T tokens about to be written."""
         pos = self.lens[:, None] + torch.arange(T, device=self.lens.device)
-        if int(pos.max()) >= self.max_len:
+        if self.span is None and int(pos.max()) >= self.max_len:  # a fixed span: the caller keeps rows below it
             raise ValueError(f"KV cache full: position {int(pos.max())} ≥ max_len {self.max_len}")
         return pos
 
     def attn_mask(self, pos: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, Tk) boolean: query at position p sees cache columns 0..p of its own row."""
-        Tk = int(pos.max()) + 1
+        Tk = int(pos.max()) + 1 if self.span is None else self.span
         return (torch.arange(Tk, device=pos.device) <= pos[:, :, None])[:, None]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, Tk: int):
@@ -257,10 +258,17 @@ class KVCache:
         L, B = self.buffers()[0].shape[:2]
         return self.nbytes() / (L * B * self.max_len)
 
-    def leading_rows(self, n: int) -> "KVCache":
+    def leading_rows(self, n: int, span: int | None = None) -> "KVCache":
         """The first `n` rows as a cache of the same type sharing storage (basic slices are views),
-        so a forward through it writes into this cache and advances these rows' lens."""
+        so a forward through it writes into this cache and advances these rows' lens.
+
+        span: forwards through the view attend over exactly `span` cache columns (the mask hides the
+        unfilled ones) and read no length back to the host — static shapes, which a CUDA graph needs.
+        The caller keeps every row's new tokens below `span` (nothing checks it on the device)."""
+        if span is not None and not 0 < span <= self.max_len:
+            raise ValueError(f"span {span} is outside the cache's 1..{self.max_len} columns")
         view = copy.copy(self)
+        view.span = span
         for name in self.BUFFERS:
             setattr(view, name, getattr(self, name)[:, :n])
         view.lens = self.lens[:n]
@@ -359,6 +367,8 @@ class Block(nn.Module):
 # Model
 # ---------------------------------------------------------------------------------------------
 class Llama(nn.Module):
+    cuda_graphs_safe = True  # a cached forward reads nothing back to the host: a decode step can be a CUDA graph
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
