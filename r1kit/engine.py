@@ -210,6 +210,7 @@ class Batch:
         self.last[slots if len(slots) < n else slice(0, n)] = tokens
         return self._record(slots, tokens, logp)
 
+    @torch.no_grad()
     def decode_logits(self, n: int, span: int | None = None):
         """The decode forward of slots 0..n-1, each fed its last token → (logits (n, V), routes or None);
         span: the fixed key span of a static step (see KVCache.leading_rows)."""

@@ -1,6 +1,8 @@
 """Static-shape decoding (engine.StaticDecode): steps at power-of-two (rows, key span) buckets give the
 dynamic step's tokens, and CUDA graphs are captured only where a step can be one."""
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +112,48 @@ def test_cuda_graph_replay_equals_the_eager_step():
     graphed = Engine(m, static_decode=True).generate(prompts, sp)
     for a, b in zip(eager, graphed):
         assert a[0].tokens == b[0].tokens
+
+
+def test_the_gpu_decode_bench_runs_its_whole_path_on_the_cpu(capsys):
+    """bench/gpu_decode.py is for a GPU this box lacks: `--device cpu --tiny` runs every peer and the
+    teacher-forced check, so the script cannot rot unseen; the static step's logits equal the eager one's."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_decode
+    out = gpu_decode.main(["--device", "cpu", "--tiny", "--batch", "4", "--prompt", "8", "--new", "12",
+                           "--repeats", "1"])
+    assert set(out["tok_s"]) == {"r1kit", "r1kit_graphs", "hf"} and out["max_logit_diff"] <= 1e-5
+    assert out["ratios"]["graphs_vs_eager"] == pytest.approx(out["tok_s"]["r1kit_graphs"] / out["tok_s"]["r1kit"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("ratios graphs_vs_eager=") and "graphs_vs_hf=" in last and "max_logit_diff=" in last
+
+
+def test_grpo_with_static_decode_trains_as_the_dynamic_engine(tmp_path, tiny_tok, monkeypatch):
+    """grpo.static_decode reaches the engine: two steps with it give the dynamic engine's rollouts and metrics;
+    with FSDP it is refused by name (a CUDA graph cannot hold the weights' all-gathers)."""
+    import json
+
+    import r1kit
+    from r1kit.config import ConfigError, load_config
+    from r1kit.models.llama import Llama, LlamaConfig
+    from r1kit.stages import grpo
+    cfg = LlamaConfig(vocab_size=tiny_tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=256)
+    r1kit.save(Llama(cfg).init_weights(0), tiny_tok, tmp_path / "base")
+    # a random model never answers right: alternating rewards, so every step trains
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: (torch.arange(len(rollouts)) % 2) * 1.0)
+    runs = []
+    for static in ("false", "true"):
+        out = tmp_path / f"run-{static}"
+        c = load_config(grpo.GRPOConfig, None, [
+            f"grpo.base={json.dumps(str(tmp_path / 'base'))}", f"out_dir={json.dumps(str(out))}",
+            "task=\"arithmetic\"", "task_args={digits = 2, train_size = 50, test_size = 4, require_think = false}",
+            "steps=2", "prompts_per_step=3", "group_size=4", "max_new_tokens=12", "eval_every=2", "eval_problems=4",
+            "save_every=100", "device=\"cpu\"", f"static_decode={static}"], section="grpo")
+        grpo.run(c)
+        runs.append([json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()])
+    keys = ("reward_language", "response_length", "entropy", "grad_norm", "eval_greedy_accuracy")
+    assert len(runs[0]) == 2 and all(k in runs[0][-1] for k in keys)
+    assert [[m.get(k) for k in keys] for m in runs[0]] == [[m.get(k) for k in keys] for m in runs[1]]
+    with pytest.raises(ConfigError, match="grpo.static_decode with parallel = 'fsdp'"):
+        load_config(grpo.GRPOConfig, None, ["static_decode=true", "parallel=\"fsdp\""], section="grpo")

@@ -120,6 +120,9 @@ class GRPOConfig(MemoryOptions):
     # one-step off-policy: step s+1's rollouts are drawn, in a second thread from the weights before step s's
     # update, while step s trains; correct the staleness with corrections = ["tis"] or ["icepop"] (grpo_async.py)
     async_: bool = False
+    # rollouts decode at a few fixed shapes, each step replayed as a CUDA graph on a GPU (engine.StaticDecode);
+    # the same tokens as the dynamic step, which it beats where launches, not FLOPs, bound a step (small batches)
+    static_decode: bool = False
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2: policy and reference sharded)
     dist_timeout_s: float = 600.0  # under torchrun: a missing or dead peer ends the run after this long
     overlong_cache: int = 0  # > 0: DAPO soft overlong punishment over the last N tokens
@@ -163,6 +166,9 @@ class GRPOConfig(MemoryOptions):
         if self.parallel == "fsdp" and (self.lora_rank or self.logprob_chunk):
             raise ConfigError("grpo.parallel = 'fsdp' with lora_rank / logprob_chunk is not supported yet (both read "
                               "weights outside the forward, where FSDP2 holds only shards): use parallel = 'ddp'")
+        if self.parallel == "fsdp" and self.static_decode:
+            raise ConfigError("grpo.static_decode with parallel = 'fsdp': a CUDA graph cannot hold FSDP2's all-gathers "
+                              "of the sharded weights; use parallel = 'ddp' or static_decode = false")
         if self.generation_config not in checkpoint.GENERATION_PRESETS:
             raise ConfigError(f"grpo.generation_config = {self.generation_config!r}; "
                               f"choose one of {sorted(checkpoint.GENERATION_PRESETS)}")
@@ -499,7 +505,8 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     model, ref, tok, opt, start, summary, cursor, drawn_ahead = _setup(cfg, out, task, test, pretrain_cfg, device)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine = Engine(dist.unwrap(model), tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1])
+    engine = Engine(dist.unwrap(model), tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1],
+                    static_decode=cfg.static_decode)
     ahead = None
     if cfg.async_:
         if not cfg.corrections:

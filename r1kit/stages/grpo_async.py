@@ -74,7 +74,7 @@ class OneStepAhead:
         for p in self.snapshot.parameters():
             p.grad = None
         self.snap_engine = Engine(self.snapshot, engine.tok, max_batch=engine.max_batch,
-                                  record_routing=engine.record_routing)
+                                  record_routing=engine.record_routing, static_decode=engine.static_decode)
         # what can change between steps: the trained parameters and the buffers (MoE router biases); a
         # frozen parameter (a LoRA base) was copied once above
         live, snap = dict(self.live.named_parameters()), dict(self.snapshot.named_parameters())
