@@ -45,7 +45,7 @@ from r1kit.models.routing import replay_routing
 from r1kit.rewards import overlong_penalty
 from r1kit.rollout import Rollout, greedy_accuracy, rollout
 from r1kit.tasks import get_task
-from r1kit.stages.grpo_async import Drawn, OneStepAhead
+from r1kit.stages.grpo_async import Drawn, OneStepAhead, PolicyCopy
 from r1kit.stages.grpo_batch import (ROUTING_REPLAY, MicroBatch, completion_logprobs, engine_routes,  # noqa: F401
                                      load_teacher, micro_batch_bounds, micro_batches, plan_micro_batches,
                                      rollout_batch, teacher_advantages)
@@ -120,6 +120,12 @@ class GRPOConfig(MemoryOptions):
     # one-step off-policy: step s+1's rollouts are drawn, in a second thread from the weights before step s's
     # update, while step s trains; correct the staleness with corrections = ["tis"] or ["icepop"] (grpo_async.py)
     async_: bool = False
+    # the weights rollouts sample from: auto = the compute dtype (`dtype`: bf16 on a GPU that has it), from a copy
+    # of the fp32 master weights refreshed before each draw (they stay in the trainer), as vLLM-backed trainers
+    # sample | float32 | bfloat16. The engine's log-probs are then a bf16 policy's: mismatch_abs_logp measures
+    # the gap, corrections = ["tis"] corrects it. No copy with LoRA (its frozen base already sits in `dtype`)
+    # or FSDP (the shards are gathered to sample), where auto samples from the policy itself.
+    rollout_dtype: str = "auto"
     # rollouts decode at a few fixed shapes, each step replayed as a CUDA graph on a GPU (engine.StaticDecode);
     # the same tokens as the dynamic step, which it beats where launches, not FLOPs, bound a step (small batches)
     static_decode: bool = False
@@ -166,6 +172,14 @@ class GRPOConfig(MemoryOptions):
         if self.parallel == "fsdp" and (self.lora_rank or self.logprob_chunk):
             raise ConfigError("grpo.parallel = 'fsdp' with lora_rank / logprob_chunk is not supported yet (both read "
                               "weights outside the forward, where FSDP2 holds only shards): use parallel = 'ddp'")
+        if self.rollout_dtype != "auto":
+            if self.rollout_dtype not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"grpo.rollout_dtype = {self.rollout_dtype!r}; choose auto, float32, bfloat16 "
+                                  "or float16")
+            if self.lora_rank or self.parallel == "fsdp":
+                raise ConfigError("grpo.rollout_dtype: with lora_rank (the frozen base sits in grpo.dtype) or "
+                                  "parallel = 'fsdp' (shards gathered to sample) rollouts use the policy's own "
+                                  "weights; leave rollout_dtype = \"auto\"")
         if self.parallel == "fsdp" and self.static_decode:
             raise ConfigError("grpo.static_decode with parallel = 'fsdp': a CUDA graph cannot hold FSDP2's all-gathers "
                               "of the sharded weights; use parallel = 'ddp' or static_decode = false")
@@ -505,15 +519,17 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
     model, ref, tok, opt, start, summary, cursor, drawn_ahead = _setup(cfg, out, task, test, pretrain_cfg, device)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if start else None)
     rollout_log = MetricsLog(out / "rollouts.jsonl", resume_step=start if start else None)
-    engine = Engine(dist.unwrap(model), tok, record_routing=ROUTING_REPLAY[cfg.routing_replay][1],
-                    static_decode=cfg.static_decode)
+    cast = rollout_dtype(cfg, model, device)  # None: rollouts sample the policy's own weights
+    sampler = PolicyCopy(model, cast) if cast is not None and not cfg.async_ else None
+    engine = Engine(sampler.module if sampler else dist.unwrap(model), tok, static_decode=cfg.static_decode,
+                    record_routing=ROUTING_REPLAY[cfg.routing_replay][1])
     ahead = None
     if cfg.async_:
         if not cfg.corrections:
             print0("grpo: warning: async = true without corrections trains on one-step-stale samples as if they "
                    "were on-policy; add corrections = [\"tis\"] (or [\"icepop\"])")
         ahead = OneStepAhead(model, engine, functools.partial(_draw_for, cfg, tok, task, problems), cfg.steps,
-                             torch.get_num_threads(), drawn_ahead)
+                             torch.get_num_threads(), drawn_ahead, dtype=cast)
     alarms = Alarms(cfg)
     teacher = load_teacher(cfg, tok)
     rl_seconds = summary.get("rl_seconds", 0.0)
@@ -524,6 +540,8 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
         for step in range(start, start if spent else cfg.steps):
             t0 = time.perf_counter()
             try:
+                if sampler is not None:
+                    sampler.sync()  # the rollouts' copy of the weights this step starts from
                 drawn = ahead.take(step, cursor.prompts) if ahead else None
                 m, rollouts = train_step(cfg, step, model, ref, tok, task, problems, opt, engine, cursor, teacher,
                                          drawn)
@@ -555,6 +573,14 @@ def run(cfg: GRPOConfig, pretrain_cfg=None) -> dict:
             if done:
                 break
     return _finish(cfg, out, model, tok, task, test, summary, rl_seconds, step + 1)
+
+
+def rollout_dtype(cfg: GRPOConfig, model, device: torch.device) -> torch.dtype | None:
+    """The dtype rollouts sample in when it is not the policy's own (they then sample a PolicyCopy), else None."""
+    if cfg.rollout_dtype == "auto" and (cfg.lora_rank or cfg.parallel == "fsdp"):
+        return None
+    want = resolve_dtype(cfg.dtype if cfg.rollout_dtype == "auto" else cfg.rollout_dtype, device)
+    return None if want == dist.unwrap(model).embed.weight.dtype else want
 
 
 def _info(m: dict) -> str:

@@ -55,6 +55,35 @@ class Drawn:
 DrawFn = Callable[[torch.nn.Module, Engine, int, int], Drawn]
 
 
+class PolicyCopy:
+    """A second copy of the policy to sample from, refreshed from the live model by sync(): async mode's
+    snapshot (weights the trainer does not touch while a draw reads them) and rollouts in another dtype than
+    the fp32 master weights (grpo.rollout_dtype: bf16 on a GPU, as vLLM-backed trainers sample).
+
+    sync() copies, cast to the copy's dtype, what can change between steps: the trained parameters and the
+    buffers (MoE router biases); a frozen parameter (a LoRA base) is copied once, here. A cast keeps what
+    the model keeps in fp32 under .to(bf16) (router biases) and rebuilds RoPE's fp32 tables (reset_buffers).
+    """
+
+    def __init__(self, live: torch.nn.Module, dtype: torch.dtype | None = None):
+        live = dist.unwrap(live)
+        self.module = copy.deepcopy(live).requires_grad_(False)
+        for p in self.module.parameters():
+            p.grad = None
+        if dtype is not None and dtype != live.embed.weight.dtype:
+            self.module.to(dtype)
+            self.module.reset_buffers()
+        mine, buffers = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        self.pairs = [(p, mine[n]) for n, p in live.named_parameters() if p.requires_grad]
+        self.pairs += [(b, buffers[n]) for n, b in live.named_buffers() if n in buffers]
+        self.cast = self.module.embed.weight.dtype != live.embed.weight.dtype
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for live, mine in self.pairs:
+            mine.copy_(live)
+
+
 class OneStepAhead:
     """Draws step s+1's rollouts in a second thread, from a snapshot of the weights, while step s trains.
 
@@ -68,19 +97,13 @@ class OneStepAhead:
     use twice torch.get_num_threads(): give each half the cores (OMP_NUM_THREADS or torch.set_num_threads).
     """
 
-    def __init__(self, model, engine: Engine, draw: DrawFn, steps: int, threads: int, ready: Drawn | None = None):
+    def __init__(self, model, engine: Engine, draw: DrawFn, steps: int, threads: int, ready: Drawn | None = None,
+                 dtype: torch.dtype | None = None):
         self.live, self.engine, self.draw, self.steps, self.threads = dist.unwrap(model), engine, draw, steps, threads
-        self.snapshot = copy.deepcopy(self.live).requires_grad_(False)
-        for p in self.snapshot.parameters():
-            p.grad = None
+        self.copy = PolicyCopy(self.live, dtype)  # `dtype`: the rollouts' own (grpo.rollout_dtype), else the policy's
+        self.snapshot = self.copy.module
         self.snap_engine = Engine(self.snapshot, engine.tok, max_batch=engine.max_batch,
                                   record_routing=engine.record_routing, static_decode=engine.static_decode)
-        # what can change between steps: the trained parameters and the buffers (MoE router biases); a
-        # frozen parameter (a LoRA base) was copied once above
-        live, snap = dict(self.live.named_parameters()), dict(self.snapshot.named_parameters())
-        self.pairs = [(live[n], snap[n]) for n in live if live[n].requires_grad]
-        snap_buf = dict(self.snapshot.named_buffers())
-        self.pairs += [(b, snap_buf[n]) for n, b in self.live.named_buffers()]
         self.device = self.live.embed.weight.device
         self._ready, self._thread, self._result, self._error, self._copied = ready, None, None, None, None
 
@@ -94,7 +117,11 @@ class OneStepAhead:
         """Step `step`'s batch (drawn ahead, or now from the live weights); starts drawing step + 1."""
         drawn = self._join()
         if drawn is None or drawn.step != step:  # first step, or nothing usable drawn ahead: on-policy, in line
-            drawn = self.draw(self.live, self.engine, step, prompts)
+            if self.copy.cast:  # rollouts in their own dtype from the first step on: sample the synced copy
+                self.copy.sync()
+                drawn = self.draw(self.snapshot, self.snap_engine, step, prompts)
+            else:
+                drawn = self.draw(self.live, self.engine, step, prompts)
         if step + 1 < self.steps:
             self._start(step + 1, drawn.prompts)
         return drawn
@@ -113,8 +140,7 @@ class OneStepAhead:
     # -- the rollout thread ---------------------------------------------------------------------------
     @torch.no_grad()
     def _start(self, step: int, prompts: int) -> None:
-        for live, snap in self.pairs:  # θ_s, before step s's update: the trainer changes `live` next
-            snap.copy_(live)
+        self.copy.sync()  # θ_s, before step s's update: the trainer changes the live weights next
         self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
         if self._copied is not None:
             self._copied.record()
