@@ -549,6 +549,9 @@ def add_args(p) -> None:
     t.add_argument("--chunk", type=int, default=0, help="vocabulary-chunked log-probs: tokens per chunk (0 = off)")
     t.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="storage of frozen weights (LoRA base, reference); default fp32")
+    t.add_argument("--rollout-dtype", default="", choices=["", "fp32", "bf16", "fp16"],
+                   help="GRPO: rollouts sample a copy of the weights in this dtype (grpo.rollout_dtype; auto is bf16 "
+                        "on a GPU for full fine-tuning); default none")
     t.add_argument("--kl", action="store_true", help="GRPO with β > 0: a reference model (none with LoRA)")
     t.add_argument("--tokens", type=float, default=0.0, help="training tokens D for the cost line (e.g. 14.8e12)")
     t.add_argument("--gpus", type=int, default=1, help="GPUs for the cost line (default 1)")
@@ -582,7 +585,7 @@ def _train_main(args) -> int:
         name, cfg, where = resolve_config(args.model)
         setup = pt.TrainSetup(stage=args.train, lora_rank=args.lora, seq=args.seq, rows=args.rows, prompts=args.prompts,
                               group=args.group, grad_checkpointing=args.grad_checkpointing, chunk=args.chunk,
-                              base_dtype=args.base_dtype, kl=args.kl)
+                              base_dtype=args.base_dtype, kl=args.kl, rollout_dtype=args.rollout_dtype)
         p = pt.plan_training(name, cfg, where, setup)
         print(pt.format_plan(p, args.vram))
         if args.tokens:

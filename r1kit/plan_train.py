@@ -164,6 +164,7 @@ class TrainSetup:
     base_dtype: str = "fp32"  # storage of frozen weights (LoRA base, reference)
     kl: bool = False  # GRPO with β > 0 keeps a reference
     kv_dtype: str = "fp32"
+    rollout_dtype: str = ""  # GRPO: a copy of the weights rollouts sample from (grpo.rollout_dtype); "" = none
 
 
 def plan_training(name: str, cfg: dict, where: str, s: TrainSetup) -> TrainPlan:
@@ -172,8 +173,8 @@ def plan_training(name: str, cfg: dict, where: str, s: TrainSetup) -> TrainPlan:
     for what, v in (("--seq", s.seq), ("--rows", s.rows), ("--prompts", s.prompts), ("--group", s.group)):
         if v < 1:
             raise PlanError(f"{what} must be ≥ 1, got {v}")
-    for what, v in (("--base-dtype", s.base_dtype), ("--kv-dtype", s.kv_dtype)):
-        if v not in BYTES:
+    for what, v in (("--base-dtype", s.base_dtype), ("--kv-dtype", s.kv_dtype), ("--rollout-dtype", s.rollout_dtype)):
+        if v not in BYTES and not (what == "--rollout-dtype" and v == ""):
             raise PlanError(f"{what} must be one of {', '.join(BYTES)}, got {v!r}")
     model, n_layers = build_meta(cfg, where)
     n_targets = 0
@@ -206,6 +207,8 @@ def plan_training(name: str, cfg: dict, where: str, s: TrainSetup) -> TrainPlan:
         probe = model.new_cache(1, 1, dtype=_torch_dtype(s.kv_dtype), device="meta")
         per_slot = sum(t.numel() * t.element_size() for t in _cache_tensors(probe))
         parts["rollout KV"] = per_slot * s.prompts * s.group * s.seq
+        if s.rollout_dtype and not s.lora_rank:  # kept for the whole run, refreshed before each draw
+            parts["rollout weights"] = c.total * BYTES[s.rollout_dtype]
     if s.stage == "pretrain" and s.lora_rank:
         plan.notes.append("LoRA while pretraining from scratch trains almost nothing")
     return plan

@@ -58,3 +58,16 @@ def test_bad_planner_input_names_the_option():
         pt.train_cost(1e9, 1e12, 8, "tpu", 0.4, 2)
     with pytest.raises(pt.PlanError, match="--mfu"):
         pt.train_cost(1e9, 1e12, 8, "h100", 1.5, 2)
+
+
+def test_a_rollout_copy_of_the_weights_counts_for_the_whole_step():
+    """grpo.rollout_dtype keeps a second copy of the weights all run long (not only while generating)."""
+    name, cfg, where = resolve("qwen2.5-1.5b")
+    plain = pt.plan_training(name, cfg, where, pt.TrainSetup(seq=512, rows=4))
+    bf16 = pt.plan_training(name, cfg, where, pt.TrainSetup(seq=512, rows=4, rollout_dtype="bf16"))
+    assert bf16.parts["rollout weights"] == 2 * bf16.counts.total
+    assert bf16.peak - plain.peak == bf16.parts["rollout weights"]
+    lora = pt.plan_training(name, cfg, where, pt.TrainSetup(seq=512, rows=4, lora_rank=8, rollout_dtype="bf16"))
+    assert "rollout weights" not in lora.parts  # LoRA samples its own (bf16) base: no copy
+    with pytest.raises(pt.PlanError, match="--rollout-dtype must be one of"):
+        pt.plan_training(name, cfg, where, pt.TrainSetup(rollout_dtype="int8"))
