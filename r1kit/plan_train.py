@@ -258,8 +258,8 @@ def format_plan(p: TrainPlan, vram_gib: float) -> str:
     lines = [f"{p.name}: {p.stage} — {c.total / 1e9:.3f} B parameters ({c.active / 1e9:.3f} B active per token), "
              f"{c.trainable / 1e6:.2f} M trainable" + (f" (LoRA {c.lora / 1e6:.2f} M)" if c.lora else "")]
     for k, v in p.parts.items():
-        lines.append(f"  {k:12s} {v / GiB:9.2f} GiB")
-    lines.append(f"  {'peak':12s} {p.peak / GiB:9.2f} GiB  (training and rollout buffers are not alive together)")
+        lines.append(f"  {k:15s} {v / GiB:9.2f} GiB")
+    lines.append(f"  {'peak':15s} {p.peak / GiB:9.2f} GiB  (training and rollout buffers are not alive together)")
     if vram_gib > 0:
         verdict = "fits" if p.peak <= vram_gib * GiB else "does NOT fit"
         lines.append(f"{verdict} in {vram_gib:g} GiB")
