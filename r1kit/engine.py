@@ -353,7 +353,9 @@ class StaticDecode:
         torch.cuda.current_stream().wait_stream(side)
         b.cache.lens.copy_(lens)  # undo the warm-up's advance; the keys it wrote are the ones the step writes
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # recorded, not run: the cache is untouched until replay
+        # recorded, not run: the cache is untouched until replay; thread_local: async mode's trainer thread
+        # keeps launching (on its own stream) while the rollout thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits, _ = b.decode_logits(n, span)
         self.pool = graph.pool()
         return graph, logits
