@@ -194,10 +194,13 @@ class Batch:
             n = len(slots)
         if len(slots) < len(self.rows):  # idle slots stay empty (an index op per step only when some are)
             self.cache.lens[[i for i, r in enumerate(self.rows) if r is None]] = 0
+        # the cache columns this step reads: each row's prompt, its tokens so far and the one it feeds now —
+        # known here, so the forward reads no length back from the device (a sync per step on a GPU)
+        columns = max(self.rows[s].prompt_len + len(self.rows[s].tokens) for s in slots)
         if self.static is None:
-            logits, routes = self.decode_logits(n)
-        else:  # the columns this step reads: each row's prompt, its tokens so far, and the one it feeds now
-            n, span = self.static.shapes(n, max(self.rows[s].prompt_len + len(self.rows[s].tokens) for s in slots))
+            logits, routes = self.decode_logits(n, columns)
+        else:
+            n, span = self.static.shapes(n, columns)
             logits, routes = self.static.logits(n, span)
         if routes is not None:  # one fed token per slot: (n, k) per gate
             for s in slots:
@@ -213,7 +216,7 @@ class Batch:
     @torch.no_grad()
     def decode_logits(self, n: int, span: int | None = None):
         """The decode forward of slots 0..n-1, each fed its last token → (logits (n, V), routes or None);
-        span: the fixed key span of a static step (see KVCache.leading_rows)."""
+        span: the key span, which covers every row's columns (see KVCache.leading_rows); None: read from lens."""
         cache = self.cache if n == len(self.rows) and span is None else self.cache.leading_rows(n, span)
         with self._routing() as routes, decode_kernels():
             logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)

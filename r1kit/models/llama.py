@@ -263,8 +263,9 @@ class KVCache:
         so a forward through it writes into this cache and advances these rows' lens.
 
         span: forwards through the view attend over exactly `span` cache columns (the mask hides the
-        unfilled ones) and read no length back to the host — static shapes, which a CUDA graph needs.
-        The caller keeps every row's new tokens below `span` (nothing checks it on the device)."""
+        unfilled ones) and read no length back to the host: no device sync in the engine's decode steps,
+        and static shapes for a CUDA graph. The caller keeps every row's new tokens below `span`
+        (nothing checks it on the device)."""
         if span is not None and not 0 < span <= self.max_len:
             raise ValueError(f"span {span} is outside the cache's 1..{self.max_len} columns")
         view = copy.copy(self)
