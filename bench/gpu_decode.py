@@ -5,7 +5,8 @@ tied, q/k/v biases) and random weights, in bf16. Peers, on the same weights, one
 
   r1kit         Engine.generate, eager: a decode step is a few hundred small kernels queued by Python
   r1kit_graphs  Engine(static_decode=True): each step at a power-of-two (rows, key span), replayed as a
-                CUDA graph (engine.StaticDecode); sampling and stop checks stay outside the graph
+                CUDA graph (engine.StaticDecode), captured by each generate() (included in its time);
+                sampling and stop checks stay outside the graph
   hf            transformers' generate (SDPA, its default dynamic cache)
   vllm          vLLM's LLM.generate, when vllm is installed (its own CUDA graphs and paged attention)
 
@@ -67,7 +68,8 @@ def max_logit_diff(model, prompts: list[list[int]], steps: int) -> float:
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `fn` after one warm-up run (which also captures r1kit's graphs)."""
+    """Median seconds of `fn` after one warm-up run (CUDA context, cuBLAS handles, allocator pools). Each
+    r1kit_graphs run is a new generate() and captures its own batch's graphs: their cost is in its time."""
     times = []
     for i in range(repeats + 1):
         if device.type == "cuda":
