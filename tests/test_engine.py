@@ -479,7 +479,9 @@ def test_a_row_that_fails_its_own_checks_ends_alone(tiny_tok):
     from r1kit.engine import Batch
     m = make_model("llama3")
     batch = Batch(m, tiny_tok, 3, 64)
-    ok, bad = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True), SamplingParams(max_new_tokens=6, stop=("x",))
+    ok = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    # ignore_eos: no end token can end the row before its stop-string check runs (a seedless draw did, now and then)
+    bad = SamplingParams(max_new_tokens=6, stop=("x",), ignore_eos=True, seed=0)
     bad.stop = (5,)  # slipped past validation: its stop check raises
     batch.add([[1, 2], [3, 4]], [ok, bad], ["ok", "bad"])
     while batch.active:
