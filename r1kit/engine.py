@@ -28,6 +28,8 @@ cache that keeps the protocol of models/llama.py's `KVCache` (lens, leading_rows
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -419,48 +421,70 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                 seeds: list[int] | None = None, **overrides) -> list[list[Sample]]:
+                 seeds: list[int] | None = None, *, begin: list[int] | None = None,
+                 on_group: Callable[[int, list[Sample]], Iterable[int]] | None = None,
+                 **overrides) -> list[list[Sample]]:
         """`seeds` (one per prompt): sample j of prompt i draws from its own generator seeded by
         (seeds[i], j), so a group's samples do not depend on which other prompts share the batch
-        (data-parallel GRPO splits a step's prompts over ranks); else params.seed seeds the call."""
+        (data-parallel GRPO splits a step's prompts over ranks); else params.seed seeds the call.
+
+        Streaming (DAPO's replacement groups): only the prompts listed in `begin` start (default: all);
+        as soon as every sample of prompt i has finished, `on_group(i, samples)` names prompts not yet
+        begun to start next, and their rows take the slots finished rows leave while the rest decode.
+        Prompts never begun come back as []."""
         params = replace(params or SamplingParams(), **overrides)
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
-        rows = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
-        if not rows:
-            return []
-        max_len = max(len(p) for _, p in rows) + params.max_new_tokens
+        n, begun = params.n, set()
+        waiting: deque[int] = deque()  # row numbers r = i·n + j waiting for a slot
+
+        def start(which, who: str) -> None:
+            for i in which:
+                if not (isinstance(i, int) and 0 <= i < len(prompts)) or i in begun:
+                    raise ValueError(f"generate: {who} named prompt {i!r}, which is "
+                                     f"{'already begun' if i in begun else f'not one of the {len(prompts)}'}")
+                begun.add(i)
+                waiting.extend(range(i * n, (i + 1) * n))
+
+        empty = next((i for i, p in enumerate(prompts) if not p), None)
+        if empty is not None:
+            raise ValueError(f"generate: prompt {empty} is empty")
+        start(range(len(prompts)) if begin is None else begin, "begin")
+        if not waiting:
+            return [[] for _ in prompts]
+        max_len = max(len(p) for p in prompts) + params.max_new_tokens  # every prompt: any may begin later
         limit = getattr(self.model, "max_seq_len", None)
         if limit is not None and max_len > limit:
             raise ValueError(f"the longest prompt + max_new_tokens = {max_len} tokens exceeds the model's "
                              f"context (max_position_embeddings = {limit})")
-        batch = Batch(self.model, self.tok, min(len(rows), self.max_batch), max_len, self.record_routing,
+        batch = Batch(self.model, self.tok, min(len(waiting), self.max_batch), max_len, self.record_routing,
                       self.static_decode)
         # each row draws from its own stream, so samples depend on neither max_batch nor admission order:
         # from (seeds[i], j) with per-prompt seeds (data-parallel GRPO), else from (seed, row)
-        row_params = [replace(params, seed=(seeds[i] * 1_000_003 + t % params.n) if seeds is not None
-                              else None if params.seed is None else row_seed(params.seed, t))
-                      for t, (i, _) in enumerate(rows)]
+        seed_of = ((lambda r: seeds[r // n] * 1_000_003 + r % n) if seeds is not None
+                   else (lambda r: None) if params.seed is None else (lambda r: row_seed(params.seed, r)))
+        out: list[list[Sample]] = [[] for _ in prompts]
+        done: dict[int, list[_Row]] = {}  # prompt → its finished rows
         was_training = self.model.training
         self.model.eval()
         try:
-            waiting = list(range(len(rows)))
             while waiting or batch.active:
-                free = len(batch.free_slots)
-                if waiting and free:  # admit waiting rows into the slots finished ones left
-                    take, waiting = waiting[:free], waiting[free:]
-                    batch.add([rows[t][1] for t in take], [row_params[t] for t in take], take)
+                take = [waiting.popleft() for _ in range(min(len(waiting), len(batch.free_slots)))]
+                if take:  # admit waiting rows into the slots finished ones left
+                    batch.add([prompts[r // n] for r in take], [replace(params, seed=seed_of(r)) for r in take], take)
                 if batch.active:
                     batch.step()
+                for row in batch.pop_finished():
+                    i = row.tag // n
+                    if row.error is not None:
+                        raise RuntimeError(f"prompt {i}: {row.error}") from row.error
+                    done.setdefault(i, []).append(row)
+                    if len(done[i]) == n:  # the whole group: its samples in order j = 0..n-1
+                        out[i] = [self.to_sample(i, r) for r in sorted(done.pop(i), key=lambda r: r.tag)]
+                        if on_group is not None:
+                            start(list(on_group(i, out[i])), f"on_group (after prompt {i})")
         finally:
             self.model.train(was_training)
-        out: list[list[Sample]] = [[] for _ in prompts]
-        done = sorted(batch.pop_finished(), key=lambda r: r.tag)
-        failed = next((r for r in done if r.error is not None), None)
-        if failed is not None:
-            raise RuntimeError(f"prompt {rows[failed.tag][0]}: {failed.error}") from failed.error
-        for r in done:
-            out[rows[r.tag][0]].append(self.to_sample(rows[r.tag][0], r))
         return out
 
     def to_sample(self, prompt_index: int, row: _Row) -> Sample:

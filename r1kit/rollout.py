@@ -5,6 +5,7 @@ prompts and score completions the same way.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from r1kit import dist
@@ -55,24 +56,27 @@ def score(task, tok, problem, text: str, prefix: str = "") -> tuple[str, dict]:
 
 
 def rollout(model, tok, task, problems, params: SamplingParams, engine: Engine | None = None,
-            system: str | None = None, prefix: str = "", seeds: list[int] | None = None) -> list[list[Rollout]]:
+            system: str | None = None, prefix: str = "", seeds: list[int] | None = None,
+            begin: list[int] | None = None,
+            on_group: Callable[[int, list[Rollout]], Iterable[int]] | None = None) -> list[list[Rollout]]:
     """params.n samples per problem → scored rollouts, grouped per problem.
 
     `prefix`: text forced at the start of every completion (appended to the prompt), e.g.
     "<think>" to make a model reason without training it to (the R1-Zero control). `seeds`: one
-    per problem (see Engine.generate). A DDP/FSDP2-wrapped model generates with its full weights.
+    per problem (see Engine.generate). `begin` / `on_group`: streaming, as Engine.generate, except
+    that on_group sees each group scored the moment it finishes (problems never begun: []).
+    A DDP/FSDP2-wrapped model generates with its full weights.
     """
     extra = tok.encode(prefix) if prefix else []
     ids = [prompt_ids(tok, p, system, task) + extra for p in problems]
+    out: list[list[Rollout]] = [[] for _ in problems]
+
+    def scored(i: int, samples: list[Sample]) -> Iterable[int]:
+        out[i] = [Rollout(problems[i], ids[i], s, *score(task, tok, problems[i], s.text, prefix)) for s in samples]
+        return on_group(i, out[i]) if on_group is not None else ()
+
     with dist.generating(model) as module:
-        groups = (engine or Engine(module, tok)).generate(ids, params, seeds=seeds)
-    out = []
-    for prob, pid, samples in zip(problems, ids, groups):
-        row = []
-        for s in samples:
-            text, parts = score(task, tok, prob, s.text, prefix)
-            row.append(Rollout(prob, pid, s, text, parts))
-        out.append(row)
+        (engine or Engine(module, tok)).generate(ids, params, seeds=seeds, begin=begin, on_group=scored)
     return out
 
 

@@ -142,6 +142,44 @@ def test_seeded_generate_is_independent_of_max_batch_and_admission():
     assert [s.tokens for g in other for s in g] != tokens[0]
 
 
+def test_streamed_prompts_start_as_groups_finish_and_sample_as_if_begun_together(monkeypatch):
+    """begin / on_group: a prompt named by on_group starts in the slots finished rows leave, while the other
+    rows decode; with per-prompt seeds every group is the one a single generate() of all prompts draws."""
+    from r1kit.engine import Batch
+    m = make_model("llama3")
+    prompts, seeds = [[1, 2], list(range(10, 25)), [42], [7] * 9, [5, 6, 7]], [40, 41, 42, 43, 44]
+    # a quarter of the vocabulary ends a row: with these seeds the groups' longest rows run 5, 12, 9 and 4 tokens
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, n=3, stop_token_ids=tuple(range(3, 83)))
+    steps = {"n": 0}
+    real_step = Batch.step
+
+    def counted(self):
+        steps["n"] += 1
+        return real_step(self)
+    monkeypatch.setattr(Batch, "step", counted)
+    whole = Engine(m).generate(prompts[:4], sp, seeds=seeds[:4])
+    assert [max(len(x.tokens) for x in g) for g in whole] == [5, 12, 9, 4]
+    rounds = 0
+    for part in ([0, 1], [2], [3]):  # the same work in rounds: each waits for the last one's longest row
+        before = steps["n"]
+        Engine(m).generate([prompts[i] for i in part], sp, seeds=[seeds[i] for i in part])
+        rounds += steps["n"] - before
+    chain, seen = {0: [2], 2: [3]}, []
+
+    def on_group(i, samples):
+        seen.append((i, len(samples)))
+        return chain.get(i, [])
+    steps["n"] = 0
+    got = Engine(m, max_batch=6).generate(prompts, sp, seeds=seeds, begin=[0, 1], on_group=on_group)
+    assert [[s.tokens for s in g] for g in got[:4]] == [[s.tokens for s in g] for g in whole] and got[4] == []
+    assert sorted(seen) == [(0, 3), (1, 3), (2, 3), (3, 3)] and seen.index((0, 3)) < seen.index((2, 3))
+    assert steps["n"] < rounds  # the later prompts ran beside prompt 1's rows, not after them
+    with pytest.raises(ValueError, match="on_group .after prompt 0. named prompt 1, which is already begun"):
+        Engine(m).generate(prompts, sp, seeds=seeds, begin=[0, 1], on_group=lambda i, s: [1])
+    with pytest.raises(ValueError, match="begin named prompt 9, which is not one of the 5"):
+        Engine(m).generate(prompts, sp, begin=[9])
+
+
 # ---------------------------------------------------------------------------------------------
 # stop strings: tokens and text agree
 # ---------------------------------------------------------------------------------------------

@@ -399,12 +399,46 @@ def test_dynamic_sampling_fills_the_batch_with_varied_groups(tiny_policy):
     (batch,) = batches
     assert len(batch) == 4 * 4 and m["trained_groups"] == 4
     assert not rl.zero_variance_groups(half_constant(batch), 4).any()  # every trained group carries signal
-    assert m["sampling_rounds"] >= 2 and m["sampled_groups"] == cursor.prompts > 4  # it sampled more, and counted it
-    assert cursor.updates == 1
-    # one round only (the cap): the batch shrinks to the varied groups of that round, and says so
+    assert m["sampling_rounds"] >= 2 and m["sampled_groups"] > 4  # it sampled more, and counted it
+    assert cursor.prompts == 4 * m["sampling_rounds"] and cursor.updates == 1
+    # one try only (the cap): the batch shrinks to the varied groups of the first, and says so
     cfg.dynamic_sampling_max_rounds = 1
     m, cursor, _, batches, _ = one_step(cfg, tiny_policy, half_constant)
     assert m["sampling_rounds"] == 1 and m["sampled_groups"] == 4 and m["trained_groups"] == len(batches[0]) // 4 < 4
+
+
+def test_dynamic_sampling_places_keep_their_first_varied_try_as_drawn_alone(tiny_policy, monkeypatch):
+    """Streamed retries give what the rule says, whatever the timing: place i tries the stream's prompts
+    cursor + k·P + i in turn and keeps the first group with reward variance — each try drawn by itself
+    here, one generate() per group, seeded by (seed, step, stream index)."""
+    from r1kit import rl
+    from r1kit.engine import Engine, SamplingParams
+    from r1kit.rollout import rollout
+    from r1kit.stages import grpo
+    model, tok, task, problems = tiny_policy
+    monkeypatch.setattr(grpo, "rewards_of", lambda cfg, rollouts: half_constant(rollouts))
+    P, G, tries, step, start = 4, 4, 3, 2, 5
+    cfg = GRPOConfig(prompts_per_step=P, group_size=G, max_new_tokens=5, dynamic_sampling=True,
+                     dynamic_sampling_max_rounds=tries, seed=3)
+    cursor = grpo.Cursor(prompts=start)
+    trained, sampled, rounds = grpo.sample_groups(cfg, step, model, tok, task, problems, Engine(model, tok), cursor)
+    params = SamplingParams(max_new_tokens=5, temperature=cfg.temperature, top_p=cfg.top_p, n=G)
+    want_kept, want_sampled, depth = [], [], 0
+    for i in range(P):
+        for k in range(tries):
+            j = start + k * P + i
+            (group,) = rollout(model, tok, task, grpo.problems_at(cfg, problems, [j]), params, Engine(model, tok),
+                               seeds=[(cfg.seed * 100_003 + step) * 1_000_003 + j])
+            want_sampled.append((k, i, group))
+            depth = max(depth, k + 1)
+            if rl.groups_to_keep(half_constant(group), G)[0]:
+                want_kept.append(group)
+                break
+    def key(g):
+        return g[0].problem.prompt, [r.sample.tokens for r in g]
+    assert [key(g) for g in trained] == [key(g) for g in want_kept] and 0 < len(trained) <= P
+    assert [key(g) for g in sampled] == [key(g) for _, _, g in sorted(want_sampled, key=lambda x: x[:2])]
+    assert rounds == depth >= 2 and cursor.prompts == start + depth * P
 
 
 def test_dynamic_sampling_that_drops_everything_does_not_advance_the_schedule(tiny_policy):

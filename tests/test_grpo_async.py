@@ -89,8 +89,8 @@ def test_rollouts_of_step_s_plus_1_are_those_of_the_weights_before_step_s_update
         # ... and not those of the weights step s+1 trains (the updates moved the policy)
         fresh = redraw(cfg, tiny_policy, states[s + 1], s + 1, prompts[s + 1])
         assert tokens_and_logprobs(batches[s + 1]) != tokens_and_logprobs(fresh), f"step {s + 1}"
-    # the data cursor advances by what each step sampled (dynamic sampling: more than a batch), none lost or repeated
-    assert prompts == [sum(m["sampled_groups"] for m in ms[:s]) for s in range(4)]
+    # the data cursor advances by a batch per try the deepest place took (dynamic sampling: more than one)
+    assert prompts == [sum(3 * m["sampling_rounds"] for m in ms[:s]) for s in range(4)]
     assert not dynamic or prompts[-1] > 9
 
 

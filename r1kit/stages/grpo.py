@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,10 +112,10 @@ class GRPOConfig(MemoryOptions):
     aggregation: str = "auto"
     kl_coef: float = 0.0  # β, the KL penalty to the start model: 0.001 (R1), 0.04 (DeepSeekMath); 0 = none
     kl_estimator: str = "k3"  # k1 | k2 | k3 | k3_iw (DeepSeek-V3.2); rl.py documents the gradient each gives
-    # DAPO dynamic sampling: drop groups whose rewards are all equal and draw more prompts until the batch holds
-    # prompts_per_step groups with reward variance, in at most dynamic_sampling_max_rounds generation rounds
+    # DAPO dynamic sampling: drop groups whose rewards are all equal; the batch place a dropped group held tries
+    # the next prompt it owns, started at once while the others decode, up to dynamic_sampling_max_rounds tries
     dynamic_sampling: bool = False
-    dynamic_sampling_max_rounds: int = 3  # rounds in all, the first included (1 = drop without resampling)
+    dynamic_sampling_max_rounds: int = 3  # tries per place, the first included (1 = drop without resampling)
     # one-step off-policy: step s+1's rollouts are drawn, in a second thread from the weights before step s's
     # update, while step s trains; correct the staleness with corrections = ["tis"] or ["icepop"] (grpo_async.py)
     async_: bool = False
@@ -402,11 +401,16 @@ class Cursor:
 
 
 def batch_problems(cfg: GRPOConfig, problems: list, start: int, count: int) -> list:
-    """Prompts start .. start+count-1 of the data stream: consecutive slices of one seeded permutation per epoch."""
+    """Prompts start .. start+count-1 of the data stream (problems_at over a range)."""
+    return problems_at(cfg, problems, range(start, start + count))
+
+
+def problems_at(cfg: GRPOConfig, problems: list, indices) -> list:
+    """The data stream's prompts at `indices`: the stream is one seeded permutation per epoch, back to back."""
     n = len(problems)
     orders: dict[int, list[int]] = {}
     out = []
-    for j in range(start, start + count):
+    for j in indices:
         epoch, pos = divmod(j, n)
         if epoch not in orders:
             orders[epoch] = list(range(n))
@@ -418,36 +422,48 @@ def batch_problems(cfg: GRPOConfig, problems: list, start: int, count: int) -> l
 def sample_groups(cfg: GRPOConfig, step: int, model, tok, task, problems, engine, cursor: Cursor):
     """→ (groups to train on, every group sampled, generation rounds); advances cursor.prompts.
 
-    Without dynamic sampling: one round of prompts_per_step groups, all of them trained. With it (DAPO):
-    groups whose rewards are all equal carry no policy gradient and are dropped; more prompts are drawn
-    (as many as the kept fraction so far says are needed, at most a batch) until prompts_per_step varied
-    groups are held or dynamic_sampling_max_rounds rounds are spent. The batch is cut to exactly
-    prompts_per_step groups; a spent cap trains on what it holds. The group of the j-th prompt of the data
-    stream, drawn at step s, is seeded by (seed, s, j).
+    The batch has prompts_per_step places. Without dynamic sampling each place holds one group, the
+    data stream's prompt cursor + i for place i, and every group is trained. With it (DAPO), a group
+    whose rewards are all equal carries no policy gradient: it is dropped, and its place tries the next
+    prompt it owns — place i's k-th try is the stream's prompt cursor + k·prompts_per_step + i — for at
+    most dynamic_sampling_max_rounds tries; a place whose tries are spent stays empty. The retries
+    stream: a place's next group starts the moment its dropped group finishes, in the slots that rows
+    leave free, while the rest of the batch decodes (no second round waits for the first one's longest
+    row). What a place ends with depends only on its own prompts' samples — the group of the j-th prompt
+    of the stream, drawn at step s, is seeded by (seed, s, j) — so neither the timing nor the number of
+    processes changes the batch. "Rounds" is the most tries any place took; the cursor moves on by that
+    many slices of prompts_per_step (the prompts past a place's last try wait for the next epoch).
 
-    Under torchrun each rank generates whole groups for its share of a round's prompts and the groups are
-    gathered, so every rank holds the same global list (the one a single process samples) and the choices
-    above are made over the global batch; policy_update then trains each rank on its share of it.
+    Under torchrun each rank generates the places shard_range gives it and the groups are gathered,
+    so every rank holds the same global lists (the ones a single process samples); policy_update then
+    trains each rank on its share of them.
     """
     want, G = cfg.prompts_per_step, cfg.group_size
-    kept, sampled = [], []
-    for rnd in range(cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1):
-        n = want if not kept else min(want, math.ceil((want - len(kept)) * len(sampled) / len(kept)))
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G)
-        mine = dist.shard_range(n)
-        seeds = [(cfg.seed * 100_003 + step) * 1_000_003 + cursor.prompts + j for j in mine]
-        local = rollout(model, tok, task, batch_problems(cfg, problems, cursor.prompts + mine.start, len(mine)),
-                        params, engine, cfg.system, seeds=seeds) if len(mine) else []
-        groups = [g for part in dist.all_gather(local, "gathering the rollouts") for g in part]
-        cursor.prompts += n
-        sampled += groups
-        if not cfg.dynamic_sampling:
-            return groups, sampled, 1
-        varied = rl.groups_to_keep(rewards_of(cfg, [r for g in groups for r in g]), G)
-        kept += [g for g, v in zip(groups, varied.tolist()) if v]
-        if len(kept) >= want:
-            break
-    return kept[:want], sampled, rnd + 1
+    tries = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1
+    mine = list(dist.shard_range(want))
+    tried = [(k, i) for i in mine for k in range(tries)]  # (try, place) of every prompt this rank may draw
+    at = {t: n for n, t in enumerate(tried)}
+    stream = [cursor.prompts + k * want + i for k, i in tried]
+    seeds = [(cfg.seed * 100_003 + step) * 1_000_003 + j for j in stream]
+
+    def next_try(n: int, group: list[Rollout]) -> list[int]:  # a dropped group hands its place on
+        k, i = tried[n]
+        varied = bool(rl.groups_to_keep(rewards_of(cfg, group), G)[0])
+        return [at[(k + 1, i)]] if cfg.dynamic_sampling and not varied and k + 1 < tries else []
+
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G)
+    groups = rollout(model, tok, task, problems_at(cfg, problems, stream), params, engine, cfg.system, seeds=seeds,
+                     begin=[at[(0, i)] for i in mine], on_group=next_try) if mine else []
+    local = [(tried[n], g) for n, g in enumerate(groups) if g]  # ((try, place), group) of every group begun
+    drawn = sorted((x for part in dist.all_gather(local, "gathering the rollouts") for x in part), key=lambda x: x[0])
+    sampled = [g for _, g in drawn]
+    rounds = 1 + max(k for (k, _), _ in drawn)
+    cursor.prompts += rounds * want
+    if not cfg.dynamic_sampling:
+        return sampled, sampled, 1
+    varied = rl.groups_to_keep(rewards_of(cfg, [r for g in sampled for r in g]), G).tolist()
+    kept = sorted(((i, g) for ((_, i), g), v in zip(drawn, varied) if v), key=lambda x: x[0])  # ≤ 1 a place
+    return [g for _, g in kept], sampled, rounds
 
 
 def draw(cfg, step: int, model, tok, task, problems, engine, prompts: int) -> Drawn:
