@@ -205,6 +205,83 @@ def test_speculative_decoding_equals_engine_greedy_with_the_kernel(attn_impl):
 
 
 # ---------------------------------------------------------------------------------------------
+# the fused decode layers (csrc/llama_decode.cpp)
+# ---------------------------------------------------------------------------------------------
+def counting_fused(monkeypatch):
+    """Count the decode steps whose layers ran as one kernel call."""
+    calls = {"fused": 0, "asked": 0}
+    real = kernels.decode_layers
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls["asked"] += 1
+        calls["fused"] += out is not None
+        return out
+    monkeypatch.setattr(kernels, "decode_layers", counted)
+    return calls
+
+
+def generate_both_ways(monkeypatch, model, prompts, sp, **engine):
+    from r1kit.models import llama
+    calls = counting_fused(monkeypatch)
+    fused = Engine(model, **engine).generate(prompts, sp)
+    with monkeypatch.context() as mp:
+        mp.setattr(llama.Llama, "_fused_decode", lambda *a, **k: None)  # the layers as modules
+        layered = Engine(model, **engine).generate(prompts, sp)
+    return fused, layered, calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "o_bias"])
+@pytest.mark.parametrize("n,static", [(1, False), (24, True), (24, False)], ids=["3-rows", "72-rows-static", "72-rows"])
+def test_fused_decode_layers_equal_the_module_layers(monkeypatch, family, n, static):
+    """Every decode step of a plain Llama-family model runs its layers in one kernel call, and draws what
+    the modules draw: the same tokens, log-probs within float rounding — GQA, q/k/v and o biases, Qwen3's
+    per-head norms, llama3 RoPE scaling, ragged rows, a fixed key span (static_decode), and 72 rows (the
+    matmuls past the skinny kernel's rows go to torch's)."""
+    from model_fixtures import FAMILIES, make_model
+    if family == "o_bias":
+        FAMILIES = {**FAMILIES, "o_bias": dict(attention_bias=True, o_bias=True)}  # noqa: N806
+        monkeypatch.setattr("model_fixtures.FAMILIES", FAMILIES)
+    model = make_model(family)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, n=n, seed=5, ignore_eos=True)
+    fused, layered, calls = generate_both_ways(monkeypatch, model, prompts, sp, static_decode=static)
+    assert calls["fused"] == calls["asked"] >= 9  # every decode step, none fell back
+    for ga, gb in zip(fused, layered):
+        for a, b in zip(ga, gb):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
+
+
+@needs_kernel
+def test_fused_decode_only_for_plain_layers_without_hooks(monkeypatch, kernel_state):
+    """LoRA-wrapped projections, a hook on a layer, autograd, or the kernels switched off: the layers run as
+    modules (the kernel is not asked, or says None), and generation is what it is without the kernel."""
+    from model_fixtures import make_model
+    from r1kit.models import lora
+    prompts, sp = [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    model = make_model("llama3")
+    calls = counting_fused(monkeypatch)
+    handle = model.layers[1].ffn.register_forward_hook(lambda *a: None)
+    Engine(model).generate(prompts, sp)
+    handle.remove()
+    assert calls["fused"] == 0 and calls["asked"] == 0
+    cache = model.new_cache(1, 8)
+    with kernels.decode_kernels():
+        model(torch.tensor([[1, 2]]), kv_cache=cache)
+        model(torch.tensor([[3]]), kv_cache=cache)  # grad enabled: never the kernels
+    assert calls["fused"] == 0 and calls["asked"] == 1
+    lora.apply_lora(model, rank=2)
+    Engine(model).generate(prompts, sp)
+    assert calls["fused"] == 0 and calls["asked"] == 1
+    kernel_state["module"] = None
+    assert kernels.decode_layers(torch.zeros(1, 1, 64), [], cache.k, cache.v, cache.lens[:, None],
+                                 torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 3),
+                                 (4, 2), 1e-5, 0.25) is None
+
+
+# ---------------------------------------------------------------------------------------------
 # decode attention
 # ---------------------------------------------------------------------------------------------
 def attention_case(B, H, Hkv, Tq, Tk, Dk, Dv, mask_kind, seed):

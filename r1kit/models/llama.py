@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from r1kit.models import kernels
 from r1kit.models.kernels import Linear, attention
 from r1kit.models.logprobs import chunked_logprobs
 
@@ -384,6 +385,34 @@ class Llama(nn.Module):
         self.grad_checkpointing = False  # training forwards keep only each block's input (see checkpointed)
         self.logprob_chunk = 0  # > 0: losses project this many tokens onto the vocabulary at a time (logprobs.py)
 
+    def _fused_decode(self, x, cos, sin, kv_cache, pos, mask):
+        """The decode step's layers in one kernel call (kernels.decode_layers: the same maths as Block, with
+        the per-op cost gone), or None — then the layers run as modules. Only for plain layers: exactly this
+        file's modules (no LoRA wrappers), no hooks on them, a plain KVCache. Read through `_modules` and
+        `_parameters` (nn.Module's __getattr__ costs a µs a call, and this runs every decode step)."""
+        mod = nn.modules.module
+        if type(kv_cache) is not KVCache or mod._global_forward_hooks or mod._global_forward_pre_hooks:
+            return None
+        weights = []
+        for b in self.layers:
+            bm = b._modules
+            a, f = bm["attn"], bm["ffn"]
+            am, fm = a._modules, f._modules
+            qn, kn = am.get("q_norm"), am.get("k_norm")  # Qwen3 (None is no submodule)
+            parts = ((b, Block), (a, Attention), (f, MLP), (bm["attn_norm"], RMSNorm), (bm["ffn_norm"], RMSNorm),
+                     *((am[k], Linear) for k in ("wq", "wk", "wv", "wo")), *((fm[k], Linear) for k in ("w1", "w2", "w3")),
+                     *((n, RMSNorm) for n in (qn, kn) if n is not None))
+            if any(type(m) is not t or m._forward_hooks or m._forward_pre_hooks for m, t in parts):
+                return None
+            wq, wk, wv, wo = (am[k]._parameters for k in ("wq", "wk", "wv", "wo"))
+            weights += [bm["attn_norm"]._parameters["weight"], wq["weight"], wq["bias"], wk["weight"], wk["bias"],
+                        wv["weight"], wv["bias"], None if qn is None else qn._parameters["weight"],
+                        None if kn is None else kn._parameters["weight"], wo["weight"], wo["bias"],
+                        bm["ffn_norm"]._parameters["weight"], *(fm[k]._parameters["weight"] for k in ("w1", "w2", "w3"))]
+        c = self.config
+        return kernels.decode_layers(x, weights, kv_cache.k, kv_cache.v, pos, cos, sin, mask,
+                                     (c.num_attention_heads, c.num_key_value_heads), c.rms_norm_eps, c.head_dim ** -0.5)
+
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
         self.inv_freq = rope_inv_freq(self.config).to(self.embed.weight.device)
@@ -423,9 +452,11 @@ class Llama(nn.Module):
         if mask is not None:  # SDPA adds a float mask as it is, and converts a boolean one in every layer
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
-        for i, layer in enumerate(self.layers):
+        fused = self._fused_decode(x, cos, sin, kv_cache, pos, mask) if T == 1 and kv_cache is not None else None
+        for i, layer in enumerate(self.layers if fused is None else ()):
             args = (x, cos, sin, kv_cache, i, pos, mask)
             x = checkpointed(layer, *args) if ckpt else layer(*args)
+        x = x if fused is None else fused
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm(x)

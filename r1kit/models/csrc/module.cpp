@@ -8,10 +8,16 @@ bool decode_attention_applies(const torch::Tensor& q, const torch::Tensor& k, co
 c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                               const c10::optional<torch::Tensor>& mask, double scale,
                                               int64_t max_queries);
+torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c10::optional<torch::Tensor>>& weights,
+                                  const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& pos,
+                                  const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask,
+                                  int64_t n_heads, int64_t n_kv, double eps, double scale,
+                                  const std::vector<bool>& skinny, int64_t max_queries);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows (fp32, AVX2 + FMA)");
   m.def("decode_attention_applies", &decode_attention_applies, "whether decode_attention takes these inputs");
   m.def("decode_attention", &decode_attention,
         "softmax(q k^T scale + mask) v for few queries (fp32, AVX2 + FMA); None outside its contract");
+  m.def("llama_decode_layers", &llama_decode_layers, "every decoder layer of a Llama-family decode step (fp32)");
 }
