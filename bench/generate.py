@@ -140,13 +140,14 @@ def sampling_times(vocab: int, rows: int, repeats: int = 20) -> None:
 PARTS = {  # part of a decode step → the top-level operators whose inclusive time it is
     "matmul": ("linear",), "attention": ("attention",),
     "cache": ("aten::index_copy_",), "norms": ("aten::rms_norm",), "rope": ("aten::roll", "aten::addcmul"),
-    "sampling": ("sampling",),
+    "sampling": ("sampling",), "fused layers": ("layers",),  # decode_layers: all of them in one C++ call
 }
 
 
 def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int = 24) -> None:
     """Where a decode step's time goes: torch.profiler over `steps` steps of a running batch, summed into the
-    parts of PARTS (sampling.sample, kernels.linear and kernels.attention are labelled as wholes); "other" is everything else — the small ops between
+    parts of PARTS (sampling.sample, kernels.linear, kernels.attention and kernels.decode_layers — the whole
+    layer stack where the fused C++ step applies — are labelled as wholes); "other" is everything else — the small ops between
     them (residual adds, SiLU, views), the embedding and Python. Shares of the profiled wall time."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cfg, model, _ = built
@@ -157,7 +158,8 @@ def profile_step(name: str, built, batch: int = 16, prompt: int = 32, steps: int
     for _ in range(64 - steps // 2):  # profile around the mean context of a 128-token generation
         b.step()
     plain = {"sampling": (sampling, sampling.sample), "linear": (kernels, kernels.linear),
-             "attention": (llama, llama.attention)}  # llama.py holds its own name for kernels.attention
+             "attention": (llama, llama.attention),  # llama.py holds its own name for kernels.attention
+             "layers": (kernels, kernels.decode_layers)}
 
     def labelled(label, fn):
         def run(*a, **kw):

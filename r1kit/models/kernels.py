@@ -1,4 +1,4 @@
-"""CPU decode kernels: `linear` (= F.linear) and `attention` (= SDPA), by AVX2 kernels in a decode step.
+"""CPU decode kernels: `linear` (= F.linear), `attention` (= SDPA) and a Llama decode step's layers, in AVX2 C++.
 
 A decode step multiplies a handful of rows (one per sequence in the batch) by every weight matrix, and
 attends from one new query per row over the KV cache. Measured on the 2-core AVX2 box (one thread):
@@ -156,7 +156,7 @@ def decode_layers(x: torch.Tensor, weights: list, k_cache: torch.Tensor, v_cache
     per layer (None where absent); caches (L, B, Hkv, max_len, D); pos (B, 1); cos, sin (B, 1, 1, D);
     mask (B, 1, 1, Tk) additive float; heads = (query heads, KV heads). Each matmul inside takes the skinny
     kernel exactly where `linear` would (uses_kernel on layer 0's weights: every layer has their shapes)."""
-    if not (_switched_on(x, k_cache) and _module() is not None and x.shape[1] == 1 and mask.dtype is torch.float32
+    if not (layers_apply(x, k_cache) and mask.dtype is torch.float32
             and all(w is None or (type(w) in _PLAIN and w.dtype is torch.float32 and w.is_contiguous())
                     for w in weights)):
         return None
@@ -164,6 +164,11 @@ def decode_layers(x: torch.Tensor, weights: list, k_cache: torch.Tensor, v_cache
     skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:len(LAYER_SLOTS)]]
     return _state["module"].llama_decode_layers(x, weights, k_cache, v_cache, pos, cos, sin, mask, heads[0],
                                                 heads[1], eps, scale, skinny, MAX_QUERIES)
+
+
+def layers_apply(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The cheap half of decode_layers' rules, checked before a model gathers its weights for it."""
+    return _switched_on(x, k_cache) and x.dim() == 3 and x.shape[1] == 1 and _module() is not None
 
 
 # the order of one layer's weights in decode_layers' list (csrc/llama_decode.cpp's Slot)

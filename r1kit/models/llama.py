@@ -391,7 +391,8 @@ class Llama(nn.Module):
         file's modules (no LoRA wrappers), no hooks on them, a plain KVCache. Read through `_modules` and
         `_parameters` (nn.Module's __getattr__ costs a µs a call, and this runs every decode step)."""
         mod = nn.modules.module
-        if type(kv_cache) is not KVCache or mod._global_forward_hooks or mod._global_forward_pre_hooks:
+        if (type(kv_cache) is not KVCache or not kernels.layers_apply(x, kv_cache.k) or mod._global_forward_hooks
+                or mod._global_forward_pre_hooks):
             return None
         weights = []
         for b in self.layers:
