@@ -281,6 +281,46 @@ def test_fused_decode_only_for_plain_layers_without_hooks(monkeypatch, kernel_st
                                  (4, 2), 1e-5, 0.25) is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 8), (3, 5, 37), (4930, 128), (2, 300, 576)])
+def test_rms_norm_kernel_equals_torch_forward_and_backward(shape):
+    """kernels.rms_norm = F.rms_norm, and its gradients (dx, dw) = autograd's through F.rms_norm."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    dy = torch.randn(shape, generator=g)
+    ours = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    theirs = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    y = kernels.rms_norm(ours[0], ours[1], 1e-5)
+    ref = F.rms_norm(theirs[0], (shape[-1],), theirs[1], 1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(ours[0].grad, theirs[0].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1].grad, theirs[1].grad, rtol=1e-4, atol=1e-3 * (x.numel() / shape[-1]) ** 0.5)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_RMSNormBackward"  # the kernel's own backward
+
+
+@needs_kernel
+def test_rms_norm_kernel_is_thread_invariant_and_falls_back_to_torch():
+    g = torch.Generator().manual_seed(1)
+    x, w, dy = torch.randn(2000, 96, generator=g), torch.randn(96, generator=g), torch.randn(2000, 96, generator=g)
+    outs = []
+    before = torch.get_num_threads()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            outs.append(kernels._state["module"].rms_norm_backward(x, w, dy, 1e-6))
+        finally:
+            torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))  # dx and dw: the same bits on 1 and 2 threads
+    strided = x.t()  # not contiguous: torch's own function, exactly
+    assert torch.equal(kernels.rms_norm(strided, torch.ones(2000), 1e-6),
+                       F.rms_norm(strided, (2000,), torch.ones(2000), 1e-6))
+    half = x.bfloat16()
+    assert torch.equal(kernels.rms_norm(half, w.bfloat16(), 1e-6), F.rms_norm(half, (96,), w.bfloat16(), 1e-6))
+
+
 # ---------------------------------------------------------------------------------------------
 # decode attention
 # ---------------------------------------------------------------------------------------------

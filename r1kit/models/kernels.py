@@ -1,4 +1,4 @@
-"""CPU decode kernels: `linear` (= F.linear), `attention` (= SDPA) and a Llama decode step's layers, in AVX2 C++.
+"""CPU kernels: `linear` (= F.linear), `attention` (= SDPA), a Llama decode step's layers and RMSNorm, in C++.
 
 A decode step multiplies a handful of rows (one per sequence in the batch) by every weight matrix, and
 attends from one new query per row over the KV cache. Measured on the 2-core AVX2 box (one thread):
@@ -18,6 +18,11 @@ attends from one new query per row over the KV cache. Measured on the 2-core AVX
   Llama-family decode step in one call (`decode_layers`, from Llama.forward): norms, RoPE, the KV write and
   the residuals as loops around the matmul and attention kernels above — the race's tiny model decodes
   1.6–1.8× faster a step (16 and 128 rows), tokens equal to the module layers' (tests/test_kernels.py).
+
+- RMSNorm (`rms_norm`, every RMSNorm of the Llama file on a CPU in fp32, trainers' forwards and backwards
+  included, unlike the two above): torch 2.13's backward of F.rms_norm is its composite's (≈ 6 ms on a
+  GRPO step's 5k × 128 activations); `csrc/rms_norm.cpp` does forward and backward in one pass each, dw
+  summed in blocks fixed by the row count (the same bits on any number of threads).
 
 The kernels are compiled on first use by torch's C++-extension loader (≈ 70 s once, cached under
 TORCH_EXTENSIONS_DIR; it needs a C++ compiler and ninja — `pip install ninja` where the system has
@@ -52,7 +57,7 @@ MAX_ROWS = 64  # above this MKL's sgemm is as fast (bench/generate.py, batch 64 
 SMALL_ROWS, CACHED_WEIGHT = 16, 1 << 17  # rows; weight elements (512 KB in fp32)
 MAX_QUERIES = 4  # queries per row: decode (1), MTP verification; above ≈ 8 SDPA is faster (its GEMM reuses keys)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny_linear.cpp", "decode_attention.cpp",
-                                                                "llama_decode.cpp")]
+                                                                "llama_decode.cpp", "rms_norm.cpp")]
 _state: dict = {"tried": False, "module": None}
 _local = threading.local()  # .on: this thread is inside decode_kernels()
 _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake tensors): those go to torch
@@ -174,6 +179,32 @@ def layers_apply(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
 # the order of one layer's weights in decode_layers' list (csrc/llama_decode.cpp's Slot)
 LAYER_SLOTS = ("attn_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "ffn_norm",
                "w1", "w2", "w3")
+
+
+class _RMSNorm(torch.autograd.Function):
+    """csrc/rms_norm.cpp's forward and backward (torch's backward of F.rms_norm is its composite's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _state["module"].rms_norm_forward(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dw = _state["module"].rms_norm_backward(x, weight, dy.contiguous(), ctx.eps)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (n,), weight, eps) over x's last axis, by the C++ kernel for contiguous fp32 CPU plain
+    tensors — every forward there, trainers' included (π_θ, π_old and π_ref normalise alike) — else torch's."""
+    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and type(x) in _PLAIN and type(weight) in _PLAIN
+            and x.device.type == "cpu" and weight.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
+            and not torch.compiler.is_compiling() and _module() is not None):
+        return _RMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class Linear(nn.Linear):

@@ -19,6 +19,7 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
 c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                               const c10::optional<torch::Tensor>& mask, double scale,
                                               int64_t max_queries);
+void rms_norm_rows(const float* x, float* y, const float* w, int64_t rows, int64_t n, float eps);  // rms_norm.cpp
 
 namespace {
 
@@ -26,16 +27,6 @@ namespace {
 enum Slot { kAttnNorm, kWq, kBq, kWk, kBk, kWv, kBv, kQNorm, kKNorm, kWo, kBo, kFfnNorm, kW1, kW2, kW3, kSlots };
 
 using Weights = std::vector<c10::optional<torch::Tensor>>;
-
-// y = x / sqrt(mean(x²) + eps) · w over rows of length n (x, y may alias)
-void rms_norm(const float* x, float* y, const float* w, int64_t rows, int64_t n, float eps) {
-  for (int64_t r = 0; r < rows; ++r, x += n, y += n) {
-    float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
-  }
-}
 
 // x (B, heads·D) rotated in place: x_i·cos_i + x_{(i+D/2) mod D}·sin_i, cos/sin rows of length D per batch row
 void rope(float* x, const float* cos, const float* sin, int64_t cs_stride, int64_t B, int64_t heads, int64_t D) {
@@ -96,19 +87,19 @@ torch::Tensor attend(const Step& st, const torch::Tensor& q, const torch::Tensor
 void layer(const Step& st, torch::Tensor& x, const Weights& w, torch::Tensor kc, torch::Tensor vc) {
   const int64_t d = x.size(1), D = st.D;
   auto h = torch::empty_like(x);
-  rms_norm(x.data_ptr<float>(), h.data_ptr<float>(), w[kAttnNorm]->data_ptr<float>(), st.B, d, st.eps);
+  rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kAttnNorm]->data_ptr<float>(), st.B, d, st.eps);
   auto q = project(st, h, w, kWq, kBq).contiguous(), k = project(st, h, w, kWk, kBk).contiguous();
   auto v = project(st, h, w, kWv, kBv).contiguous();
   if (w[kQNorm].has_value()) {  // Qwen3: each head normalised before it is rotated
-    rms_norm(q.data_ptr<float>(), q.data_ptr<float>(), w[kQNorm]->data_ptr<float>(), st.B * st.H, D, st.eps);
-    rms_norm(k.data_ptr<float>(), k.data_ptr<float>(), w[kKNorm]->data_ptr<float>(), st.B * st.Hkv, D, st.eps);
+    rms_norm_rows(q.data_ptr<float>(), q.data_ptr<float>(), w[kQNorm]->data_ptr<float>(), st.B * st.H, D, st.eps);
+    rms_norm_rows(k.data_ptr<float>(), k.data_ptr<float>(), w[kKNorm]->data_ptr<float>(), st.B * st.Hkv, D, st.eps);
   }
   const int64_t cs = st.cos.stride(0);
   rope(q.data_ptr<float>(), st.cos.data_ptr<float>(), st.sin.data_ptr<float>(), cs, st.B, st.H, D);
   rope(k.data_ptr<float>(), st.cos.data_ptr<float>(), st.sin.data_ptr<float>(), cs, st.B, st.Hkv, D);
   auto y = attend(st, q, k, v, kc, vc).contiguous();
   add_into(x, project(st, y, w, kWo, kBo).contiguous());
-  rms_norm(x.data_ptr<float>(), h.data_ptr<float>(), w[kFfnNorm]->data_ptr<float>(), st.B, d, st.eps);
+  rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kFfnNorm]->data_ptr<float>(), st.B, d, st.eps);
   auto gate = project(st, h, w, kW1, -1);
   gate = at::silu_(gate).mul_(project(st, h, w, kW3, -1));
   add_into(x, project(st, gate.contiguous(), w, kW2, -1).contiguous());

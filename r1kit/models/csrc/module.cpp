@@ -14,10 +14,16 @@ torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c
                                   int64_t n_heads, int64_t n_kv, double eps, double scale,
                                   const std::vector<bool>& skinny, int64_t max_queries);
 
+torch::Tensor rms_norm_forward(const torch::Tensor& x, const torch::Tensor& w, double eps);
+std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& dy,
+                                             double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows (fp32, AVX2 + FMA)");
   m.def("decode_attention_applies", &decode_attention_applies, "whether decode_attention takes these inputs");
   m.def("decode_attention", &decode_attention,
         "softmax(q k^T scale + mask) v for few queries (fp32, AVX2 + FMA); None outside its contract");
+  m.def("rms_norm_forward", &rms_norm_forward, "y = x / sqrt(mean(x^2) + eps) * w over rows (fp32)");
+  m.def("rms_norm_backward", &rms_norm_backward, "(dx, dw) of rms_norm_forward (fp32)");
   m.def("llama_decode_layers", &llama_decode_layers, "every decoder layer of a Llama-family decode step (fp32)");
 }
