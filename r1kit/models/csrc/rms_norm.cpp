@@ -16,9 +16,9 @@
 // y = x / sqrt(mean(x²) + eps) · w over `rows` rows of length n (x and y may alias)
 void rms_norm_rows(const float* x, float* y, const float* w, int64_t rows, int64_t n, float eps) {
   for (int64_t r = 0; r < rows; ++r, x += n, y += n) {
-    float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    double ss = 0.0;  // in double: a row of a real model's large activations summed in float drifts (1e-5 in the logits)
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
     for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
   }
 }
@@ -67,11 +67,11 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch
       float* dw = partial.data() + c * n;
       for (int64_t r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
         const float *xr = xp + r * n, *gr = gp + r * n;
-        float ss = 0.f, dot = 0.f;
-        for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
-        const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
-        for (int64_t i = 0; i < n; ++i) dot += gr[i] * wp[i] * xr[i] * inv;  // Σ g · x̂
-        const float mean = dot / static_cast<float>(n);
+        double ss = 0.0, dot = 0.0;
+        for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+        const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+        for (int64_t i = 0; i < n; ++i) dot += static_cast<double>(gr[i] * wp[i]) * (xr[i] * inv);  // Σ g · x̂
+        const float mean = static_cast<float>(dot / static_cast<double>(n));
         float* dxr = dxp + r * n;
         for (int64_t i = 0; i < n; ++i) {
           const float xh = xr[i] * inv;
