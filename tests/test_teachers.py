@@ -422,7 +422,8 @@ def test_on_policy_distillation_pulls_the_student_to_the_teacher(teacher_ckpt, t
     first, last = m[:3], m[-3:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "reverse_kl") < 0.5 * mean(first, "reverse_kl")  # the student moved toward the teacher
-    assert mean(last, "accuracy") > mean(first, "accuracy") + 0.15  # … and answers more prompts correctly
+    # … and answers more prompts correctly than before its first update (step 1 samples the untrained student)
+    assert mean(last, "accuracy") > m[0]["accuracy"] + 0.15
 
 
 def test_on_policy_distillation_needs_a_teacher_with_the_students_tokenizer(teacher_ckpt, tmp_path):
