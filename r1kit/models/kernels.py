@@ -166,7 +166,7 @@ def decode_layers(x: torch.Tensor, weights: list, k_cache: torch.Tensor, v_cache
                     for w in weights)):
         return None
     rows = x.view(x.shape[0], -1)
-    skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:len(LAYER_SLOTS)]]
+    skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:len(LAYER_SLOTS)]]  # layer 0
     return _state["module"].llama_decode_layers(x, weights, k_cache, v_cache, pos, cos, sin, mask, heads[0],
                                                 heads[1], eps, scale, skinny, MAX_QUERIES)
 

@@ -405,11 +405,12 @@ class Llama(nn.Module):
                      *((n, RMSNorm) for n in (qn, kn) if n is not None))
             if any(type(m) is not t or m._forward_hooks or m._forward_pre_hooks for m, t in parts):
                 return None
-            wq, wk, wv, wo = (am[k]._parameters for k in ("wq", "wk", "wv", "wo"))
-            weights += [bm["attn_norm"]._parameters["weight"], wq["weight"], wq["bias"], wk["weight"], wk["bias"],
-                        wv["weight"], wv["bias"], None if qn is None else qn._parameters["weight"],
-                        None if kn is None else kn._parameters["weight"], wo["weight"], wo["bias"],
-                        bm["ffn_norm"]._parameters["weight"], *(fm[k]._parameters["weight"] for k in ("w1", "w2", "w3"))]
+            slot = {k: am[k]._parameters["weight"] for k in ("wq", "wk", "wv", "wo")}
+            slot.update({"b" + k[1]: am[k]._parameters["bias"] for k in ("wq", "wk", "wv", "wo")})
+            slot.update({k: fm[k]._parameters["weight"] for k in ("w1", "w2", "w3")})
+            slot.update({k: None if n is None else n._parameters["weight"] for k, n in (("q_norm", qn), ("k_norm", kn))})
+            slot.update(attn_norm=bm["attn_norm"]._parameters["weight"], ffn_norm=bm["ffn_norm"]._parameters["weight"])
+            weights += [slot[k] for k in kernels.LAYER_SLOTS]  # the kernel's order, named once
         c = self.config
         return kernels.decode_layers(x, weights, kv_cache.k, kv_cache.v, pos, cos, sin, mask,
                                      (c.num_attention_heads, c.num_key_value_heads), c.rms_norm_eps, c.head_dim ** -0.5)
@@ -454,10 +455,12 @@ class Llama(nn.Module):
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         fused = self._fused_decode(x, cos, sin, kv_cache, pos, mask) if T == 1 and kv_cache is not None else None
-        for i, layer in enumerate(self.layers if fused is None else ()):
-            args = (x, cos, sin, kv_cache, i, pos, mask)
-            x = checkpointed(layer, *args) if ckpt else layer(*args)
-        x = x if fused is None else fused
+        if fused is not None:  # a CPU decode step: every layer in one kernel call
+            x = fused
+        else:
+            for i, layer in enumerate(self.layers):
+                args = (x, cos, sin, kv_cache, i, pos, mask)
+                x = checkpointed(layer, *args) if ckpt else layer(*args)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm(x)
