@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from r1kit.models import kernels
+
 PREFILTER = 1024  # tokens kept by the top-k prefilter before a full sort is needed
 
 
@@ -46,8 +48,12 @@ def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u:
     """
     logits = logits.float()
     greedy = temperature == 0
-    logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)  # (n, V)
     truncated = ~greedy & ((top_p < 1) | (top_k > 0))
+    if not bool(truncated.any()):  # greedy and untruncated rows only: on a CPU, one kernel call (same draws)
+        fast = kernels.sample_untruncated(logits, temperature, u)
+        if fast is not None:
+            return fast
+    logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)  # (n, V)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     out_logp = torch.empty(logits.shape[0], device=logits.device)
     kinds = ((greedy, lambda r: _draw_greedy(logp[r])),  # greedy rows: argmax of the raw logits

@@ -101,20 +101,85 @@ def test_dispatch_only_where_asked_and_where_it_applies():
         assert kernels.uses_kernel(x, w) == (kernels._module() is not None)
 
 
-def test_gradients_flow_through_the_linear_module_as_through_nn_linear():
+onednn_usable = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                         and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+                                    reason="this torch has no oneDNN matmul")
+
+
+@pytest.mark.parametrize("gemm", ["mkl", pytest.param("onednn", marks=onednn_usable)])
+@pytest.mark.parametrize("shape", [(3, 12), (2, 7, 12), (0, 12)])
+def test_gradients_flow_through_the_linear_module_as_through_nn_linear(kernel_state, gemm, shape):
+    """MKL's path is F.linear, bit for bit; oneDNN's forward, dx, dW and db equal it to fp32 rounding — on a
+    strided input too (a transposed activation), with a frozen weight (LoRA's base: no dW asked for)."""
+    kernel_state["gemm"] = gemm == "onednn"
     torch.manual_seed(0)
-    ours = kernels.Linear(12, 5)
-    ref = torch.nn.Linear(12, 5)
+    ours, ref = kernels.Linear(12, 5), torch.nn.Linear(12, 5)
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 12)
-    ours(x).square().sum().backward()
-    ref(x).square().sum().backward()
-    assert torch.equal(ours.weight.grad, ref.weight.grad) and torch.equal(ours.bias.grad, ref.bias.grad)
+    for x in (torch.randn(*shape), torch.randn(*reversed(shape)).transpose(0, -1)):
+        for m in (ours, ref):
+            m.zero_grad()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        (ya.square().sum() + ya.sum()).backward()
+        (yb.square().sum() + yb.sum()).backward()
+        pairs = [(ya, yb), (xa.grad, xb.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)]
+        for a, b in pairs:
+            if gemm == "mkl":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ours.weight.requires_grad_(False)
+    ours.weight.grad = None
+    x = torch.randn(*shape, requires_grad=True)
+    ours(x).sum().backward()
+    assert ours.weight.grad is None and x.grad.shape == x.shape
+
+
+def test_the_cpu_gemm_is_chosen_once_by_the_environment_or_the_cpu(kernel_state, monkeypatch):
+    """R1KIT_CPU_GEMM picks MKL or oneDNN; auto takes oneDNN only on a non-Intel CPU with AVX-512 (where MKL
+    runs its AVX2 code); a bad value is an error that names the variable. The choice is made once a process."""
+    usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    cases = [("mkl", "AuthenticAMD", "AVX512", False), ("onednn", "GenuineIntel", "AVX2", usable),
+             ("auto", "AuthenticAMD", "AVX512", usable), ("auto", "GenuineIntel", "AVX512", False),
+             ("auto", "AuthenticAMD", "AVX2", False), ("auto", "", "AVX512", False)]
+    for env, vendor, isa, expected in cases:
+        monkeypatch.setenv("R1KIT_CPU_GEMM", env)
+        monkeypatch.setattr(kernels, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda i=isa: i)
+        kernel_state.pop("gemm", None)
+        assert kernels.onednn_gemm() is expected, (env, vendor, isa)
+        monkeypatch.setenv("R1KIT_CPU_GEMM", "onednn" if not expected else "mkl")
+        assert kernels.onednn_gemm() is expected  # decided once
+    monkeypatch.setenv("R1KIT_CPU_GEMM", "openblas")
+    kernel_state.pop("gemm", None)
+    with pytest.raises(ValueError, match="R1KIT_CPU_GEMM='openblas'"):
+        kernels.onednn_gemm()
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [256, 512])
+def test_both_vector_widths_equal_float64_and_stay_batch_invariant(width):
+    """The AVX2 and the AVX-512 skinny kernels (the latter where this CPU has it) on the tiles' edge cases."""
+    mod = kernels._module()
+    before = mod.vector_width()
+    if mod.set_vector_width(width) != width:
+        mod.set_vector_width(before)
+        pytest.skip("no AVX-512 on this CPU")
+    try:
+        for rows, n, k in [(1, 1, 8), (3, 5, 13), (5, 7, 17), (16, 193, 576), (17, 9, 33), (64, 577, 1537)]:
+            g = torch.Generator().manual_seed(rows + n + k)
+            x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+            got = mod.skinny_linear(x, w, b)
+            ref = F.linear(x.double(), w.double(), b.double())
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
+            assert torch.equal(mod.skinny_linear(x[1:2], w, b)[0], got[1]) if rows > 1 else True
+    finally:
+        mod.set_vector_width(before)
 
 
 def test_switched_off_means_f_linear_exactly(kernel_state, monkeypatch):
     monkeypatch.setenv("R1KIT_CPU_KERNELS", "0")
-    kernel_state.update(tried=False, module=None)
+    kernel_state.update(tried=False, module=None, gemm=False)
     x, w = torch.randn(4, 32), torch.randn(8, 32)
     with torch.no_grad(), kernels.decode_kernels():
         assert not kernels.uses_kernel(x, w)
@@ -128,7 +193,7 @@ def test_failed_build_warns_once_and_falls_back(kernel_state, monkeypatch, caplo
         raise RuntimeError("Error building extension 'r1kit_cpu_kernels'\nlong compiler output")
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.delenv("R1KIT_CPU_KERNELS", raising=False)
-    kernel_state.update(tried=False, module=None)
+    kernel_state.update(tried=False, module=None, gemm=False)  # the CPU GEMM: F.linear (see the test above)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     x, w = torch.randn(4, 32), torch.randn(8, 32)
     q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)

@@ -57,7 +57,7 @@ MAX_ROWS = 64  # above this MKL's sgemm is as fast (bench/generate.py, batch 64 
 SMALL_ROWS, CACHED_WEIGHT = 16, 1 << 17  # rows; weight elements (512 KB in fp32)
 MAX_QUERIES = 4  # queries per row: decode (1), MTP verification; above ≈ 8 SDPA is faster (its GEMM reuses keys)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny_linear.cpp", "decode_attention.cpp",
-                                                                "llama_decode.cpp", "rms_norm.cpp")]
+                                                                "llama_decode.cpp", "rms_norm.cpp", "sampling.cpp")]
 _state: dict = {"tried": False, "module": None}
 _local = threading.local()  # .on: this thread is inside decode_kernels()
 _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake tensors): those go to torch
@@ -131,9 +131,78 @@ def _attention_on(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (…, K) @ weight (N, K)ᵀ + bias (N,) → (…, N); equal to F.linear up to summation order."""
-    if not uses_kernel(x, weight):
-        return F.linear(x, weight, bias)
-    return _state["module"].skinny_linear(x, weight, None if bias is None else bias.contiguous())  # (…, N)
+    if uses_kernel(x, weight):
+        return _state["module"].skinny_linear(x, weight, None if bias is None else bias.contiguous())  # (…, N)
+    if (_plain_cpu_fp32(x, weight) and (bias is None or _plain_cpu_fp32(bias, bias)) and x.numel() > 0
+            and onednn_gemm()):  # (oneDNN has no empty matmul)
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _plain_cpu_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """fp32 plain tensors (no subclass: DTensor, fake tensors) on the CPU, outside a torch.compile trace."""
+    return (a.dtype is torch.float32 and b.dtype is torch.float32 and type(a) in _PLAIN and type(b) in _PLAIN
+            and a.device.type == "cpu" and b.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
+def onednn_gemm() -> bool:
+    """Whether CPU fp32 matmuls outside the decode kernel go through oneDNN rather than MKL (F.linear).
+
+    R1KIT_CPU_GEMM = auto (default) | onednn | mkl. auto takes oneDNN on x86 CPUs with AVX-512 that are not
+    Intel's: MKL runs its AVX2 code there, oneDNN its AVX-512 code — measured on a Zen 5 core, one thread,
+    a GRPO step's shapes (4930 rows × 128–352): forward and dx 160–200 GFLOP/s against MKL's 55–80, dW
+    105–140 against 82–86 (bench/generate.py and grpo_vs_trl.py print which one ran). Decided once per
+    process, so every forward of a run — π_θ, π_old, π_ref — is one function."""
+    if "gemm" not in _state:
+        choice = os.environ.get("R1KIT_CPU_GEMM", "auto")
+        if choice not in ("auto", "onednn", "mkl"):
+            raise ValueError(f"R1KIT_CPU_GEMM={choice!r}: expected auto, onednn or mkl")
+        usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if choice == "auto":
+            choice = "onednn" if torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_vendor() not in (
+                "GenuineIntel", "") else "mkl"
+        _state["gemm"] = choice == "onednn" and usable
+    return _state["gemm"]
+
+
+def _cpu_vendor() -> str:
+    """x86 vendor id (AuthenticAMD, GenuineIntel, …) from /proc/cpuinfo; "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _dnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's x @ weightᵀ (+ bias): x (…, K), weight (N, K), any strides → (…, N)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with forward and both backward matmuls by oneDNN (see onednn_gemm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _dnn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        rows = dy.reshape(-1, dy.shape[-1])  # (M, N)
+        if ctx.needs_input_grad[0]:
+            dx = _dnn(dy, weight.t(), None)  # (…, N) @ (N, K) → (…, K)
+        if ctx.needs_input_grad[1]:
+            dw = _dnn(rows.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, M) @ (M, K) → (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = rows.sum(0)
+        return dx, dw, db
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -168,7 +237,7 @@ def decode_layers(x: torch.Tensor, weights: list, k_cache: torch.Tensor, v_cache
     rows = x.view(x.shape[0], -1)
     skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:len(LAYER_SLOTS)]]  # layer 0
     return _state["module"].llama_decode_layers(x, weights, k_cache, v_cache, pos, cos, sin, mask, heads[0],
-                                                heads[1], eps, scale, skinny, MAX_QUERIES)
+                                                heads[1], eps, scale, skinny, onednn_gemm(), MAX_QUERIES)
 
 
 def layers_apply(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -179,6 +248,17 @@ def layers_apply(x: torch.Tensor, k_cache: torch.Tensor) -> bool:
 # the order of one layer's weights in decode_layers' list (csrc/llama_decode.cpp's Slot)
 LAYER_SLOTS = ("attn_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "bo", "ffn_norm",
                "w1", "w2", "w3")
+
+
+def sample_untruncated(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor):
+    """sampling.py's untruncated and greedy draw (csrc/sampling.cpp) → (tokens (n,), log-probs (n,)), or None
+    where it does not apply: CPU fp32 contiguous (n, V) plain logits, outside a torch.compile trace, built.
+    Not tied to decode_kernels(): no trainer samples, so no forward of one can tell."""
+    if not (logits.dim() == 2 and _plain_cpu_fp32(logits, logits) and logits.is_contiguous() and logits.shape[1] > 0
+            and temperature.device.type == "cpu" and u.device.type == "cpu" and _module() is not None):
+        return None
+    tokens, logp = _state["module"].sample_untruncated(logits, temperature, u)
+    return tokens, logp
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -200,9 +280,7 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm(x, (n,), weight, eps) over x's last axis, by the C++ kernel for contiguous fp32 CPU plain
     tensors — every forward there, trainers' included (π_θ, π_old and π_ref normalise alike) — else torch's."""
-    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and type(x) in _PLAIN and type(weight) in _PLAIN
-            and x.device.type == "cpu" and weight.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
-            and not torch.compiler.is_compiling() and _module() is not None):
+    if _plain_cpu_fp32(x, weight) and x.is_contiguous() and weight.is_contiguous() and _module() is not None:
         return _RMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 

@@ -12,6 +12,9 @@
 // → residual. tests/test_kernels.py checks it against that forward on every supported config.
 #include <torch/extension.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string>
 #include <vector>
 
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
@@ -28,17 +31,20 @@ enum Slot { kAttnNorm, kWq, kBq, kWk, kBk, kWv, kBv, kQNorm, kKNorm, kWo, kBo, k
 
 using Weights = std::vector<c10::optional<torch::Tensor>>;
 
-// x (B, heads·D) rotated in place: x_i·cos_i + x_{(i+D/2) mod D}·sin_i, cos/sin rows of length D per batch row
+// x (B, heads·D) rotated in place: x_i·cos_i + x_{(i+D/2) mod D}·sin_i, cos/sin rows of length D per batch row;
+// each pair (i, i + D/2) read once and both rotated, so no copy of the head and no modulo
 void rope(float* x, const float* cos, const float* sin, int64_t cs_stride, int64_t B, int64_t heads, int64_t D) {
-  std::vector<float> tmp(D);
   const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b) {
     const float* c = cos + b * cs_stride;
     const float* s = sin + b * cs_stride;
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (b * heads + h) * D;
-      std::copy(v, v + D, tmp.begin());
-      for (int64_t i = 0; i < D; ++i) v[i] = tmp[i] * c[i] + tmp[(i + half) % D] * s[i];
+      for (int64_t i = 0; i < half; ++i) {
+        const float lo = v[i], hi = v[i + half];
+        v[i] = lo * c[i] + hi * s[i];
+        v[i + half] = hi * c[i + half] + lo * s[i + half];
+      }
     }
   }
 }
@@ -47,14 +53,25 @@ struct Step {  // what every layer of this step shares
   int64_t B, H, Hkv, D, Tk;
   double eps, scale;
   int64_t max_queries;
-  std::vector<bool> skinny;  // per matmul slot: the skinny kernel (else at::linear), as kernels.uses_kernel says
+  std::vector<bool> skinny;  // per matmul slot: the skinny kernel, as kernels.uses_kernel says
+  bool onednn;  // the other matmuls by oneDNN (kernels.onednn_gemm), else at::linear (MKL)
   torch::Tensor cos, sin, pos, mask;
 };
+
+// oneDNN's matmul, the op kernels.onednn_gemm's path calls from Python (mkldnn::_linear_pointwise), boxed:
+// its schema is torch's, so no C++ signature of it is written down here to drift
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& W, const c10::optional<torch::Tensor>& b) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, W, b, std::string("none"), c10::List<c10::optional<c10::Scalar>>(), std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
 
 torch::Tensor project(const Step& st, const torch::Tensor& x, const Weights& w, int slot, int bias) {
   const torch::Tensor& W = *w[slot];
   const c10::optional<torch::Tensor> b = bias < 0 ? c10::nullopt : w[bias];
   if (st.skinny[slot]) return skinny_linear(x, W, b);
+  if (st.onednn) return onednn_linear(x, W, b);
   return b.has_value() ? at::linear(x, W, *b) : at::linear(x, W);
 }
 
@@ -109,12 +126,12 @@ void layer(const Step& st, torch::Tensor& x, const Weights& w, torch::Tensor kc,
 
 // x (B, 1, d) → x after every layer; k_cache, v_cache (L, B, Hkv, max_len, D) (the rows of this step),
 // pos (B, 1) int64 positions written, cos, sin (B, 1, 1, D) views with contiguous rows, mask (B, 1, 1, Tk)
-// additive float; weights: L × kSlots entries (see Slot); skinny: kSlots flags.
+// additive float; weights: L × kSlots entries (see Slot); skinny: kSlots flags; onednn: see Step.
 torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c10::optional<torch::Tensor>>& weights,
                                   const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& pos,
                                   const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask,
                                   int64_t n_heads, int64_t n_kv, double eps, double scale,
-                                  const std::vector<bool>& skinny, int64_t max_queries) {
+                                  const std::vector<bool>& skinny, bool onednn, int64_t max_queries) {
   const int64_t L = k_cache.size(0), B = x_in.size(0), d = x_in.size(2), D = k_cache.size(4);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1 && x_in.scalar_type() == at::kFloat, "x must be (B, 1, d) fp32");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kSlots && static_cast<int64_t>(skinny.size()) == kSlots,
@@ -125,7 +142,7 @@ torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c
   TORCH_CHECK(cos.numel() / cos.size(0) == D && cos.size(0) == B && cos.stride(3) == 1 && sin.strides() == cos.strides(),
               "cos/sin must be (B, 1, 1, D) with contiguous rows");
   TORCH_CHECK(mask.dim() == 4 && mask.size(0) == B && mask.scalar_type() == at::kFloat, "mask must be (B, 1, 1, Tk) float");
-  Step st{B, n_heads, n_kv, D, mask.size(3), eps, scale, max_queries, skinny, cos, sin, pos, mask};
+  Step st{B, n_heads, n_kv, D, mask.size(3), eps, scale, max_queries, skinny, onednn, cos, sin, pos, mask};
   auto x = x_in.reshape({B, d}).clone();  // (B, d): the residual stream, updated in place
   for (int64_t l = 0; l < L; ++l) {
     Weights w(weights.begin() + l * kSlots, weights.begin() + (l + 1) * kSlots);
