@@ -89,10 +89,23 @@ class _Row:
     prompt_len: int
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a CPU generator: a seed draws the same numbers on any device
+    uniforms: list = field(default_factory=list)  # the next numbers of `generator`, last first (see next_uniform)
     finish_reason: str | None = None  # "stop" | "length" | "error" (then `error` holds the exception)
     error: Exception | None = None
     routes: list | None = None  # per gate: (n_i, k) chunks of expert ids, when the batch records routing
+
+
+    def next_uniform(self) -> float:
+        """The next number of this row's stream. Drawn UNIFORM_BLOCK at a time — on a CPU generator the same
+        numbers as one call per token — so a step costs a list pop per row, not a torch call (≈ 2 µs each,
+        0.28 ms a step at 128 rows)."""
+        if not self.uniforms:
+            self.uniforms = torch.rand(UNIFORM_BLOCK, generator=self.generator).tolist()[::-1]
+        return self.uniforms.pop()
+
+
+UNIFORM_BLOCK = 64
 
 
 class Batch:
@@ -175,7 +188,7 @@ class Batch:
         stop_ids = sp.stop_token_ids if sp.stop_token_ids is not None else (self.tok.stop_ids if self.tok else ())
         gen = None
         if sp.seed is not None:
-            gen = torch.Generator(self.device)
+            gen = torch.Generator()
             gen.manual_seed(sp.seed)
         self.rows[slot] = _Row(tag, sp, frozenset(() if sp.ignore_eos else stop_ids), len(prompt), generator=gen)
         self.temp[slot], self.top_p[slot], self.top_k[slot] = sp.temperature, sp.top_p, sp.top_k
@@ -242,15 +255,15 @@ class Batch:
 
     def _sample(self, logits: torch.Tensor, slots: list[int]):
         """logits (n, V) for `slots` → (tokens (n,), log π_rollout (n,))."""
-        seeded = [(j, self.rows[s].generator) for j, s in enumerate(slots) if self.rows[s].generator is not None]
+        seeded = [(j, self.rows[s]) for j, s in enumerate(slots) if self.rows[s].generator is not None]
         # rows with their own seed draw from their own generator, one number per token; the others share one call
-        own = [torch.rand(1, generator=g, device=self.device) for _, g in seeded]
+        own = [r.next_uniform() for _, r in seeded]
         if len(seeded) == len(slots):  # all seeded (GRPO, benchmarks): nothing to merge
-            u = torch.cat(own)
+            u = torch.tensor(own, device=self.device)
         else:
             u = torch.rand(len(slots), generator=self.shared_gen, device=self.device)
             if seeded:
-                u[[j for j, _ in seeded]] = torch.cat(own)
+                u[[j for j, _ in seeded]] = torch.tensor(own, device=self.device)
         at = slots if slots[-1] + 1 > len(slots) else slice(0, len(slots))  # leading rows: views, not gathers
         return sampling.sample(logits, self.temp[at], self.top_p[at], self.top_k[at], u)
 

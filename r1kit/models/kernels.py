@@ -1,4 +1,5 @@
-"""CPU kernels: `linear` (= F.linear), `attention` (= SDPA), a Llama decode step's layers and RMSNorm, in C++.
+"""CPU kernels: `linear` (= F.linear), `attention` (= SDPA), a Llama decode step's layers, RMSNorm and the
+untruncated draw of sampling.py, in C++; and the choice of the CPU's fp32 GEMM (MKL or oneDNN).
 
 A decode step multiplies a handful of rows (one per sequence in the batch) by every weight matrix, and
 attends from one new query per row over the KV cache. Measured on the 2-core AVX2 box (one thread):
@@ -19,6 +20,15 @@ attends from one new query per row over the KV cache. Measured on the 2-core AVX
   the residuals as loops around the matmul and attention kernels above — the race's tiny model decodes
   1.6–1.8× faster a step (16 and 128 rows), tokens equal to the module layers' (tests/test_kernels.py).
 
+- the GEMM outside the decode kernel (`linear` everywhere else: trainers' forwards and backwards, prefill, the
+  fused decode's matmuls past the skinny kernel's rows): MKL's sgemm takes its AVX2 code on CPUs that are not
+  Intel's, oneDNN (in every torch build, `torch.ops.mkldnn._linear_pointwise`) its AVX-512 code. On a Zen 5
+  core a GRPO step's shapes ran 2–3× faster forward and dx, 1.3–1.7× dW; `onednn_gemm` says which one a
+  process uses (R1KIT_CPU_GEMM=auto|onednn|mkl), once, so π_θ, π_old and π_ref stay one function.
+- the skinny matmul and the 16-wide CPU: where the CPU has AVX-512, `skinny_linear` runs 16-wide tiles (1.4–2×
+  the AVX2 kernel's GFLOP/s at 16 rows on that Zen 5 core); both widths are tested against fp64.
+- sampling (`sample_untruncated`, sampling.py's greedy and untruncated rows on a CPU): one pass per row where
+  the torch path is ~20 ops — 29 against 194 µs at 16 rows × 512 ids, 0.54 against 3.6 ms over 49k ids.
 - RMSNorm (`rms_norm`, every RMSNorm of the Llama file on a CPU in fp32, trainers' forwards and backwards
   included, unlike the two above): torch 2.13's backward of F.rms_norm is its composite's (≈ 6 ms on a
   GRPO step's 5k × 128 activations); `csrc/rms_norm.cpp` does forward and backward in one pass each, dw
