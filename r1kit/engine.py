@@ -168,7 +168,8 @@ class Batch:
         if len(unique) < len(prompts):
             tmp.select(which)
         slot_t = torch.tensor(slots, device=self.device)
-        self.cache.insert(slot_t, tmp)
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.cache.insert(slice(slots[0], slots[0] + len(slots)) if consecutive else slot_t, tmp)
         try:
             for j, (s, p, sp, tag) in enumerate(zip(slots, prompts, params, tags)):
                 self._open_row(s, p, sp, tag)
