@@ -12,10 +12,11 @@ from r1kit.models import lora
 from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
 from r1kit.models.llama import Llama, LlamaConfig, document_mask
 from r1kit.models.routing import record_routing
-from r1kit.packing import first_fit_decreasing, pack_documents
+from r1kit.packing import first_fit_decreasing, pack_documents, shared_prompt_rows
 from r1kit.rollout import Rollout
 from r1kit.stages.grpo import (GRPOConfig, completion_logprobs, engine_routes, plan_micro_batches, policy_update,
                                rollout_batch)
+from r1kit.stages.grpo_batch import shares_prompts
 
 V = 64
 
@@ -157,6 +158,81 @@ def test_packed_gradients_equal_padded(family):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-5, msg=n)
 
 
+# ------------------------------------------------------------------------------------ shared prompts
+def grouped_rollouts(prompts=4, group=5, seed=0) -> list[Rollout]:
+    """GRPO's batch: `group` samples of each prompt (prompts of 2–9 tokens, completions of 1–15), interleaved."""
+    g = random.Random(seed)
+    heads = [[g.randrange(V) for _ in range(g.randint(2, 9))] for _ in range(prompts)]
+    out = []
+    for j in range(group):
+        for p in heads:
+            tokens = [g.randrange(V) for _ in range(g.randint(1, 15))]
+            out.append(Rollout(None, list(p), Sample(len(out), tokens, [-4.0] * len(tokens), "stop"), "", {}))
+    return out
+
+
+def shared_rows(rollouts):
+    lengths = [len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts]
+    return shared_prompt_rows([tuple(r.prompt_ids) for r in rollouts], [len(r.prompt_ids) for r in rollouts],
+                              [len(r.sample.tokens) for r in rollouts], max(lengths))
+
+
+def test_shared_prompt_rows_write_each_prompt_once_per_segment_within_capacity():
+    rollouts = grouped_rollouts(6, 8, seed=4)
+    rows = shared_rows(rollouts)
+    assert sorted(i for row in rows for i in row) == list(range(len(rollouts)))  # each exactly once
+    b, _ = rollout_batch(rollouts, rows, 0, share=True)
+    cap = max(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts)
+    assert b.idx.shape[1] <= cap  # no row wider than the padded batch's: its W × W attention is no dearer
+    full = sum(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts)
+    written = int((b.doc >= 0).sum())
+    assert written < full - 2 * 6 * 2  # at least two prompt copies saved per prompt
+    # each scored token is the one whose column follows the output that predicts it, in its own document
+    for k, i in enumerate(b.order):
+        r = rollouts[i]
+        assert b.targets[k, :len(r.sample.tokens)].tolist() == r.sample.tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_shared_prompt_logprobs_and_gradients_equal_the_padded_batch(family, chunk):
+    """A sample whose prompt it shares with the samples before it in a row sees the prompt and itself only:
+    log-probs, entropy and gradients equal one sequence per padded row."""
+    torch.manual_seed(0)
+    model = build(family).train()
+    model.logprob_chunk = chunk
+    rollouts = grouped_rollouts()
+    weights = torch.randn(len(rollouts), 15, generator=torch.Generator().manual_seed(1))
+    got = {}
+    for name, rows, share in (("padded", padded_rows(rollouts), False), ("shared", shared_rows(rollouts), True)):
+        b, _ = rollout_batch(rollouts, rows, pad_id=0, share=share)
+        if share:
+            assert b.packed and int(b.branch.max()) >= 3  # rows really hold several samples of one prompt
+        model.zero_grad(set_to_none=True)
+        logp, ent = completion_logprobs(model, b, 0.7)
+        (logp * weights[b.order, : logp.shape[1]]).sum().backward()
+        got[name] = (in_rollout_order(logp.detach(), b.order), in_rollout_order(ent, b.order),
+                     {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    torch.testing.assert_close(got["shared"][0], got["padded"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["shared"][1], got["padded"][1], atol=1e-5, rtol=0)
+    assert got["shared"][2].keys() == got["padded"][2].keys()
+    for n, grad in got["padded"][2].items():  # fp32 sums in other orders: to 1e-5 of each gradient's scale
+        torch.testing.assert_close(got["shared"][2][n], grad, atol=1e-5 * float(grad.abs().max()), rtol=1e-5, msg=n)
+
+
+def test_prompts_are_shared_only_with_packing_and_without_routing_replay():
+    assert shares_prompts(GRPOConfig())
+    assert not shares_prompts(GRPOConfig(share_prompts=False))
+    assert not shares_prompts(GRPOConfig(packing=False))
+    assert not shares_prompts(GRPOConfig(routing_replay="rollout"))
+    assert not shares_prompts(GRPOConfig(routing_replay="trainer"))
+
+
+def test_a_shared_documents_scored_tokens_must_lie_past_its_prompt():
+    with pytest.raises(ValueError, match="document 1: 3 scored tokens of 4 after a shared prompt of 2"):
+        pack_documents([[1, 2, 3, 4], [1, 2, 5, 6]], [2, 3], [[0, 1]], pad_id=0, prefix=[2, 2])
+
+
 # ------------------------------------------------------------------------------------ one GRPO step
 def step(model, cfg, rollouts, adv, ref=None):
     m = copy.deepcopy(model)
@@ -188,6 +264,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_one_grpo_step_with_packing_equals_without(case):
+    torch.manual_seed(0)  # LoRA's adapters are drawn from the global generator: the same ones whatever ran before
     over = CASES[case]
     model = build("llama").train()
     model.logprob_chunk, model.grad_checkpointing = over.get("logprob_chunk", 0), over.get("grad_checkpointing", False)

@@ -140,19 +140,30 @@ class RopeTable:
         return cs[..., :1, :], cs[..., 1:, :]  # (..., T, 1, D) each
 
 
-def document_mask(doc: torch.Tensor) -> torch.Tensor:
+def document_mask(doc: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token document ids (B, T) → block-diagonal causal mask (B, 1, T, T), True = may attend.
 
-    A token sees the tokens before it (and itself) in its own document only.
+    A token sees the tokens before it (and itself) in its own document only. With `branch` (B, T), a
+    document is a shared prefix (branch 0) followed by several continuations (branch 1, 2, …, each after
+    the one before): a continuation's token sees the prefix and its own continuation, never a sibling's —
+    what it would see as prefix + continuation alone (GRPO's prompt, written once for several samples).
 
     >>> document_mask(torch.tensor([[0, 0, 1]]))[0, 0].int()
     tensor([[1, 0, 0],
             [1, 1, 0],
             [0, 0, 1]], dtype=torch.int32)
+    >>> document_mask(torch.tensor([[0, 0, 0, 0]]), torch.tensor([[0, 1, 2, 2]]))[0, 0].int()
+    tensor([[1, 0, 0, 0],
+            [1, 1, 0, 0],
+            [1, 0, 1, 0],
+            [1, 0, 1, 1]], dtype=torch.int32)
     """
     T = doc.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()  # (T, T)
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, T, T) → (B, 1, T, T)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    if branch is not None:  # key k: the shared prefix, or the query's own continuation
+        allowed &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    return allowed[:, None]  # (B, 1, T, T)
 
 
 def positions_and_mask(B: int, T: int, device, kv_cache, positions, attn_mask):

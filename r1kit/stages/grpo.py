@@ -75,6 +75,7 @@ class GRPOConfig(MemoryOptions):
     micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches also hold at most this many (padded) tokens
     packing: bool = True  # training forwards pack rollouts into rows of documents (no FLOPs on padding); false: padded rows
+    share_prompts: bool = True  # with packing: a row holds a prompt once for several of its samples (each sees it)
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter

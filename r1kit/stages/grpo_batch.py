@@ -45,20 +45,34 @@ def plan_micro_batches(cfg: GRPOConfig, rollouts: list[Rollout]) -> list[list[li
     if cfg.packing and lengths:
         cap = max(lengths)
         cap = min(cap, cfg.max_tokens_per_micro_batch) if cfg.max_tokens_per_micro_batch else cap
-        rows = packing.first_fit_decreasing(lengths, cap)
+        if shares_prompts(cfg):
+            rows = packing.shared_prompt_rows([tuple(r.prompt_ids) for r in rollouts],
+                                              [len(r.prompt_ids) for r in rollouts],
+                                              [len(r.sample.tokens) for r in rollouts], cap)
+        else:
+            rows = packing.first_fit_decreasing(lengths, cap)
     else:
         rows = [[i] for i in range(len(rollouts))]
-    widths = [sum(lengths[i] for i in row) for row in rows]
+    widths = [sum(lengths[i] for i in row) for row in rows]  # an upper bound where rows share prompts
     return [rows[a:b] for a, b in micro_batch_bounds(widths, cfg.micro_batch, cfg.max_tokens_per_micro_batch)]
 
 
-def rollout_batch(rollouts: list[Rollout], rows: list[list[int]], pad_id: int, device=None):
+def shares_prompts(cfg: GRPOConfig) -> bool:
+    """Whether packed rows write a prompt once for several of its samples (cfg.share_prompts). Not with routing
+    replay: the engine's records (R3) are laid out per whole document (engine_routes), and the disagreement
+    statistic of R2 counts every document's prompt tokens, as the unshared layouts do."""
+    return cfg.packing and cfg.share_prompts and cfg.routing_replay == "off"
+
+
+def rollout_batch(rollouts: list[Rollout], rows: list[list[int]], pad_id: int, device=None, share: bool = False):
     """Rows of rollout indices → (the PackedBatch of their prompt + completion, the sampler's log-probs (n, T)).
 
-    The completion is each document's scored suffix; n and T follow the batch's order (`order`).
+    The completion is each document's scored suffix; n and T follow the batch's order (`order`). share: a
+    rollout right after one of its prompt in a row shares that prompt's copy (pack_documents' prefix).
     """
     batch = packing.pack_documents([r.prompt_ids + r.sample.tokens for r in rollouts],
-                                   [len(r.sample.tokens) for r in rollouts], rows, pad_id, device)
+                                   [len(r.sample.tokens) for r in rollouts], rows, pad_id, device,
+                                   prefix=[len(r.prompt_ids) for r in rollouts] if share else None)
     rollout_logp = torch.zeros(batch.mask.shape)
     for k, i in enumerate(batch.order):
         lp = rollouts[i].sample.logprobs
@@ -130,7 +144,7 @@ def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device,
     """The micro-batches of micro_batches(), with their reference and pre-update log-probs."""
     out = []
     for rows in plan_micro_batches(cfg, rollouts):
-        batch, rollout_logp = rollout_batch(rollouts, rows, pad_id, device)
+        batch, rollout_logp = rollout_batch(rollouts, rows, pad_id, device, shares_prompts(cfg))
         logp = {}
         routes = engine_routes(rollouts, batch) if moe and from_engine else None
         with torch.no_grad():
@@ -201,7 +215,7 @@ def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout],
     T = max(len(r.sample.tokens) for r in rollouts)
     adv, kl, n = torch.zeros(len(rollouts), T), 0.0, 0.0
     for rows in plan_micro_batches(cfg, rollouts):
-        batch, _ = rollout_batch(rollouts, rows, pad_id, device)
+        batch, _ = rollout_batch(rollouts, rows, pad_id, device, shares_prompts(cfg))
         with autocast(device, resolve_dtype(cfg.dtype, device)):
             student = completion_logprobs(model, batch, cfg.temperature)[0]
             scored = completion_logprobs(teacher, batch, cfg.temperature)[0]
