@@ -170,6 +170,7 @@ def pack_documents(docs: list[list[int]], scored: list[int], rows: list[list[int
     for r, (row, sh) in enumerate(zip(rows, shares)):
         at = j = 0  # next free column of the row; next free slot of its logit_pos
         d = -1  # document number within the row (a shared prompt's continuations keep its number)
+        b = prompt_end = 0  # branch of the last document written; column after its segment's prompt
         for i, shared in zip(row, sh):
             seq, t, L = docs[i], scored[i], len(docs[i])
             if not 0 <= t < L or (shared and t > L - prefix[i]):
