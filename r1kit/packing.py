@@ -60,6 +60,8 @@ def shared_prompt_rows(prompts: list, prompt_len: list[int], suffix_len: list[in
 
     >>> shared_prompt_rows(["a", "a", "a", "b"], [2, 2, 2, 3], [3, 2, 1, 2], capacity=6)
     [[0, 2], [3], [1]]
+    >>> shared_prompt_rows(["a", "a"], [4, 4], [2, 1], capacity=3)  # a prompt past the capacity: no sharing
+    [[0], [1]]
     """
     groups: dict = {}
     for i, key in enumerate(prompts):
@@ -67,6 +69,9 @@ def shared_prompt_rows(prompts: list, prompt_len: list[int], suffix_len: list[in
     segments = []
     for docs in groups.values():
         room = capacity - prompt_len[docs[0]]
+        if room < 1:  # the prompt alone fills a row: a segment per document, as first_fit_decreasing gives
+            segments += [[i] for i in docs]
+            continue
         for seg in first_fit_decreasing([suffix_len[i] for i in docs], room):
             segments.append([docs[j] for j in seg])
     widths = [prompt_len[seg[0]] + sum(suffix_len[i] for i in seg) for seg in segments]
