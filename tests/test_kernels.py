@@ -372,6 +372,30 @@ def test_rms_norm_kernel_equals_torch_forward_and_backward(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(1, 7), (5, 352), (3, 4, 1537)])
+def test_swiglu_kernel_equals_silu_times_up_forward_and_backward(shape):
+    """silu(a) · b and both gradients against torch's two ops, tails shorter than a vector included."""
+    g = torch.Generator().manual_seed(sum(shape))
+    a, b, dy = (torch.randn(*shape, generator=g) * 4 for _ in range(3))
+    outs = []
+    for fn in (kernels.swiglu, lambda x, y: F.silu(x) * y):
+        xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        y = fn(xa, xb)
+        y.backward(dy)
+        outs.append((y.detach(), xa.grad, xb.grad))
+    assert outs[0][0].shape == shape
+    for got, want in zip(outs[0], outs[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_falls_back_to_torch_exactly_off_its_contract():
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    for x, y in ((a.t(), b.t()), (a.double(), b.double()), (a[:, :1], b)):  # strided, fp64, broadcast
+        assert torch.equal(kernels.swiglu(x, y), F.silu(x) * y)
+
+
+
+@needs_kernel
 def test_rms_norm_kernel_is_thread_invariant_and_falls_back_to_torch():
     g = torch.Generator().manual_seed(1)
     x, w, dy = torch.randn(2000, 96, generator=g), torch.randn(96, generator=g), torch.randn(2000, 96, generator=g)

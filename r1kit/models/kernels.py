@@ -70,7 +70,8 @@ SMALL_ROWS, CACHED_WEIGHT = 16, 1 << 17  # rows; weight elements (512 KB in fp32
 WIDE_SMALL_ROWS = 48
 MAX_QUERIES = 4  # queries per row: decode (1), MTP verification; above ≈ 8 SDPA is faster (its GEMM reuses keys)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny_linear.cpp", "decode_attention.cpp",
-                                                                "llama_decode.cpp", "rms_norm.cpp", "sampling.cpp")]
+                                                                "llama_decode.cpp", "rms_norm.cpp", "sampling.cpp",
+                                                                "swiglu.cpp")]
 _state: dict = {"tried": False, "module": None, "small_rows": SMALL_ROWS}
 _local = threading.local()  # .on: this thread is inside decode_kernels()
 _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake tensors): those go to torch
@@ -290,6 +291,30 @@ class _RMSNorm(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dx, dw = _state["module"].rms_norm_backward(x, weight, dy.contiguous(), ctx.eps)
         return dx, dw, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """csrc/swiglu.cpp's silu(a) · b and its backward, one pass each."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _state["module"].swiglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        da, db = _state["module"].swiglu_backward(a, b, dy.contiguous())
+        return da, db
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.silu(a) * b (SwiGLU's gate): by the C++ kernel for contiguous fp32 CPU plain tensors of one shape —
+    every forward there, trainers' included — else torch's two ops."""
+    if (_plain_cpu_fp32(a, b) and a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
+            and _module() is not None):
+        return _SwiGLU.apply(a, b)
+    return F.silu(a) * b
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -361,7 +361,7 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):

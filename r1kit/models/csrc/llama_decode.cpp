@@ -23,6 +23,7 @@ c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torc
                                               const c10::optional<torch::Tensor>& mask, double scale,
                                               int64_t max_queries);
 void rms_norm_rows(const float* x, float* y, const float* w, int64_t rows, int64_t n, float eps);  // rms_norm.cpp
+void swiglu_rows(const float* a, const float* b, float* y, int64_t n);  // swiglu.cpp
 
 namespace {
 
@@ -117,9 +118,10 @@ void layer(const Step& st, torch::Tensor& x, const Weights& w, torch::Tensor kc,
   auto y = attend(st, q, k, v, kc, vc).contiguous();
   add_into(x, project(st, y, w, kWo, kBo).contiguous());
   rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kFfnNorm]->data_ptr<float>(), st.B, d, st.eps);
-  auto gate = project(st, h, w, kW1, -1);
-  gate = at::silu_(gate).mul_(project(st, h, w, kW3, -1));
-  add_into(x, project(st, gate.contiguous(), w, kW2, -1).contiguous());
+  auto gate = project(st, h, w, kW1, -1).contiguous();
+  const auto up = project(st, h, w, kW3, -1).contiguous();
+  swiglu_rows(gate.data_ptr<float>(), up.data_ptr<float>(), gate.data_ptr<float>(), gate.numel());  // silu(gate)·up
+  add_into(x, project(st, gate, w, kW2, -1).contiguous());
 }
 
 }  // namespace
