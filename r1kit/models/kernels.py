@@ -1,5 +1,5 @@
-"""CPU kernels: `linear` (= F.linear), `attention` (= SDPA), a Llama decode step's layers, RMSNorm and the
-untruncated draw of sampling.py, in C++; and the choice of the CPU's fp32 GEMM (MKL or oneDNN).
+"""CPU kernels: `linear` (= F.linear), `attention` (= SDPA), a Llama decode step's layers, RMSNorm, SwiGLU's
+gate and the untruncated draw of sampling.py, in C++; and the choice of the CPU's fp32 GEMM (MKL or oneDNN).
 
 A decode step multiplies a handful of rows (one per sequence in the batch) by every weight matrix, and
 attends from one new query per row over the KV cache. Measured on the 2-core AVX2 box (one thread):
@@ -29,6 +29,8 @@ attends from one new query per row over the KV cache. Measured on the 2-core AVX
   the AVX2 kernel's GFLOP/s at 16 rows on that Zen 5 core); both widths are tested against fp64.
 - sampling (`sample_untruncated`, sampling.py's greedy and untruncated rows on a CPU): one pass per row where
   the torch path is ~20 ops — 29 against 194 µs at 16 rows × 512 ids, 0.54 against 3.6 ms over 49k ids.
+- SwiGLU (`swiglu`, every Llama MLP on a CPU in fp32, trainers included): silu(a)·b and its two gradients in one
+  pass each, where autograd runs five elementwise passes (3–9% of the race's training forward + backward).
 - RMSNorm (`rms_norm`, every RMSNorm of the Llama file on a CPU in fp32, trainers' forwards and backwards
   included, unlike the two above): torch 2.13's backward of F.rms_norm is its composite's (≈ 6 ms on a
   GRPO step's 5k × 128 activations); `csrc/rms_norm.cpp` does forward and backward in one pass each, dw
