@@ -81,6 +81,9 @@ class Sample:
     # after it — so a trainer sees the tokens the reward judged, and only those.
 
 
+UNIFORM_BLOCK = 64  # numbers a seeded row draws from its generator at a time (_Row.next_uniform)
+
+
 @dataclass
 class _Row:
     tag: object
@@ -95,7 +98,6 @@ class _Row:
     error: Exception | None = None
     routes: list | None = None  # per gate: (n_i, k) chunks of expert ids, when the batch records routing
 
-
     def next_uniform(self) -> float:
         """The next number of this row's stream. Drawn UNIFORM_BLOCK at a time — on a CPU generator the same
         numbers as one call per token — so a step costs a list pop per row, not a torch call (≈ 2 µs each,
@@ -103,9 +105,6 @@ class _Row:
         if not self.uniforms:
             self.uniforms = torch.rand(UNIFORM_BLOCK, generator=self.generator).tolist()[::-1]
         return self.uniforms.pop()
-
-
-UNIFORM_BLOCK = 64
 
 
 class Batch:

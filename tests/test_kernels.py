@@ -140,6 +140,16 @@ def test_gradients_flow_through_the_linear_module_as_through_nn_linear(kernel_st
     assert ours.weight.grad is None and x.grad.shape == x.shape
 
 
+@onednn_usable
+def test_cpu_autocast_keeps_f_linears_bf16_matmul(kernel_state):
+    """Under CPU autocast the matmul is F.linear's (bf16), not oneDNN's fp32 one."""
+    kernel_state["gemm"] = True
+    x, w = torch.randn(5, 16), torch.randn(7, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.linear(x, w).dtype == torch.bfloat16 == F.linear(x, w).dtype
+    assert kernels.linear(x, w).dtype == torch.float32
+
+
 def test_the_cpu_gemm_is_chosen_once_by_the_environment_or_the_cpu(kernel_state, monkeypatch):
     """R1KIT_CPU_GEMM picks MKL or oneDNN; auto takes oneDNN only on a non-Intel CPU with AVX-512 (where MKL
     runs its AVX2 code); a bad value is an error that names the variable. The choice is made once a process."""

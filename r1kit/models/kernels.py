@@ -152,7 +152,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if uses_kernel(x, weight):
         return _state["module"].skinny_linear(x, weight, None if bias is None else bias.contiguous())  # (…, N)
     if (_plain_cpu_fp32(x, weight) and (bias is None or _plain_cpu_fp32(bias, bias)) and x.numel() > 0
-            and onednn_gemm()):  # (oneDNN has no empty matmul)
+            and not torch.is_autocast_enabled("cpu") and onednn_gemm()):  # (no empty matmul; autocast: F.linear's)
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
