@@ -11,7 +11,10 @@ in one process (the machine is shared and noisy) and the medians are reported, w
          config's weight shapes at this batch, the faster of `F.linear` (MKL) and r1kit's CPU decode
          kernel (r1kit/models/kernels.py), i.e. what the matmuls alone would allow.
 
-Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16).
+Final lines: `ratio_vs_hf=<small> <medium> <real>` and `flop_fraction=<small> <medium>` (batch 16). PEAK is the
+issue's fixed limit (MKL's large matmul on the AVX2 box it was set on); the first line also measures this machine's
+large-matmul rate, MKL's and oneDNN's (on a non-Intel AVX-512 core oneDNN's is ≈ 2.4× MKL's and the fixed limit
+understates what the core can do), and the last line gives the batch-16 fractions of the faster one.
 `--profile` prints where a decode step of each config at batch 16 spends its time (matmul, attention,
 cache writes, norms, RoPE, sampling, other).
     python bench/generate.py [--new 128 --new-real 64 --repeats 3 --threads 1 --profile]
@@ -57,6 +60,15 @@ def macs_per_token(cfg: LlamaConfig, ctx: float) -> float:
     """Multiply-adds per generated token: the weights, plus q·k and p·v over `ctx` cached positions."""
     weights = sum(o * i * n for o, i, n in weight_shapes(cfg))
     return weights + cfg.num_hidden_layers * 2 * cfg.num_attention_heads * cfg.head_dim * ctx
+
+
+def machine_peak(n: int = 1536, repeats: int = 5) -> dict:
+    """GFLOP/s of an n³ fp32 matmul by MKL (F.linear) and by oneDNN (where torch has it): this core's large-matmul rate."""
+    a, w = torch.randn(n, n), torch.randn(n, n)
+    fns = {"mkl": lambda: F.linear(a, w)}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    return {k: 2 * n ** 3 / t / 1e9 for k, t in interleaved(fns, repeats).items()}
 
 
 def matmul_steps(cfg: LlamaConfig, rows: int, steps: int, matmul=F.linear):
@@ -196,6 +208,9 @@ def main():
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    peak = machine_peak()
+    print("this machine, one n³ matmul: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
+          + f" (the fixed limit: {PEAK / 1e9:.0f} a thread)", flush=True)
     results = {}
     for name in args.configs:
         built = build(name)
@@ -208,6 +223,9 @@ def main():
         del built
     b = args.batches[0]
     print("ratio_vs_hf=" + " ".join(f"{results[n, b]['ratio']:.2f}" for n in args.configs if (n, b) in results))
+    scale = PEAK / 1e9 / max(peak.values())  # fractions of this machine's faster large matmul instead of PEAK
+    print(f"of this machine's {max(peak.values()):.0f} GFLOP/s: " + " ".join(
+        f"{n} {results[n, b]['flop'] * scale:.2f}" for n in ("small", "medium") if (n, b) in results))
     print("flop_fraction=" + " ".join(f"{results[n, b]['flop']:.2f}" for n in ("small", "medium") if (n, b) in results))
 
 
