@@ -210,7 +210,8 @@ def main():
     torch.set_num_threads(args.threads)
     peak = machine_peak()
     print("this machine, one n³ matmul: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
-          + f" (the fixed limit: {PEAK / 1e9:.0f} a thread)", flush=True)
+          + f" (the fixed limit: {PEAK / 1e9:.0f} a thread); r1kit's CPU GEMM outside the decode kernel: "
+          + ("oneDNN" if kernels.onednn_gemm() else "MKL (F.linear)"), flush=True)
     results = {}
     for name in args.configs:
         built = build(name)

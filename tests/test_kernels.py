@@ -187,7 +187,8 @@ def test_both_vector_widths_equal_float64_and_stay_batch_invariant(width):
             got = mod.skinny_linear(x, w, b)
             ref = F.linear(x.double(), w.double(), b.double())
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
-            assert torch.equal(mod.skinny_linear(x[1:2], w, b)[0], got[1]) if rows > 1 else True
+            if rows > 1:  # a row alone gives the bits it gives in the batch
+                assert torch.equal(mod.skinny_linear(x[1:2], w, b)[0], got[1])
     finally:
         mod.set_vector_width(before)
 

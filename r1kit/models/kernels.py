@@ -151,16 +151,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x (…, K) @ weight (N, K)ᵀ + bias (N,) → (…, N); equal to F.linear up to summation order."""
     if uses_kernel(x, weight):
         return _state["module"].skinny_linear(x, weight, None if bias is None else bias.contiguous())  # (…, N)
-    if (_plain_cpu_fp32(x, weight) and (bias is None or _plain_cpu_fp32(bias, bias)) and x.numel() > 0
+    if (_plain_cpu_fp32(x, weight) and (bias is None or _plain_cpu_fp32(bias)) and x.numel() > 0
             and not torch.is_autocast_enabled("cpu") and onednn_gemm()):  # (no empty matmul; autocast: F.linear's)
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _plain_cpu_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _plain_cpu_fp32(*tensors: torch.Tensor) -> bool:
     """fp32 plain tensors (no subclass: DTensor, fake tensors) on the CPU, outside a torch.compile trace."""
-    return (a.dtype is torch.float32 and b.dtype is torch.float32 and type(a) in _PLAIN and type(b) in _PLAIN
-            and a.device.type == "cpu" and b.device.type == "cpu" and not torch.compiler.is_compiling())
+    return all(t.dtype is torch.float32 and type(t) in _PLAIN and t.device.type == "cpu" for t in tensors) and (
+        not torch.compiler.is_compiling())
 
 
 def onednn_gemm() -> bool:
@@ -169,7 +169,7 @@ def onednn_gemm() -> bool:
     R1KIT_CPU_GEMM = auto (default) | onednn | mkl. auto takes oneDNN on x86 CPUs with AVX-512 that are not
     Intel's: MKL runs its AVX2 code there, oneDNN its AVX-512 code — measured on a Zen 5 core, one thread,
     a GRPO step's shapes (4930 rows × 128–352): forward and dx 160–200 GFLOP/s against MKL's 55–80, dW
-    105–140 against 82–86 (bench/generate.py and grpo_vs_trl.py print which one ran). Decided once per
+    105–140 against 82–86 (bench/generate.py prints which one ran). Decided once per
     process, so every forward of a run — π_θ, π_old, π_ref — is one function."""
     if "gemm" not in _state:
         choice = os.environ.get("R1KIT_CPU_GEMM", "auto")
@@ -272,11 +272,10 @@ def sample_untruncated(logits: torch.Tensor, temperature: torch.Tensor, u: torch
     """sampling.py's untruncated and greedy draw (csrc/sampling.cpp) → (tokens (n,), log-probs (n,)), or None
     where it does not apply: CPU fp32 contiguous (n, V) plain logits, outside a torch.compile trace, built.
     Not tied to decode_kernels(): no trainer samples, so no forward of one can tell."""
-    if not (logits.dim() == 2 and _plain_cpu_fp32(logits, logits) and logits.is_contiguous() and logits.shape[1] > 0
+    if not (logits.dim() == 2 and _plain_cpu_fp32(logits) and logits.is_contiguous() and logits.shape[1] > 0
             and temperature.device.type == "cpu" and u.device.type == "cpu" and _module() is not None):
         return None
-    tokens, logp = _state["module"].sample_untruncated(logits, temperature, u)
-    return tokens, logp
+    return tuple(_state["module"].sample_untruncated(logits, temperature, u))
 
 
 class _RMSNorm(torch.autograd.Function):
