@@ -47,12 +47,11 @@ def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, u:
     u (n,) uniform in [0, 1). Returns tokens (n,) long and their log π_rollout (n,) float32.
     """
     logits = logits.float()
+    fast = kernels.sample_untruncated(logits, temperature, top_p, top_k, u)  # no truncated row, on a CPU: one call
+    if fast is not None:  # (the same draws as below)
+        return fast
     greedy = temperature == 0
     truncated = ~greedy & ((top_p < 1) | (top_k > 0))
-    if not bool(truncated.any()):  # greedy and untruncated rows only: on a CPU, one kernel call (same draws)
-        fast = kernels.sample_untruncated(logits, temperature, u)
-        if fast is not None:
-            return fast
     logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)  # (n, V)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     out_logp = torch.empty(logits.shape[0], device=logits.device)

@@ -513,3 +513,38 @@ def test_attention_dispatch_only_where_asked_and_where_it_applies():
         torch.testing.assert_close(kernels.attention(q3, k[:, :, :3], v[:, :, :3]),
                                    F.scaled_dot_product_attention(q3, k[:, :, :3], v[:, :, :3], is_causal=True,
                                                                   enable_gqa=True))
+
+
+@needs_kernel
+@pytest.mark.parametrize("V", [7, 256, 1000])
+def test_sampling_kernel_draws_what_the_torch_path_draws(V):
+    """The one-pass draw (csrc/sampling.cpp) against sampling.py's torch draw, row by row: greedy rows take the
+    first largest logit, sampled rows the inverse-CDF token for the same u, with the same log-probs; a
+    truncated sampled row (top-p < 1 or top-k > 0) leaves the whole batch to the torch path."""
+    from r1kit import sampling
+    g = torch.Generator().manual_seed(V)
+    n = 12
+    logits = torch.randn(n, V, generator=g) * 3
+    logits[0, :3] = logits[0].max() + 1  # a tie for the largest: the first one wins
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.3] * 3)
+    u = torch.rand(n, generator=g)
+    top_p, top_k = torch.ones(n), torch.zeros(n, dtype=torch.long)
+    tokens, logp = kernels.sample_untruncated(logits, temp, top_p, top_k, u)
+    greedy = temp == 0
+    ref_lp = torch.log_softmax(logits / torch.where(greedy, 1.0, temp)[:, None], dim=-1)
+    t_g, lp_g = sampling._draw_greedy(ref_lp[greedy])
+    t_s, lp_s = sampling._draw_full(ref_lp[~greedy], u[~greedy])
+    assert tokens[0] == 0 and torch.equal(tokens[greedy], t_g) and torch.equal(tokens[~greedy], t_s)
+    torch.testing.assert_close(logp[greedy], lp_g, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp[~greedy], lp_s, rtol=0, atol=1e-5)
+    for field in ("top_p", "top_k"):
+        p, k = top_p.clone(), top_k.clone()
+        if field == "top_p":
+            p[5] = 0.9
+        else:
+            k[5] = 4
+        assert kernels.sample_untruncated(logits, temp, p, k, u) is None  # row 5 samples, truncated
+        p[5], k[5] = 1.0, 0
+        p[4], k[4] = 0.5, 3  # row 4 is greedy: its truncation changes nothing
+        assert kernels.sample_untruncated(logits, temp, p, k, u) is not None
+    assert torch.equal(sampling.sample(logits, temp, top_p, top_k, u)[0], tokens)  # sampling.py takes it

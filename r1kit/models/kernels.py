@@ -268,14 +268,16 @@ LAYER_SLOTS = ("attn_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_nor
                "w1", "w2", "w3")
 
 
-def sample_untruncated(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor):
+def sample_untruncated(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                       u: torch.Tensor):
     """sampling.py's untruncated and greedy draw (csrc/sampling.cpp) → (tokens (n,), log-probs (n,)), or None
-    where it does not apply: CPU fp32 contiguous (n, V) plain logits, outside a torch.compile trace, built.
-    Not tied to decode_kernels(): no trainer samples, so no forward of one can tell."""
+    where it does not apply: a sampled row truncated (top_p < 1 or top_k > 0: the kernel checks), or not CPU
+    fp32 contiguous (n, V) plain logits, inside a torch.compile trace, not built. Not tied to
+    decode_kernels(): no trainer samples, so no forward of one can tell."""
     if not (logits.dim() == 2 and _plain_cpu_fp32(logits) and logits.is_contiguous() and logits.shape[1] > 0
-            and temperature.device.type == "cpu" and u.device.type == "cpu" and _module() is not None):
+            and all(t.device.type == "cpu" for t in (temperature, top_p, top_k, u)) and _module() is not None):
         return None
-    return tuple(_state["module"].sample_untruncated(logits, temperature, u))
+    return tuple(_state["module"].sample_untruncated(logits, temperature, top_p, top_k, u)) or None
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -17,6 +17,7 @@ torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c
                                   const std::vector<bool>& skinny, bool onednn, int64_t max_queries);
 
 std::vector<torch::Tensor> sample_untruncated(const torch::Tensor& logits, const torch::Tensor& temperature,
+                                              const torch::Tensor& top_p, const torch::Tensor& top_k,
                                               const torch::Tensor& u);
 torch::Tensor swiglu_forward(const torch::Tensor& a, const torch::Tensor& b);
 std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& g);
@@ -34,7 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward, "y = x / sqrt(mean(x^2) + eps) * w over rows (fp32)");
   m.def("rms_norm_backward", &rms_norm_backward, "(dx, dw) of rms_norm_forward (fp32)");
   m.def("sample_untruncated", &sample_untruncated,
-        "one inverse-CDF draw per row of the tempered distribution, greedy at temperature 0 (fp32)");
+        "one inverse-CDF draw per row of the tempered distribution, greedy at temperature 0 (fp32); "
+        "nothing when a sampled row is truncated");
   m.def("swiglu_forward", &swiglu_forward, "silu(a) * b (fp32)");
   m.def("swiglu_backward", &swiglu_backward, "(da, db) of swiglu_forward (fp32)");
   m.def("llama_decode_layers", &llama_decode_layers, "every decoder layer of a Llama-family decode step (fp32)");

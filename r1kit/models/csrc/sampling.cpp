@@ -80,15 +80,23 @@ int64_t inverse_cdf(const float* e, int64_t V, const std::vector<double>& blocks
 
 }  // namespace
 
-// logits (n, V) fp32 contiguous, temperature (n,) fp32 (0 → greedy), u (n,) fp32 in [0, 1)
-// → tokens (n,) int64, log-probs (n,) fp32
+// logits (n, V) fp32 contiguous, temperature (n,) (0 → greedy), top_p (n,), top_k (n,) int64, u (n,) in [0, 1)
+// → tokens (n,) int64, log-probs (n,) fp32; nothing (an empty list) when a sampled row is truncated
+// (top_p < 1 or top_k > 0): the caller's torch path draws those. Checked here, on the host copies, so a
+// decode step spends no torch op on finding out (sampling.py's test costs six)
 std::vector<torch::Tensor> sample_untruncated(const torch::Tensor& logits, const torch::Tensor& temperature,
+                                              const torch::Tensor& top_p, const torch::Tensor& top_k,
                                               const torch::Tensor& u) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
               "sample_untruncated: logits (n, V) contiguous fp32 expected");
   const int64_t n = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V > 0 && temperature.numel() == n && u.numel() == n, "sample_untruncated: (n,) temperature and u");
+  TORCH_CHECK(V > 0 && temperature.numel() == n && top_p.numel() == n && top_k.numel() == n && u.numel() == n,
+              "sample_untruncated: (n,) temperature, top_p, top_k and u");
   auto t = temperature.to(at::kFloat).contiguous(), uu = u.to(at::kFloat).contiguous();
+  auto pp = top_p.to(at::kFloat).contiguous();
+  auto kk = top_k.to(at::kLong).contiguous();
+  for (int64_t r = 0; r < n; ++r)
+    if (t.data_ptr<float>()[r] != 0.f && (pp.data_ptr<float>()[r] < 1.f || kk.data_ptr<int64_t>()[r] > 0)) return {};
   auto tokens = torch::empty({n}, logits.options().dtype(at::kLong));
   auto logp = torch::empty({n}, logits.options());
   const float* z0 = logits.data_ptr<float>();

@@ -30,7 +30,7 @@ namespace {
 constexpr int kRowBlock = 4;   // MB: rows of x per tile
 constexpr int kColBlock = 3;   // NB: rows of W (output columns) per tile
 
-using r1kit_vec::hsum;
+using r1kit_vec::hsum4;
 
 struct Args {
   const float* x; const float* w; const float* bias; float* y;
@@ -66,8 +66,20 @@ inline void tile(const Args& a, const float* x, const float* w, float* y, const 
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
+  // the MB·NB dot products reduced four at a time (3 hsum4 for a 12-accumulator tile where 12 hsums took
+  // 72 shuffles and adds: 1.00–1.06× at 16 rows, most where K is short); every output's lanes are summed in
+  // the same order, so rows stay batch-invariant whatever tile they fall in
+  constexpr int n = MB * NB, groups = (n + 3) / 4;
+  const __m256* flat = &acc[0][0];
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(16) float sums[groups * 4];
+  for (int g = 0; g < groups; ++g) {
+    const int i = 4 * g;
+    _mm_store_ps(sums + i, hsum4(flat[i], i + 1 < n ? flat[i + 1] : zero, i + 2 < n ? flat[i + 2] : zero,
+                                 i + 3 < n ? flat[i + 3] : zero));
+  }
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) y[i * a.N + j] = hsum(acc[i][j]) + (bias != nullptr ? bias[j] : 0.f);
+    for (int j = 0; j < NB; ++j) y[i * a.N + j] = sums[i * NB + j] + (bias != nullptr ? bias[j] : 0.f);
 }
 
 // every row of x against NB weight rows starting at output column n
