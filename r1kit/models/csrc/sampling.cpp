@@ -83,7 +83,7 @@ int64_t inverse_cdf(const float* e, int64_t V, const std::vector<double>& blocks
 // logits (n, V) fp32 contiguous, temperature (n,) (0 → greedy), top_p (n,), top_k (n,) int64, u (n,) in [0, 1)
 // → tokens (n,) int64, log-probs (n,) fp32; nothing (an empty list) when a sampled row is truncated
 // (top_p < 1 or top_k > 0): the caller's torch path draws those. Checked here, on the host copies, so a
-// decode step spends no torch op on finding out (sampling.py's test costs six)
+// decode step spends no torch op on finding out (sampling.py's test costs seven)
 std::vector<torch::Tensor> sample_untruncated(const torch::Tensor& logits, const torch::Tensor& temperature,
                                               const torch::Tensor& top_p, const torch::Tensor& top_k,
                                               const torch::Tensor& u) {
