@@ -537,14 +537,11 @@ def test_sampling_kernel_draws_what_the_torch_path_draws(V):
     assert tokens[0] == 0 and torch.equal(tokens[greedy], t_g) and torch.equal(tokens[~greedy], t_s)
     torch.testing.assert_close(logp[greedy], lp_g, rtol=0, atol=1e-5)
     torch.testing.assert_close(logp[~greedy], lp_s, rtol=0, atol=1e-5)
-    for field in ("top_p", "top_k"):
+    for p5, k5 in ((0.9, 0), (1.0, 4)):  # row 5 samples, truncated by top-p, then by top-k
         p, k = top_p.clone(), top_k.clone()
-        if field == "top_p":
-            p[5] = 0.9
-        else:
-            k[5] = 4
-        assert kernels.sample_untruncated(logits, temp, p, k, u) is None  # row 5 samples, truncated
-        p[5], k[5] = 1.0, 0
-        p[4], k[4] = 0.5, 3  # row 4 is greedy: its truncation changes nothing
-        assert kernels.sample_untruncated(logits, temp, p, k, u) is not None
+        p[5], k[5] = p5, k5
+        assert kernels.sample_untruncated(logits, temp, p, k, u) is None
+    p, k = top_p.clone(), top_k.clone()
+    p[4], k[4] = 0.5, 3  # row 4 is greedy: its truncation changes nothing
+    assert kernels.sample_untruncated(logits, temp, p, k, u) is not None
     assert torch.equal(sampling.sample(logits, temp, top_p, top_k, u)[0], tokens)  # sampling.py takes it

@@ -95,12 +95,12 @@ std::vector<torch::Tensor> sample_untruncated(const torch::Tensor& logits, const
   auto t = temperature.to(at::kFloat).contiguous(), uu = u.to(at::kFloat).contiguous();
   auto pp = top_p.to(at::kFloat).contiguous();
   auto kk = top_k.to(at::kLong).contiguous();
+  const float* tp = t.data_ptr<float>();
   for (int64_t r = 0; r < n; ++r)
-    if (t.data_ptr<float>()[r] != 0.f && (pp.data_ptr<float>()[r] < 1.f || kk.data_ptr<int64_t>()[r] > 0)) return {};
+    if (tp[r] != 0.f && (pp.data_ptr<float>()[r] < 1.f || kk.data_ptr<int64_t>()[r] > 0)) return {};
   auto tokens = torch::empty({n}, logits.options().dtype(at::kLong));
   auto logp = torch::empty({n}, logits.options());
   const float* z0 = logits.data_ptr<float>();
-  const float* tp = t.data_ptr<float>();
   const float* up = uu.data_ptr<float>();
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* lp = logp.data_ptr<float>();
