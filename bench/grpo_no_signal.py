@@ -45,7 +45,7 @@ def main() -> None:
         assert m["update_skipped"]
         gen = m["gen_seconds"]  # wall time of generation; the peer pays it too
         t0 = time.process_time()
-        grpo.policy_update(cfg, model, None, opt, rollouts, torch.zeros(len(rollouts)), tok.pad_id)
+        grpo.policy_update(cfg, model, None, opt, rollouts, torch.zeros(len(rollouts)))
         full.append(skipped[-1] + time.process_time() - t0)
     s, f = min(skipped), min(full)
     print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

@@ -61,7 +61,7 @@ def timed_update(cfg, model, ref, rollouts, adv) -> float:
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
     t0 = time.process_time()
-    grpo.policy_update(cfg, m, ref, opt, rollouts, adv, pad_id=0)
+    grpo.policy_update(cfg, m, ref, opt, rollouts, adv)
     return time.process_time() - t0
 
 

@@ -87,7 +87,7 @@ def r1kit_steps(ckpt: Path, prompts: list[str], cfg: GRPOConfig, steps: int) -> 
                         for s in g]
             assert all(len(r.sample.tokens) == cfg.max_new_tokens for r in rollouts)
             adv = rl.grpo_advantages(torch.tensor([r.reward["total"] for r in rollouts]), G)
-            policy_update(cfg, model, None, opt, rollouts, adv, tok.pad_id)
+            policy_update(cfg, model, None, opt, rollouts, adv)
             prof.end_step()
             if step == 0:  # allocators and caches warm up: not counted
                 prof.reset()

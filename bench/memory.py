@@ -64,7 +64,7 @@ def child(args) -> None:
     adv = grpo_advantages(torch.randn(len(rollouts), generator=g), args.group)
     opt = adamw(model, 1e-5)
     for _ in range(2):
-        policy_update(cfg, model, None, opt, rollouts, adv, 0)
+        policy_update(cfg, model, None, opt, rollouts, adv)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_bytes": peak - base}))
 

@@ -120,7 +120,7 @@ def worker_grpo_r1kit(model_dir: str, args) -> dict:
         rollouts = [Rollout(None, ids[i], s, "", {"total": random.random()}) for i, g in enumerate(groups) for s in g]
         t1 = time.perf_counter()
         adv = rl.grpo_advantages(torch.tensor([r.reward["total"] for r in rollouts]), G)
-        policy_update(cfg, model, None, opt, rollouts, adv, tok.pad_id)
+        policy_update(cfg, model, None, opt, rollouts, adv)
         if step:
             gen.append(t1 - t0)
             train.append(time.perf_counter() - t1)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1kit.models.llama import document_mask
+from r1kit.models.llama import AttnRows, document_mask
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -80,51 +80,49 @@ def shared_prompt_rows(prompts: list, prompt_len: list[int], suffix_len: list[in
 
 @dataclass
 class PackedBatch:
-    """Documents laid out in rows for one forward, and where each document's scored tokens sit.
+    """One padding-free forward's tokens, the rows their attention runs in, and where each scored token sits.
 
-    Row r holds the documents rows[r] side by side from column 0; n documents in all, numbered in the
-    order of the rows (row 0's documents first): that order is `order`, indices into the caller's list.
-    The scored tokens of document i are its last T_i tokens (a completion after its prompt), each
-    predicted by the output one column before it. Those columns, row by row, are `logit_pos` (R, K):
-    the forward projects only them onto the vocabulary (the model's logit_pos). The M real scored
-    tokens, in (n, T) row-major order, are the entries `pick` of that (R, K) output flattened.
+    The forward's input is one flat sequence, idx (1, N): every document's own tokens once, in the order
+    of the rows, a prompt shared by several of its samples once for all of them (pack_documents' prefix),
+    so the projections, norms and MLPs compute no padding and no prompt twice. Attention runs over rows
+    (llama.AttnRows): row r holds the documents rows[r] side by side from column 0 — cell (r, c) is token
+    rows.index[r, c], doc / branch say which document and branch of it (document_mask), padding is -1.
+    n documents in all, numbered in the order of the rows: that order is `order`, indices into the
+    caller's list. The scored tokens of document i are its last T_i tokens (a completion after its
+    prompt), each predicted by the output at the token before it: those flat indices, in (n, T)
+    row-major order over the M real scored tokens, are `logit_pos` (1, M) — the forward projects only
+    them onto the vocabulary (the model's logit_pos), and its output is already in the losses' order.
     """
-    idx: torch.Tensor  # (R, W) token ids, pad_id after each row's last document
-    positions: torch.Tensor  # (R, W) RoPE position of each token inside its document (padding: its own run)
-    doc: torch.Tensor  # (R, W) document number of each token within its row; -1 = padding
+    idx: torch.Tensor  # (1, N) token ids
+    positions: torch.Tensor  # (1, N) RoPE position of each token inside its document
+    rows: AttnRows  # attention's rows of the N tokens: index (R, W), home (N,), mask (R, 1, W, W) or None
+    doc: torch.Tensor  # (R, W) document number of each cell within its row; -1 = padding
     branch: torch.Tensor  # (R, W) 0, or k ≥ 1 for the k-th continuation of a shared prefix (document_mask)
-    packed: bool  # some row holds more than one document: the forward needs positions and the mask
     order: list[int]  # the caller's index of each of the n documents, in this layout's order
-    place: list[tuple[int, int]]  # (row, first column of the document's own tokens: its suffix when shared)
-    logit_pos: torch.Tensor  # (R, K) columns whose outputs predict a scored token; 0 after a row's last
-    pick: torch.Tensor  # (M,) flat index into R·K of each real scored token, in (n, T) row-major order
+    token_index: list[list[int]]  # per document (in `order`), the flat index of each of its tokens
+    logit_pos: torch.Tensor  # (1, M) flat index of the token whose output predicts each real scored token
     targets: torch.Tensor  # (n, T) the scored token ids; 0 at padding
     mask: torch.Tensor  # (n, T) float, 1 where a scored token exists
 
+    @property
+    def packed(self) -> bool:
+        """Some row holds more than one document (its attention needs the block-diagonal mask)."""
+        return self.rows.mask is not None
+
     def forward_kwargs(self) -> dict:
-        """The model's keyword arguments for this layout: logit_pos, plus positions and the block-diagonal
-        mask when a row holds several documents (none else: plain causal, the padded forward)."""
-        kw = {"logit_pos": self.logit_pos, "token_mask": self.learn_mask()}
-        if self.packed:
-            kw.update(positions=self.positions, attn_mask=document_mask(self.doc, self.branch))  # (R, W), (R, 1, W, W)
-        return kw
+        """The model's keyword arguments besides idx: positions, the attention rows, logit_pos, token_mask."""
+        return {"logit_pos": self.logit_pos, "token_mask": self.learn_mask(), "positions": self.positions,
+                "attn_rows": self.rows}
 
     def learn_mask(self) -> torch.Tensor:
-        """(R, W) bool: the columns whose outputs predict a scored token (MoE load statistics count only these)."""
-        K = self.logit_pos.shape[1]
+        """(1, N) bool: the tokens whose outputs predict a scored token (MoE load statistics count only these)."""
         out = torch.zeros(self.idx.shape, dtype=torch.bool, device=self.idx.device)
-        out[self.pick // K, self.logit_pos.flatten()[self.pick]] = True
+        out[0, self.logit_pos[0]] = True
         return out
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
-        """The forward's output at logit_pos (R, K, …) → the real scored tokens' (M, …), in (n, T) row-major order."""
-        return out.flatten(0, 1)[self.pick]
-
-    def row_targets(self) -> torch.Tensor:
-        """(R, K): the scored token each logit_pos output predicts, -100 (ignored) in unused slots."""
-        out = torch.full((self.logit_pos.numel(),), -100, dtype=torch.long, device=self.idx.device)
-        out[self.pick] = self.targets[self.mask.bool()]
-        return out.view(self.logit_pos.shape)
+        """The forward's output at logit_pos (1, M, …) → the real scored tokens' (M, …), in (n, T) row-major order."""
+        return out[0]
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """values (M,) in gather's order → (n, T), exact zeros at padding (differentiable in values)."""
@@ -133,80 +131,101 @@ class PackedBatch:
 
     @property
     def tokens(self) -> int:
-        """Tokens the forward computes, padding included: R × W."""
-        return self.idx.numel()
+        """Tokens the token-wise layers compute: N, no padding, each shared prompt once."""
+        return self.idx.shape[1]
 
 
-def pack_documents(docs: list[list[int]], scored: list[int], rows: list[list[int]], pad_id: int,
-                   device=None, prefix: list[int] | None = None) -> PackedBatch:
+def pack_documents(docs: list[list[int]], scored: list[int], rows: list[list[int]], device=None,
+                   prefix: list[int] | None = None) -> PackedBatch:
     """Documents (token lists), the length of each one's scored suffix, and rows of document indices
     (first_fit_decreasing, or one document per row for the padded layout) → the PackedBatch.
 
     The rows may name a subset of docs (one micro-batch); W is the longest row among them.
 
-    prefix (per document, optional): the length of its prompt. A document placed right after one with the
-    same prompt (same tokens) in a row shares that copy: only its own tokens are written, as a continuation
-    (document_mask's branch, positions from the prompt's length), so G samples of a prompt can sit in a row
-    with the prompt once. Its scored tokens must lie past the prompt.
+    prefix (per document, optional): the length of its prompt. The flat sequence holds each distinct prompt
+    once (the same tokens: the same keys and values at positions 0…P−1 wherever it is read). In the rows, a
+    document placed right after one with the same prompt shares that copy: only its own tokens are written
+    there, as a continuation (document_mask's branch, positions from the prompt's length), so G samples of a
+    prompt can sit in a row with the prompt once. Its scored tokens must lie past the prompt.
 
-    >>> b = pack_documents([[1, 2, 3], [4, 5], [6, 7]], [1, 1, 1], [[0, 2], [1]], pad_id=0)
-    >>> b.idx.tolist(), b.positions.tolist(), b.doc.tolist()
-    ([[1, 2, 3, 6, 7], [4, 5, 0, 0, 0]], [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]], [[0, 0, 0, 1, 1], [0, 0, -1, -1, -1]])
-    >>> b.order, b.logit_pos.tolist(), b.pick.tolist(), b.targets.tolist()
-    ([0, 2, 1], [[1, 3], [0, 0]], [0, 1, 2], [[3], [7], [5]])
-    >>> s = pack_documents([[1, 2, 3, 4], [1, 2, 5, 6]], [2, 2], [[0, 1]], pad_id=0, prefix=[2, 2])
-    >>> s.idx.tolist(), s.positions.tolist(), s.branch.tolist(), s.logit_pos.tolist(), s.targets.tolist()
-    ([[1, 2, 3, 4, 5, 6]], [[0, 1, 2, 3, 2, 3]], [[0, 0, 1, 1, 2, 2]], [[1, 2, 1, 4]], [[3, 4], [5, 6]])
+    >>> b = pack_documents([[1, 2, 3], [4, 5], [6, 7]], [1, 1, 1], [[0, 2], [1]])
+    >>> b.idx.tolist(), b.positions.tolist(), b.rows.index.tolist(), b.doc.tolist()
+    ([[1, 2, 3, 6, 7, 4, 5]], [[0, 1, 2, 0, 1, 0, 1]], [[0, 1, 2, 3, 4], [5, 6, 0, 0, 0]], [[0, 0, 0, 1, 1], [0, 0, -1, -1, -1]])
+    >>> b.order, b.rows.home.tolist(), b.logit_pos.tolist(), b.targets.tolist()
+    ([0, 2, 1], [0, 1, 2, 3, 4, 5, 6], [[1, 3, 5]], [[3], [7], [5]])
+    >>> s = pack_documents([[1, 2, 3, 4], [1, 2, 5], [1, 2, 6]], [2, 1, 1], [[0, 1], [2]], prefix=[2, 2, 2])
+    >>> s.idx.tolist(), s.positions.tolist(), s.rows.index.tolist(), s.branch.tolist(), s.logit_pos.tolist()
+    ([[1, 2, 3, 4, 5, 6]], [[0, 1, 2, 3, 2, 2]], [[0, 1, 2, 3, 4], [0, 1, 5, 0, 0]], [[0, 0, 1, 1, 2], [0, 0, 1, 0, 0]], [[1, 2, 1, 1]])
     """
     shares = _sharing(docs, rows, prefix)
     order = [i for row in rows for i in row]
     widths = [sum(len(docs[i]) - (prefix[i] if s else 0) for i, s in zip(row, sh)) for row, sh in zip(rows, shares)]
     W, T = max(widths), max((scored[i] for i in order), default=0)
-    K = max(sum(scored[i] for i in row) for row in rows)
     R, n = len(rows), len(order)
-    idx = torch.full((R, W), pad_id, dtype=torch.long)
-    positions = torch.zeros((R, W), dtype=torch.long)
-    doc = torch.full((R, W), -1, dtype=torch.long)  # padding is a "document" of its own: it sees only itself
+    index = torch.zeros((R, W), dtype=torch.long)  # padding cells read token 0: their own "document", never read back
+    doc = torch.full((R, W), -1, dtype=torch.long)
     branch = torch.zeros((R, W), dtype=torch.long)
-    logit_pos = torch.zeros((R, K), dtype=torch.long)
     targets = torch.zeros((n, T), dtype=torch.long)
     mask = torch.zeros((n, T))
-    place, pick, k = [], [], 0
+    flat = _FlatTokens()
+    token_index, logit_pos, k = [], [], 0
     for r, (row, sh) in enumerate(zip(rows, shares)):
-        at = j = 0  # next free column of the row; next free slot of its logit_pos
-        d = -1  # document number within the row (a shared prompt's continuations keep its number)
-        b = prompt_end = 0  # branch of the last document written; column after its segment's prompt
+        at, d, b = 0, -1, 0  # next free column of the row; document number within it; branch of the last one
         for i, shared in zip(row, sh):
             seq, t, L = docs[i], scored[i], len(docs[i])
-            if not 0 <= t < L or (shared and t > L - prefix[i]):
+            P = prefix[i] if prefix is not None else 0
+            if not 0 <= t < L or (shared and t > L - P):
                 raise ValueError(f"document {i}: {t} scored tokens of {L}"
-                                 + (f" after a shared prompt of {prefix[i]}" if shared else " (its first token has no prediction)"))
-            skip = prefix[i] if shared else 0  # tokens already in the row: the shared prompt
-            if shared:
-                b += 1
+                                 + (f" after a shared prompt of {P}" if shared else " (its first token has no prediction)"))
+            if shared:  # the row holds this prompt already, in the document before it: the rest only
+                b, skip, where = b + 1, P, token_index[-1][:P]
             else:
-                d, b, prompt_end = d + 1, (1 if prefix is not None else 0), at + (prefix[i] if prefix is not None else 0)
-            own = seq[skip:]
-            idx[r, at:at + len(own)] = torch.tensor(own, dtype=torch.long)
-            positions[r, at:at + len(own)] = torch.arange(skip, L)
-            doc[r, at:at + len(own)] = d
+                d, b, skip = d + 1, int(prefix is not None), 0
+                where = flat.prompt(seq[:P])  # the prompt's tokens if the flat sequence has them already
+            where = where + flat.write(seq, len(where), r * W + at - skip)
+            own = L - skip
+            index[r, at:at + own] = torch.tensor(where[skip:], dtype=torch.long)
+            doc[r, at:at + own] = d
             if prefix is not None:  # the prompt is branch 0, each continuation its own branch
-                branch[r, at:at + len(own)] = b
+                branch[r, at:at + own] = b
                 if not shared:
-                    branch[r, at:prompt_end] = 0
-            # scored token s is predicted by the output at token s − 1: this document's own column, or for the
-            # first token after a shared prompt, the prompt's last one
-            cols = [at + s - 1 - skip if s - 1 >= skip else prompt_end - skip + s - 1 for s in range(L - t, L)]
-            logit_pos[r, j:j + t] = torch.tensor(cols, dtype=torch.long)
-            pick.extend(range(r * K + j, r * K + j + t))
+                    branch[r, at:at + P] = 0
+                    flat.keep_prompt(seq[:P], where[:P])
+            logit_pos.extend(where[L - t - 1:L - 1])  # scored token s is predicted by the output at token s − 1
             targets[k, :t] = torch.tensor(seq[L - t:], dtype=torch.long)
             mask[k, :t] = 1
-            place.append((r, at))
-            at, j, k = at + len(own), j + t, k + 1
-        positions[r, at:] = torch.arange(W - at)
-    out = [t.to(device) for t in (idx, positions, doc, branch, logit_pos, torch.tensor(pick, dtype=torch.long),
-                                  targets, mask)]
-    return PackedBatch(*out[:4], any(len(row) > 1 for row in rows), order, place, *out[4:])
+            token_index.append(where)
+            at, k = at + own, k + 1
+    packed = any(len(row) > 1 for row in rows)
+    attn = AttnRows(index.to(device), torch.tensor(flat.home, dtype=torch.long, device=device),
+                    document_mask(doc, branch if prefix is not None else None).to(device) if packed else None)
+    return PackedBatch(torch.tensor([flat.tokens], dtype=torch.long, device=device),
+                       torch.tensor([flat.positions], dtype=torch.long, device=device), attn, doc.to(device),
+                       branch.to(device), order, token_index, torch.tensor([logit_pos], dtype=torch.long, device=device),
+                       targets.to(device), mask.to(device))
+
+
+class _FlatTokens:
+    """pack_documents' flat sequence as it is written: tokens, their positions, each one's home cell, and the
+    prompts written so far (their tokens → flat indices), so a prompt is written once."""
+
+    def __init__(self):
+        self.tokens, self.positions, self.home, self._prompts = [], [], [], {}
+
+    def prompt(self, tokens: list[int]) -> list[int]:
+        return list(self._prompts.get(tuple(tokens), [])) if tokens else []
+
+    def keep_prompt(self, tokens: list[int], where: list[int]) -> None:
+        if tokens:
+            self._prompts.setdefault(tuple(tokens), where)
+
+    def write(self, seq: list[int], start: int, cell0: int) -> list[int]:
+        """Write seq[start:] (document positions start…), position p at cell cell0 + p → their flat indices."""
+        f0 = len(self.tokens)
+        self.tokens.extend(seq[start:])
+        self.positions.extend(range(start, len(seq)))
+        self.home.extend(range(cell0 + start, cell0 + len(seq)))
+        return list(range(f0, f0 + len(seq) - start))
 
 
 def _sharing(docs: list[list[int]], rows: list[list[int]], prefix: list[int] | None) -> list[list[bool]]:

@@ -160,7 +160,7 @@ def test_micro_batches_accumulate_to_the_full_batch(aggregation, uninterrupted):
     for micro in (0, 5):
         m = copy.deepcopy(model)
         cfg = GRPOConfig(aggregation=aggregation, micro_batch=micro, grad_clip=1e9, max_new_tokens=12)
-        policy_update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=1.0), rollouts, adv, tok.pad_id)
+        policy_update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=1.0), rollouts, adv)
         results.append(m.state_dict())
     for k in results[0]:
         assert torch.allclose(results[0][k], results[1][k], atol=1e-6), k

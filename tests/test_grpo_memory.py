@@ -26,20 +26,20 @@ def batch(tiny_tok):
     return model, tiny_tok, rollouts, adv
 
 
-def updated(model, cfg, rollouts, adv, pad_id):
+def updated(model, cfg, rollouts, adv):
     m = copy.deepcopy(model)
     for k in ("grad_checkpointing", "logprob_chunk"):
         setattr(m, k, getattr(cfg, k))
-    stats = policy_update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=1.0), rollouts, adv, pad_id)
+    stats = policy_update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=1.0), rollouts, adv)
     return m.state_dict(), stats
 
 
 def test_memory_switches_leave_the_update_unchanged(batch):
     model, tok, rollouts, adv = batch
-    want, s0 = updated(model, GRPOConfig(grad_clip=1e9, max_new_tokens=12), rollouts, adv, tok.pad_id)
+    want, s0 = updated(model, GRPOConfig(grad_clip=1e9, max_new_tokens=12), rollouts, adv)
     cfg = GRPOConfig(grad_clip=1e9, max_new_tokens=12, max_tokens_per_micro_batch=40, logprob_chunk=7,
                      grad_checkpointing=True)
-    got, s1 = updated(model, cfg, rollouts, adv, tok.pad_id)
+    got, s1 = updated(model, cfg, rollouts, adv)
     assert len(plan_micro_batches(cfg, rollouts)) > 2  # the budget really splits the batch
     for k in want:
         assert torch.allclose(want[k], got[k], atol=1e-6), k

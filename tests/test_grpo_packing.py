@@ -78,22 +78,27 @@ def test_packed_rows_hold_every_token_once_and_documents_never_see_each_other():
     rollouts = ragged_rollouts(40, seed=1)
     docs = [r.prompt_ids + r.sample.tokens for r in rollouts]
     rows = packed_rows(rollouts)
-    b = pack_documents(docs, [len(r.sample.tokens) for r in rollouts], rows, pad_id=0)
+    b = pack_documents(docs, [len(r.sample.tokens) for r in rollouts], rows)
     assert len(rows) < len(rollouts) and b.packed  # ragged lengths really pack
-    assert b.tokens < len(rollouts) * max(len(d) for d in docs)  # fewer tokens than the padded batch
-    owner = torch.full(b.idx.shape, -1)  # which rollout each (row, column) holds
-    for i, (r, c) in zip(b.order, b.place):
+    assert b.tokens == sum(len(d) for d in docs)  # the token-wise layers compute every token once, no padding
+    flat, cells = b.idx[0], b.rows.index
+    owner = torch.full(cells.shape, -1)  # which rollout each (row, column) of attention holds
+    seen = []
+    for i, where in zip(b.order, b.token_index):
         L = len(docs[i])
-        assert (owner[r, c:c + L] == -1).all()  # no two documents share a slot
-        owner[r, c:c + L] = i
-        assert b.idx[r, c:c + L].tolist() == docs[i] and b.positions[r, c:c + L].tolist() == list(range(L))
-    assert int((owner >= 0).sum()) == sum(len(d) for d in docs)  # every token placed, once
+        assert flat[where].tolist() == docs[i] and b.positions[0, where].tolist() == list(range(L))
+        home = b.rows.home[where]  # each token's output cell holds that token, in its document's row
+        assert cells.flatten()[home].tolist() == where and (owner.flatten()[home] == -1).all()
+        owner.view(-1)[home] = i
+        seen += where
+    assert sorted(seen) == list(range(b.tokens))  # every flat token belongs to exactly one document
     mask = document_mask(b.doc)[:, 0]  # (R, W, W)
+    assert torch.equal(b.rows.mask[:, 0], mask)
     query, key = owner[:, :, None], owner[:, None, :]
     assert not (mask & (query >= 0) & (key != query)).any()  # a token sees only its own document
-    # each scored token is the one right after the column whose output predicts it
-    flat = b.idx.flatten()
-    predicted = flat[(b.logit_pos + torch.arange(len(rows))[:, None] * b.idx.shape[1]).flatten()[b.pick] + 1]
+    # each scored token is the one right after the token whose output predicts it, in its own document
+    predicted = torch.cat([flat[torch.tensor(w)[torch.isin(torch.tensor(w), b.logit_pos[0])] + 1]
+                           for w in b.token_index])
     assert torch.equal(predicted, b.targets[b.mask.bool()])
 
 
@@ -103,12 +108,12 @@ def test_a_document_in_a_packed_row_computes_what_it_computes_alone():
     rollouts = ragged_rollouts(12, seed=2)
     rows = packed_rows(rollouts)
     with torch.no_grad():
-        before = completion_logprobs(model, rollout_batch(rollouts, rows, 0)[0], 1.0)[0]
+        before = completion_logprobs(model, rollout_batch(rollouts, rows)[0], 1.0)[0]
     victim = rows[0][0]
     for i in rows[0][1:]:
         rollouts[i].prompt_ids = [(t + 7) % V for t in rollouts[i].prompt_ids]
     with torch.no_grad():
-        b = rollout_batch(rollouts, rows, 0)[0]
+        b = rollout_batch(rollouts, rows)[0]
         after = completion_logprobs(model, b, 1.0)[0]
     k = b.order.index(victim)
     assert torch.equal(before[k], after[k])
@@ -124,7 +129,7 @@ def test_packed_logprobs_equal_padded_and_each_sequence_alone(family, chunk):
     rollouts = ragged_rollouts()
     got = {}
     for name, rows in (("padded", padded_rows(rollouts)), ("packed", packed_rows(rollouts))):
-        b, _ = rollout_batch(rollouts, rows, pad_id=0)
+        b, _ = rollout_batch(rollouts, rows)
         with torch.no_grad():
             logp, ent = completion_logprobs(model, b, 0.7)  # the rollout temperature scales the log-probs
         got[name] = (in_rollout_order(logp, b.order), in_rollout_order(ent, b.order), in_rollout_order(b.mask, b.order))
@@ -149,7 +154,7 @@ def test_packed_gradients_equal_padded(family):
     grads = []
     for rows in (padded_rows(rollouts), packed_rows(rollouts)):
         model.zero_grad(set_to_none=True)
-        b, _ = rollout_batch(rollouts, rows, pad_id=0)
+        b, _ = rollout_batch(rollouts, rows)
         logp, _ = completion_logprobs(model, b, 1.0)
         (logp * weights[b.order, : logp.shape[1]]).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -181,12 +186,15 @@ def test_shared_prompt_rows_write_each_prompt_once_per_segment_within_capacity()
     rollouts = grouped_rollouts(6, 8, seed=4)
     rows = shared_rows(rollouts)
     assert sorted(i for row in rows for i in row) == list(range(len(rollouts)))  # each exactly once
-    b, _ = rollout_batch(rollouts, rows, 0, share=True)
+    b, _ = rollout_batch(rollouts, rows, share=True)
     cap = max(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts)
-    assert b.idx.shape[1] <= cap  # no row wider than the padded batch's: its W × W attention is no dearer
+    assert b.rows.index.shape[1] <= cap  # no row wider than the padded batch's: its W × W attention is no dearer
     full = sum(len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts)
     written = int((b.doc >= 0).sum())
-    assert written < full - 2 * 6 * 2  # at least two prompt copies saved per prompt
+    assert written < full - 2 * 6 * 2  # attention's rows: at least two prompt copies saved per prompt
+    # the token-wise layers: each distinct prompt once, every completion token once
+    assert b.tokens == sum(len(p) for p in {tuple(r.prompt_ids) for r in rollouts}) + sum(
+        len(r.sample.tokens) for r in rollouts) < written
     # each scored token is the one whose column follows the output that predicts it, in its own document
     for k, i in enumerate(b.order):
         r = rollouts[i]
@@ -205,7 +213,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_padded_batch(family, chu
     weights = torch.randn(len(rollouts), 15, generator=torch.Generator().manual_seed(1))
     got = {}
     for name, rows, share in (("padded", padded_rows(rollouts), False), ("shared", shared_rows(rollouts), True)):
-        b, _ = rollout_batch(rollouts, rows, pad_id=0, share=share)
+        b, _ = rollout_batch(rollouts, rows, share=share)
         if share:
             assert b.packed and int(b.branch.max()) >= 3  # rows really hold several samples of one prompt
         model.zero_grad(set_to_none=True)
@@ -230,7 +238,7 @@ def test_prompts_are_shared_only_with_packing_and_without_routing_replay():
 
 def test_a_shared_documents_scored_tokens_must_lie_past_its_prompt():
     with pytest.raises(ValueError, match="document 1: 3 scored tokens of 4 after a shared prompt of 2"):
-        pack_documents([[1, 2, 3, 4], [1, 2, 5, 6]], [2, 3], [[0, 1]], pad_id=0, prefix=[2, 2])
+        pack_documents([[1, 2, 3, 4], [1, 2, 5, 6]], [2, 3], [[0, 1]], prefix=[2, 2])
 
 
 # ------------------------------------------------------------------------------------ one GRPO step
@@ -238,7 +246,7 @@ def step(model, cfg, rollouts, adv, ref=None):
     m = copy.deepcopy(model)
     r = m if ref == "self" else (copy.deepcopy(ref) if ref is not None else None)
     stats = policy_update(cfg, m, r, torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5),
-                          rollouts, adv, pad_id=0)
+                          rollouts, adv)
     return m.state_dict(), stats
 
 
@@ -313,7 +321,7 @@ def test_engine_routes_land_on_their_tokens_in_packed_rows():
     """R3: laid out in packed rows, the engine's expert ids are the ones the training forward picks itself."""
     model = build("deepseek").eval()
     rollouts = engine_rollouts(model)
-    b, _ = rollout_batch(rollouts, packed_rows(rollouts), pad_id=0)
+    b, _ = rollout_batch(rollouts, packed_rows(rollouts))
     assert b.packed
     routes = engine_routes(rollouts, b)
     with torch.no_grad(), record_routing(model) as own:

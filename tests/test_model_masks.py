@@ -140,7 +140,7 @@ def test_grpo_forward_counts_only_completion_tokens(rows):
     from r1kit.stages.grpo import completion_logprobs
     model = build("deepseek").train()
     docs = [torch.randint(0, V, (9,)).tolist(), torch.randint(0, V, (8,)).tolist()]  # 4 + 5 and 6 + 2 tokens
-    completion_logprobs(model, pack_documents(docs, [5, 2], rows, pad_id=0), 1.0)
+    completion_logprobs(model, pack_documents(docs, [5, 2], rows), 1.0)
     load = model.after_optimizer_step()
     assert load[0].sum() == 2 * 7 and load[1].sum() == 0  # 7 predicted tokens × k = 2; MTP does not run in GRPO
 

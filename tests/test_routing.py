@@ -98,17 +98,18 @@ def test_engine_records_the_rollout_routing_and_training_replays_it():
     for r in rollouts:  # every fed token: the prompt and all generated tokens but the last
         assert r.sample.routes[0].shape == (len(r.prompt_ids) + len(r.sample.tokens) - 1, 2)
         assert r.sample.routes[2] is None  # the MTP gate never runs while sampling
-    batch, _ = rollout_batch(rollouts, [[i] for i in range(len(rollouts))], pad_id=0)  # one right-padded row each
+    batch, _ = rollout_batch(rollouts, [[i] for i in range(len(rollouts))])  # one right-padded row each
     idx, routes = batch.idx, engine_routes(rollouts, batch)
+    kw = {"positions": batch.positions, "attn_rows": batch.rows}  # the flat tokens, attending in their rows
     with record_routing(model) as own:
-        model(idx)
+        model(idx, **kw)
     recorded = routes[0][:, 0] >= 0
     # fp32 on one CPU: the full forward routes like the cached decode, token for token
     for o, r in zip(own[:2], routes[:2]):
         assert torch.equal(o[recorded], r[recorded])
     shift_gates(model)
     with replay_routing(model, routes) as s, record_routing(model) as replayed:
-        model(idx)
+        model(idx, **kw)
     for o, r in zip(replayed[:2], routes[:2]):
         assert torch.equal(o[recorded], r[recorded])  # replayed: exactly the rollout's experts
     assert s["routing_disagreement"] > 0

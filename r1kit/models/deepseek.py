@@ -22,7 +22,7 @@ Hugging Face's, so config.json translates one to one; a few r1kit training knobs
 Uncached forwards (training) run the `attn_impl` path; a cached forward runs the path of its cache,
 and new_cache builds the cache `attn_impl` names. The model keeps the r1kit contract (see llama.py):
     forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None,
-            positions=None, attn_mask=None, token_mask=None)
+            positions=None, attn_mask=None, token_mask=None, attn_rows=None)
 With targets, in training mode and reduction "mean"/"sum": main loss + mtp_lambda · mean MTP loss +
 sequence-wise balance loss; the parts are kept in `model.last_losses`. In eval mode, or with
 reduction "none" (per-token NLL for SFT/GRPO), only the main next-token loss. Packed documents
@@ -30,6 +30,8 @@ reduction "none" (per-token NLL for SFT/GRPO), only the main next-token loss. Pa
 MTP target whose input token lies in another document than its hidden state is ignored. Only the
 tokens of `token_mask` (default targets != -100) count in the MoE load statistics (the
 aux-loss-free bias) and the sequence-wise balance loss: padding and prompts steer neither.
+`attn_rows` (llama.AttnRows: a flat token sequence attending in rows) serves forwards without targets —
+GRPO's log-probs; the MTP and balance losses read documents as rows and refuse it.
 """
 from __future__ import annotations
 
@@ -251,7 +253,7 @@ class MLA(nn.Module):
         self.wkv_b = Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # W_UK and W_UV, per head
         self.wo = Linear(H * self.v_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, cache, layer: int, pos, mask, absorb: bool):
+    def forward(self, x, cos, sin, cache, layer: int, pos, mask, absorb: bool, rows=None):
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.nope + self.rope)  # (B, T, H, d_nope + d_rope)
@@ -260,8 +262,12 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)  # (B, T, r), (B, T, rope)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin, self.interleaved)  # one RoPE key per token, shared by all heads
+        if rows is not None:  # padding-free: the N tokens laid out in rows for attention alone (llama.AttnRows)
+            q_nope, q_pe, c_kv, k_pe = (rows.gather(t) for t in (q_nope, q_pe, c_kv, k_pe))  # (1, N, …) → (R, W, …)
         attend = self._absorbed if absorb else self._naive
         y = attend(q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask)  # (B, T, H, d_v)
+        if rows is not None:
+            y = rows.back(y)  # (R, W, H, d_v) → (1, N, H, d_v)
         return self.wo(y.flatten(2))  # (B, T, H·d_v) → (B, T, d)
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask):
@@ -448,8 +454,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, pos, mask, absorb, token_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos, mask, absorb)
+    def forward(self, x, cos, sin, cache, layer, pos, mask, absorb, token_mask=None, rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos, mask, absorb, rows)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, token_mask) if isinstance(self.ffn, MoE) else self.ffn(h))
 
@@ -563,10 +569,10 @@ class DeepseekV3(nn.Module):
             return MLACache(L, batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, dtype, device)
         return NaiveMLACache(L, batch, c.num_attention_heads, max_len, c.qk_head_dim, c.v_head_dim, dtype, device)
 
-    def _prepare(self, tokens: torch.Tensor, cache, positions=None, attn_mask=None):
+    def _prepare(self, tokens: torch.Tensor, cache, positions=None, attn_mask=None, attn_rows=None):
         """→ (cos, sin, positions, mask, absorb) for tokens (B, T); a cache decides the path by its type."""
         B, T = tokens.shape
-        pos, mask = positions_and_mask(B, T, tokens.device, cache, positions, attn_mask)
+        pos, mask = positions_and_mask(B, T, tokens.device, cache, positions, attn_mask, attn_rows)
         absorb = isinstance(cache, MLACache) if cache is not None else self.attn_impl == "absorb"
         freqs = pos.float()[..., None] * self.inv_freq  # (…, T, rope/2)
         dtype = self.embed.weight.dtype
@@ -575,13 +581,13 @@ class DeepseekV3(nn.Module):
         return cos, sin, pos, mask, absorb
 
     def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None, positions=None, attn_mask=None,
-               token_mask=None) -> torch.Tensor:
+               token_mask=None, attn_rows=None) -> torch.Tensor:
         """idx (B, T) → the main model's final, normed hidden states (B, T, d). Arguments as forward's."""
         x = self.embed(idx)  # (B, T, d)
-        cos, sin, pos, mask, absorb = self._prepare(idx, kv_cache, positions, attn_mask)
+        cos, sin, pos, mask, absorb = self._prepare(idx, kv_cache, positions, attn_mask, attn_rows)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            args = (x, cos, sin, kv_cache, i, pos, mask, absorb, token_mask)
+            args = (x, cos, sin, kv_cache, i, pos, mask, absorb, token_mask, attn_rows)
             x = checkpointed(layer, *args, on_recompute=self._not_counting) if ckpt else layer(*args)
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
@@ -618,16 +624,20 @@ class DeepseekV3(nn.Module):
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, return_hidden: bool = False):
+                token_mask: torch.Tensor | None = None, return_hidden: bool = False, attn_rows=None):
         """idx (B, T) → logits (B, T, V), or a loss (see the module docstring).
 
         logit_pos (B,) or (B, T'): logits only at these positions of each row (see llama.select_positions).
         positions (B, T), attn_mask (B, 1, T, T) bool: packed documents (see llama.py's docstring).
         token_mask (B, T) bool: the tokens that steer MoE balancing; default targets != -100, else all.
+        attn_rows: idx (1, N) is a flat token sequence attending in rows (llama.AttnRows); no targets then.
         """
+        if attn_rows is not None and targets is not None:
+            raise ValueError("attn_rows: the MTP and balance losses read each document as a row; pass targets with "
+                             "rows of documents (positions + attn_mask) instead")
         if token_mask is None and targets is not None and logit_pos is None:
             token_mask = targets != IGNORE_INDEX
-        h = self.hidden(idx, kv_cache, positions, attn_mask, token_mask)  # (B, T, d)
+        h = self.hidden(idx, kv_cache, positions, attn_mask, token_mask, attn_rows)  # (B, T, d)
         out = h if logit_pos is None else select_positions(h, logit_pos)
         if return_hidden:  # normed hidden states for a chunked vocabulary projection (llama.py's forward)
             return out

@@ -11,13 +11,15 @@ mapping to Hugging Face names lives in formats/hf.py. Config field names are Hug
 
 The contract every r1kit model keeps:
     forward(idx, targets=None, kv_cache=None, loss_reduction="mean", logit_pos=None,
-            positions=None, attn_mask=None, token_mask=None)
+            positions=None, attn_mask=None, token_mask=None, attn_rows=None)
 idx (B, T) → logits (B, T, V); with targets → loss ("mean", "sum") or per-token NLL (B, T)
 ("none", 0 where targets == -100). With a kv_cache, the new tokens of row b sit at positions
 cache.lens[b] + 0..T-1 and may attend to everything the row has cached before them. Without one,
 `positions` (B, T) are the RoPE positions (default 0..T-1) and `attn_mask` (B, 1, T, T) bool says
 which keys each query may attend (True = may; default causal) — packed documents pass
-document_mask(doc) and per-document positions, and every sub-module honours both. `token_mask`
+document_mask(doc) and per-document positions, and every sub-module honours both. Padding-free
+packing goes one step further: `attn_rows` (an AttnRows) with idx (1, N) runs every token-wise layer
+on the N real tokens and only attention over rows gathered from them. `token_mask`
 (B, T) bool marks the tokens a training forward learns from (default targets != -100); only the
 MoE family reads it (its load statistics), the dense family accepts it so call sites stay shared.
 """
@@ -166,27 +168,71 @@ def document_mask(doc: torch.Tensor, branch: torch.Tensor | None = None) -> torc
     return allowed[:, None]  # (B, 1, T, T)
 
 
-def positions_and_mask(B: int, T: int, device, kv_cache, positions, attn_mask):
+@dataclass
+class AttnRows:
+    """Attention over rows gathered from one flat sequence of tokens: the padding-free training forward.
+
+    The forward's tokens are idx (1, N), every document's own tokens once (a prompt shared by several
+    samples once for all of them): embeddings, norms, projections and MLPs run on those N tokens and
+    nothing else. Only attention needs rows — cell (r, c) holds token index[r, c], so a token may sit in
+    several rows (the shared prompt at the head of each row of its samples: every copy is the same
+    token's keys and values, and autograd sums what each row sends back) — and attends as `mask`
+    allows ((R, 1, W, W) bool, True = may; None: causal in every row). Each token's output is read back
+    from one cell, home[t] (flat r·W + c); its other copies compute the same output, unused.
+
+    >>> rows = AttnRows(torch.tensor([[0, 1, 2], [0, 3, 0]]), torch.tensor([0, 1, 2, 4]), None)
+    >>> rows.gather(torch.tensor([[10, 11, 12, 13]])).tolist(), rows.back(torch.arange(6).view(2, 3)).tolist()
+    ([[10, 11, 12], [10, 13, 10]], [[0, 1, 2, 4]])
+    """
+    index: torch.Tensor  # (R, W) long: the token in each cell; padding cells hold any token (never read back)
+    home: torch.Tensor  # (N,) long: the cell each token's output is read from
+    mask: torch.Tensor | None  # (R, 1, W, W) bool, or None: causal
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, N, …) → (R, W, …): each cell's token (index_select: its backward adds the copies' gradients)."""
+        return x[0].index_select(0, self.index.flatten()).view(*self.index.shape, *x.shape[2:])
+
+    def back(self, y: torch.Tensor) -> torch.Tensor:
+        """y (R, W, …) → (1, N, …): each token's own cell."""
+        return y.flatten(0, 1).index_select(0, self.home)[None]
+
+    def check(self, B: int, T: int) -> None:
+        """Refuse a layout that does not describe a (1, T) forward's tokens, naming what is wrong."""
+        R, W = self.index.shape if self.index.dim() == 2 else (0, 0)
+        if B != 1 or self.index.dim() != 2 or tuple(self.home.shape) != (T,):
+            raise ValueError(f"attn_rows: idx must be (1, N) with home (N,) and index (R, W); got idx ({B}, {T}), "
+                             f"home {tuple(self.home.shape)}, index {tuple(self.index.shape)}")
+        if self.mask is not None and (self.mask.dtype != torch.bool or tuple(self.mask.shape) != (R, 1, W, W)):
+            raise ValueError(f"attn_rows.mask must be a bool tensor of shape (R, 1, W, W) = {(R, 1, W, W)}, "
+                             f"got {self.mask.dtype} {tuple(self.mask.shape)}")
+
+
+def positions_and_mask(B: int, T: int, device, kv_cache, positions, attn_mask, attn_rows: AttnRows | None = None):
     """The RoPE positions ((T,) or (B, T)) and the attention mask ((B, 1, T, Tk) bool, or None for
-    plain causal) of a forward over T new tokens — the one place both families decide them.
+    plain causal) of a forward over T new tokens — the one place both families decide them. With
+    attn_rows the mask is the rows' ((R, 1, W, W), see AttnRows) and positions (1, T) are required.
 
     A cache decides both itself (a row's new tokens follow what it holds), so passing either
     with one is refused rather than silently ignored.
     """
     if kv_cache is not None:
-        if positions is not None or attn_mask is not None:
-            raise ValueError("positions / attn_mask cannot be combined with a kv_cache: the cache places new "
-                             "tokens after what each row holds")
+        if positions is not None or attn_mask is not None or attn_rows is not None:
+            raise ValueError("positions / attn_mask / attn_rows cannot be combined with a kv_cache: the cache "
+                             "places new tokens after what each row holds")
         pos = kv_cache.positions(T)  # (B, T)
         return pos, kv_cache.attn_mask(pos)  # (B, 1, T, Tk)
-    if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (B, 1, T, T)):
+    if attn_rows is not None:
+        if attn_mask is not None or positions is None:
+            raise ValueError("attn_rows carries the attention mask itself and needs the tokens' positions (1, N)")
+        attn_rows.check(B, T)
+    elif attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (B, 1, T, T)):
         raise ValueError(f"attn_mask must be a bool tensor of shape (B, 1, T, T) = {(B, 1, T, T)}, "
                          f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
     if positions is None:
         return torch.arange(T, device=device), attn_mask
     if tuple(positions.shape) != (B, T):
         raise ValueError(f"positions must have shape (B, T) = {(B, T)}, got {tuple(positions.shape)}")
-    return positions, attn_mask
+    return positions, attn_mask if attn_rows is None else attn_rows.mask
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -333,7 +379,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, pos, mask):
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, pos, mask, rows: AttnRows | None = None):
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv
         q = self.wq(x).view(B, T, H, self.head_dim)  # (B, T, H, D)
@@ -342,13 +388,17 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin (…, T, 1, D): shared by the heads
+        if rows is not None:  # padding-free: the N tokens laid out in rows for attention alone
+            q, k, v = rows.gather(q), rows.gather(k), rows.gather(v)  # (1, N, ·, D) → (R, W, ·, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, Hkv, Tk, D)
         # one path for training, packing, prefill and decode: SDPA's contract with the forward's mask, or
         # causal without one (kernels.attention: SDPA itself, or its CPU decode kernel inside a decode step)
-        y = attention(q, k, v, mask)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) → (B, T, d)
+        y = attention(q, k, v, mask).transpose(1, 2)  # (B, H, T, D) → (B, T, H, D)
+        if rows is not None:
+            y = rows.back(y)  # (R, W, H, D) → (1, N, H, D)
+        return self.wo(y.reshape(B, T, -1))  # (B, T, H*D) → (B, T, d)
 
 
 class MLP(nn.Module):
@@ -372,8 +422,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache, layer, pos, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos, mask)
+    def forward(self, x, cos, sin, cache, layer, pos, mask, rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos, mask, rows)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -447,19 +497,21 @@ class Llama(nn.Module):
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", logit_pos: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, return_hidden: bool = False):
+                token_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                attn_rows: AttnRows | None = None):
         """idx (B, T) → logits (B, T, V), or loss (see module docstring).
 
         logit_pos (B,) or (B, T'): compute logits only at these positions of each row → (B, 1, V)
         or (B, T', V); prefill and GRPO use it to skip the vocabulary projection of prompt tokens.
         positions (B, T), attn_mask (B, 1, T, T) bool: see the module docstring (no kv_cache then).
+        attn_rows: idx (1, N) is a flat sequence of tokens attending in rows gathered from it (AttnRows).
         token_mask: unused by the dense family (no load statistics).
         return_hidden: the final normed hidden states (at logit_pos) instead of logits, for
         trainers that project onto the vocabulary a chunk at a time (r1kit/logprobs.py).
         """
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, d)
-        pos, mask = positions_and_mask(B, T, idx.device, kv_cache, positions, attn_mask)
+        pos, mask = positions_and_mask(B, T, idx.device, kv_cache, positions, attn_mask, attn_rows)
         # every position is below the cache's capacity, or T (the default 0..T-1), or given
         bound = kv_cache.max_len if kv_cache is not None else T if positions is None else int(pos.max()) + 1
         cos, sin = self.rope.lookup(self.inv_freq, pos, bound, x.dtype)  # (…, T, 1, D)
@@ -471,7 +523,7 @@ class Llama(nn.Module):
             x = fused
         else:
             for i, layer in enumerate(self.layers):
-                args = (x, cos, sin, kv_cache, i, pos, mask)
+                args = (x, cos, sin, kv_cache, i, pos, mask, attn_rows)
                 x = checkpointed(layer, *args) if ckpt else layer(*args)
         if kv_cache is not None:
             kv_cache.advance(T)

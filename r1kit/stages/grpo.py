@@ -314,7 +314,7 @@ def micro_step(cfg, model, mb: MicroBatch, loss_fn, kw, agg, weight: float) -> d
     return {k: float(v) * weight for k, v in s.items()}
 
 
-def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id, share: float = 1.0) -> dict:
+def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, share: float = 1.0) -> dict:
     """μ inner updates on one batch (accumulated over micro-batches). Returns mean statistics.
 
     Under torchrun `rollouts` are this rank's whole groups (share 0: a placeholder row for a rank
@@ -325,7 +325,7 @@ def policy_update(cfg: GRPOConfig, model, ref, opt, rollouts, adv, pad_id, share
     device = dist.unwrap(model).embed.weight.device
     amp = resolve_dtype(cfg.dtype, device)  # fp32 master weights and AdamW; bf16 matmuls on a GPU
     with autocast(device, amp):
-        mbs = micro_batches(cfg, model, rollouts, adv, ref, pad_id, device)
+        mbs = micro_batches(cfg, model, rollouts, adv, ref, device)
     counts = dist.all_reduce_sum({"tokens": share * float(sum(mb.mask.sum() for mb in mbs)),
                                   "seqs": share * len(rollouts)}, "summing the batch's token counts")
     n_mb = int(dist.all_reduce_max({"n": len(mbs)})["n"])
@@ -490,7 +490,7 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
     batch = [r for g in trained for r in g]
     b_rewards = rewards_of(cfg, batch) if batch else rewards[:0]
     if teacher is not None and batch:  # on-policy distillation: the teacher's per-token verdict, not the reward
-        adv, m["reverse_kl"] = teacher_advantages(cfg, model, teacher, batch, tok.pad_id)
+        adv, m["reverse_kl"] = teacher_advantages(cfg, model, teacher, batch)
     else:
         adv = advantages_of(cfg, task, batch, b_rewards) if batch else b_rewards
     # every advantage exactly 0 (no group with reward variance, for every estimator here; GDPO looks at the
@@ -502,7 +502,7 @@ def train_step(cfg, step, model, ref, tok, task, problems, opt, engine,
         set_lr(opt, lr_at(cursor.updates, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule))
         mine = dist.shard_range(len(trained))  # whole groups per rank; a rank left without one trains a placeholder
         rows = slice(mine.start * cfg.group_size, mine.stop * cfg.group_size) if len(mine) else slice(0, 1)
-        m.update(policy_update(cfg, model, ref, opt, batch[rows], adv[rows], tok.pad_id, float(len(mine) > 0)))
+        m.update(policy_update(cfg, model, ref, opt, batch[rows], adv[rows], float(len(mine) > 0)))
         dist.after_optimizer_step(model)  # MoE: aux-loss-free bias update from every rank's loads
         cursor.updates += 1
     train_s = time.perf_counter() - t1

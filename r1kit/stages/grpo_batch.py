@@ -64,14 +64,14 @@ def shares_prompts(cfg: GRPOConfig) -> bool:
     return cfg.packing and cfg.share_prompts and cfg.routing_replay == "off"
 
 
-def rollout_batch(rollouts: list[Rollout], rows: list[list[int]], pad_id: int, device=None, share: bool = False):
+def rollout_batch(rollouts: list[Rollout], rows: list[list[int]], device=None, share: bool = False):
     """Rows of rollout indices → (the PackedBatch of their prompt + completion, the sampler's log-probs (n, T)).
 
     The completion is each document's scored suffix; n and T follow the batch's order (`order`). share: a
     rollout right after one of its prompt in a row shares that prompt's copy (pack_documents' prefix).
     """
     batch = packing.pack_documents([r.prompt_ids + r.sample.tokens for r in rollouts],
-                                   [len(r.sample.tokens) for r in rollouts], rows, pad_id, device,
+                                   [len(r.sample.tokens) for r in rollouts], rows, device,
                                    prefix=[len(r.prompt_ids) for r in rollouts] if share else None)
     rollout_logp = torch.zeros(batch.mask.shape)
     for k, i in enumerate(batch.order):
@@ -84,25 +84,25 @@ def completion_logprobs(model, batch: packing.PackedBatch, temperature: float) -
     """Log-probs (n, T) of the completion tokens under the policy scaled like the rollout's sampler, and
     the entropy (n, T, detached) of that distribution at each position; exact zeros at padding.
 
-    The forward runs over the packed rows (per-document positions and block-diagonal mask when a row
-    holds several documents). Only the outputs that predict a completion token go on to the vocabulary:
-    the prompt's and the padding's never do, and they are the forward's `token_mask` (so prompts and
-    padding never steer an MoE model's load balancing). With the model's `logprob_chunk` > 0 the
+    The forward runs on the batch's flat tokens (no padding, each shared prompt once), attention over its
+    rows (per-document positions, block-diagonal mask when a row holds several documents). Only the outputs
+    that predict a completion token go on to the vocabulary: the prompts' never do, and those outputs are
+    the forward's `token_mask` (so prompts never steer an MoE model's load balancing). With the model's `logprob_chunk` > 0 the
     projection runs a chunk of tokens at a time (models/logprobs.py): no (M, V) logits are ever held.
     """
     inner = dist.unwrap(model)  # DDP: the forward goes through the wrapper, attributes live on the model
     chunk = getattr(inner, "logprob_chunk", 0)
     if chunk:
-        h = batch.gather(model(batch.idx, return_hidden=True, **batch.forward_kwargs()))  # (R, K, d) → (M, d)
+        h = batch.gather(model(batch.idx, return_hidden=True, **batch.forward_kwargs()))  # (1, M, d) → (M, d)
         logp, ent = chunked_logprobs(h, inner.head.weight, batch.targets[batch.mask.bool()], temperature,
                                      bias=inner.head.bias, chunk=chunk)
         return batch.scatter(logp), batch.scatter(ent.detach())
-    logits = model(batch.idx, **batch.forward_kwargs())  # (R, K, V): no logits for prompts or padding
+    logits = batch.gather(model(batch.idx, **batch.forward_kwargs()))  # (1, M, V) → (M, V): none for prompts
     logits = logits / temperature if temperature > 0 else logits
     with torch.no_grad():
-        ent = rl.entropy_from_logits(logits.detach())  # (R, K)
-    logp = rl.token_logprobs(logits, batch.row_targets())  # (R, K): the logits are never copied to (M, V)
-    return batch.scatter(batch.gather(logp)), batch.scatter(batch.gather(ent))
+        ent = rl.entropy_from_logits(logits.detach())  # (M,)
+    logp = rl.token_logprobs(logits, batch.targets[batch.mask.bool()])  # (M,)
+    return batch.scatter(logp), batch.scatter(ent)
 
 
 @dataclass
@@ -120,7 +120,7 @@ class MicroBatch:
         return self.batch.mask
 
 
-def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) -> list[MicroBatch]:
+def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, device) -> list[MicroBatch]:
     """Split the batch into micro-batches of packed rows (plan_micro_batches).
 
     Old log-probs come from a training-style forward, not from the sampler: in bf16 the two
@@ -136,15 +136,15 @@ def micro_batches(cfg: GRPOConfig, model, rollouts, adv, ref, pad_id, device) ->
         scores_old = cfg.mu > 1 or (moe and replay)  # the pre-update forward runs only then
         scorer = {m: stack.enter_context(dist.generating(m)) for m in {ref, model if scores_old else None}
                   if m is not None}
-        out = _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device, replay, from_engine, moe)
+        out = _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, device, replay, from_engine, moe)
     return out
 
 
-def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device, replay, from_engine, moe):
+def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, device, replay, from_engine, moe):
     """The micro-batches of micro_batches(), with their reference and pre-update log-probs."""
     out = []
     for rows in plan_micro_batches(cfg, rollouts):
-        batch, rollout_logp = rollout_batch(rollouts, rows, pad_id, device, shares_prompts(cfg))
+        batch, rollout_logp = rollout_batch(rollouts, rows, device, shares_prompts(cfg))
         logp = {}
         routes = engine_routes(rollouts, batch) if moe and from_engine else None
         with torch.no_grad():
@@ -157,9 +157,8 @@ def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device,
                 inner = dist.unwrap(model)
                 with replay_routing(inner, routes) if routes is not None else record_routing(inner) as rec:
                     logp["old"] = completion_logprobs(scorer[model], batch, cfg.temperature)[0]
-                if routes is None:  # R2: padding has no routing to keep (-1, as in the engine's records), so the
-                    pad = (batch.doc < 0).flatten()[:, None]  # disagreement counts the same tokens in any layout
-                    routes = [None if r is None else r.masked_fill(pad, -1) for r in rec]
+                if routes is None:  # R2: the forward's own experts, one record per flat token (none is padding)
+                    routes = list(rec)
         T = batch.mask.shape[1]
         rows_adv = adv[batch.order] if adv.dim() == 1 else adv[batch.order, :T]  # per-token advantages: this width
         out.append(MicroBatch(batch, logp.get("old") if cfg.mu > 1 else None, rows_adv.to(device), logp.get("ref"),
@@ -168,25 +167,24 @@ def _score_micro_batches(cfg, model, ref, scorer, rollouts, adv, pad_id, device,
 
 
 def engine_routes(rollouts: list[Rollout], batch: packing.PackedBatch) -> list:
-    """The engine's expert ids (Sample.routes) laid out like the training forward over `batch`'s rows.
+    """The engine's expert ids (Sample.routes) laid out like the training forward over `batch`'s flat tokens.
 
-    Per gate (R·W, k), each document's ids at its own place in its row; -1 where the engine fed no token
-    (the last completion token, padding), so those positions keep the trainer's own routing.
+    Per gate (N, k), each document's ids at its tokens; -1 where the engine fed no token (a completion's
+    last), so that token keeps the trainer's own routing.
     """
     first = rollouts[batch.order[0]].sample.routes
     if first is None:
         raise ConfigError("grpo.routing_replay = 'rollout': the rollouts carry no routing (engine not recording)")
-    R, W = batch.idx.shape
     out = []
     for g, r0 in enumerate(first):
         if r0 is None:
             out.append(None)
             continue
-        ids = torch.full((R, W, r0.shape[-1]), -1, dtype=torch.long)  # (R, W, k)
-        for i, (row, col) in zip(batch.order, batch.place):
+        ids = torch.full((batch.tokens, r0.shape[-1]), -1, dtype=torch.long)  # (N, k)
+        for i, where in zip(batch.order, batch.token_index):
             rec = rollouts[i].sample.routes[g]
-            ids[row, col:col + len(rec)] = rec
-        out.append(ids.view(-1, r0.shape[-1]).to(batch.idx.device))  # (R·W, k): the gate sees the batch flattened
+            ids[where[:len(rec)]] = rec
+        out.append(ids.to(batch.idx.device))
     return out
 
 
@@ -209,13 +207,13 @@ def micro_batch_bounds(widths: list[int], max_rows: int, max_tokens: int) -> lis
 
 
 @torch.no_grad()
-def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, float]:
+def teacher_advantages(cfg: GRPOConfig, model, teacher, rollouts: list[Rollout]) -> tuple[torch.Tensor, float]:
     """On-policy distillation: the teacher scores every sampled token → (advantages (N, T), mean reverse KL)."""
     device = dist.unwrap(model).embed.weight.device
     T = max(len(r.sample.tokens) for r in rollouts)
     adv, kl, n = torch.zeros(len(rollouts), T), 0.0, 0.0
     for rows in plan_micro_batches(cfg, rollouts):
-        batch, _ = rollout_batch(rollouts, rows, pad_id, device, shares_prompts(cfg))
+        batch, _ = rollout_batch(rollouts, rows, device, shares_prompts(cfg))
         with autocast(device, resolve_dtype(cfg.dtype, device)):
             student = completion_logprobs(model, batch, cfg.temperature)[0]
             scored = completion_logprobs(teacher, batch, cfg.temperature)[0]
