@@ -1,10 +1,13 @@
-"""GRPO's training forwards packed (rows of documents, no padding) vs right-padded, side by side.
+"""GRPO's update, r1kit's padding-free layout vs the right-padded batch, side by side.
 
 One realistic batch: 8 prompts × 8 samples, prompts of 20–60 tokens (one length per prompt, shared by
 its group), completion lengths drawn uniformly from 10..128 like a run's spread of short answers and
-long chains. The same rollouts and weights go through `policy_update` (the trainer's real path:
-micro-batch planning, the no-grad scoring forward, the policy forward + backward, the optimizer step)
-with `grpo.packing` false and true, interleaved; one thread, process CPU time, fastest of the repeats.
+long chains. The same rollouts and weights go through r1kit's `policy_update` (the trainer's real path:
+micro-batch planning, the scoring forwards, the policy forward + backward, the optimizer step; the
+token-wise layers on the real tokens, each prompt once, attention in packed rows) and through the
+right-padded update every padded trainer runs (one row per rollout, plain causal forward, the same
+token-mean policy-gradient loss, backward, step), interleaved; one thread, process CPU time, fastest of
+the repeats. Equality of the two is tests/test_grpo_packing.py's business; this one times them.
 
     python bench/grpo_packing.py [--configs small,real] [--repeats 3] [--real-repeats 1] [--kl]
 small: the bench Llama (hidden 256, 4 layers, 4/2 heads, ffn 688, vocab 512); medium: hidden 512, 8 layers;
@@ -24,7 +27,8 @@ import torch
 from r1kit.engine import Sample
 from r1kit.models.llama import Llama, LlamaConfig
 from r1kit.rollout import Rollout
-from r1kit.stages import grpo
+from r1kit import rl
+from r1kit.stages import grpo, grpo_batch
 
 CONFIGS = {
     "small": (dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -47,21 +51,45 @@ def batch(vocab: int, prompts: int = 8, group: int = 8, seed: int = 0) -> list[R
     return out
 
 
-def token_counts(cfg: grpo.GRPOConfig, rollouts: list[Rollout]) -> tuple[int, int, int]:
-    """(real tokens, tokens the forwards compute, rows) over the batch's micro-batches."""
+def token_counts(cfg: grpo.GRPOConfig, rollouts: list[Rollout]) -> tuple[int, int, int, int]:
+    """(real tokens, the padded batch's slots, tokens r1kit's token-wise layers compute, its attention cells)."""
     lengths = [len(r.prompt_ids) + len(r.sample.tokens) for r in rollouts]
-    computed = rows = 0
+    flat = cells = 0
     for mb in grpo.plan_micro_batches(cfg, rollouts):
-        rows += len(mb)
-        computed += len(mb) * max(sum(lengths[i] for i in row) for row in mb)
-    return sum(lengths), computed, rows
+        b, _ = grpo.rollout_batch(rollouts, mb, share=grpo_batch.shares_prompts(cfg))
+        flat, cells = flat + b.tokens, cells + b.rows.index.numel()
+    return sum(lengths), len(lengths) * max(lengths), flat, cells
 
 
-def timed_update(cfg, model, ref, rollouts, adv) -> float:
+def padded_update(cfg, model, ref, opt, rollouts, adv) -> None:
+    """The right-padded update (μ = 1, token-mean −A·log π, + β·KL to ref by cfg.kl_estimator): a row per rollout, micro-batched."""
+    P = [len(r.prompt_ids) for r in rollouts]
+    L = [p + len(r.sample.tokens) for p, r in zip(P, rollouts)]
+    n_tok = sum(L) - sum(P)
+    step = cfg.micro_batch or len(rollouts)
+    for a in range(0, len(rollouts), step):
+        rs, W = rollouts[a:a + step], max(L[a:a + step])
+        ids = torch.zeros(len(rs), W, dtype=torch.long)
+        scored = torch.zeros(len(rs), W - 1)
+        for j, r in enumerate(rs):
+            seq = r.prompt_ids + r.sample.tokens
+            ids[j, :len(seq)] = torch.tensor(seq)
+            scored[j, len(r.prompt_ids) - 1:len(seq) - 1] = 1
+        logp = rl.token_logprobs(model(ids)[:, :-1], ids[:, 1:])  # (B, W - 1)
+        per_tok = -adv[a:a + step, None] * logp
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = rl.token_logprobs(ref(ids)[:, :-1], ids[:, 1:])
+            per_tok = per_tok + cfg.kl_coef * rl.KL_ESTIMATORS[cfg.kl_estimator](logp, ref_logp, logp.detach())
+        ((per_tok * scored).sum() / n_tok).backward()
+    opt.step()
+
+
+def timed_update(update, cfg, model, ref, rollouts, adv) -> float:
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
     t0 = time.process_time()
-    grpo.policy_update(cfg, m, ref, opt, rollouts, adv)
+    update(cfg, m, ref, opt, rollouts, adv)
     return time.process_time() - t0
 
 
@@ -72,19 +100,18 @@ def run(name: str, repeats: int, kl: bool) -> float:
         if kl else None
     rollouts = batch(shape["vocab_size"])
     adv = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(0))
-    cfgs = {p: grpo.GRPOConfig(max_new_tokens=128, micro_batch=micro, kl_coef=0.04 if kl else 0.0, packing=p)
-            for p in (False, True)}
-    real, padded, rows_padded = token_counts(cfgs[False], rollouts)
-    _, packed, rows_packed = token_counts(cfgs[True], rollouts)
+    cfg = grpo.GRPOConfig(max_new_tokens=128, micro_batch=micro, kl_coef=0.04 if kl else 0.0)
+    real, padded, flat, cells = token_counts(cfg, rollouts)
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {len(rollouts)} rollouts, "
-          f"micro_batch {micro}: real_tokens={real} padded_tokens={padded} ({padded / real:.2f}×, {rows_padded} rows) "
-          f"packed_tokens={packed} ({packed / real:.2f}×, {rows_packed} rows)")
-    times = {False: [], True: []}
+          f"micro_batch {micro}: real_tokens={real} padded_tokens={padded} ({padded / real:.2f}×) "
+          f"r1kit_tokens={flat} ({flat / real:.2f}×: each prompt once) attention_cells={cells} ({cells / real:.2f}×)")
+    sides = {"padded": padded_update, "r1kit": grpo.policy_update}
+    times = {k: [] for k in sides}
     for _ in range(repeats):
-        for p in (False, True):
-            times[p].append(timed_update(cfgs[p], model, ref, rollouts, adv))
-    t_pad, t_pack = min(times[False]), min(times[True])
-    print(f"{name}: update_s padded={t_pad:.3f} packed={t_pack:.3f} speedup={t_pad / t_pack:.2f} "
+        for k, update in sides.items():
+            times[k].append(timed_update(update, cfg, model, ref, rollouts, adv))
+    t_pad, t_pack = min(times["padded"]), min(times["r1kit"])
+    print(f"{name}: update_s padded={t_pad:.3f} r1kit={t_pack:.3f} speedup={t_pad / t_pack:.2f} "
           f"(forward{' + reference' if kl else ''} + backward + step, best of {repeats})")
     return t_pad / t_pack
 

@@ -1,20 +1,22 @@
-"""Padding-free training forwards: variable-length documents packed into rows.
+"""Padding-free training forwards: variable-length documents as one flat sequence, attending in rows.
 
 A batch of rollouts is ragged (prompts of different lengths, completions from a few tokens to
-max_new_tokens). Right-padding every row to the longest spends most of the forward and backward on
-padding; packing puts several documents side by side in one row instead, each with its own RoPE
-positions (0, 1, … inside the document) and a block-diagonal causal mask (llama.document_mask), so a
-token sees exactly the tokens it would see alone and the row computes what the separate documents
-would.
+max_new_tokens), and GRPO's G samples of a prompt all begin with it. Right-padding every row to the
+longest spends most of the forward and backward on padding and on copies of each prompt. Here the
+token-wise layers (embedding, norms, projections, MLP: nearly all the FLOPs) run on one flat sequence
+of real tokens — every completion once, every distinct prompt once — and only attention sees rows:
+llama.AttnRows gathers each row's tokens (a prompt's keys and values copied to the head of every row
+of its samples) and reads each token's output back from its own cell. In a row, several documents sit
+side by side, each with its own RoPE positions (0, 1, … inside the document) and a block-diagonal
+causal mask (llama.document_mask), so a token sees exactly the tokens it would see alone.
 
 Rows have a capacity, the longest document of the batch: SDPA with a boolean mask computes the full
 W × W scores of a row, so a row longer than the padded one would spend on attention what packing
-saves in the projections. A row that holds one document needs no mask at all; a batch whose rows all
-hold one document is the right-padded batch, run as a plain causal forward.
+saves. A row that holds one document needs no mask at all (plain causal).
 
-Where each document's scored suffix (a completion) sits is kept as flat indices, so per-token results
-come back in the (documents, suffix length) layout the losses read — packing changes the forward,
-never the maths after it.
+The outputs that predict a scored suffix (a completion) are named by flat index in (documents, suffix
+length) order, so per-token results come back in the layout the losses read — packing changes the
+forward, never the maths after it.
 """
 from __future__ import annotations
 

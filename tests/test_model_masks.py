@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from r1kit.models.deepseek import DeepseekConfig, DeepseekV3
-from r1kit.models.llama import IGNORE_INDEX, Llama, LlamaConfig, document_mask
+from r1kit.models.llama import IGNORE_INDEX, AttnRows, Llama, LlamaConfig, document_mask
 
 V = 64
 LLAMA = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -61,6 +61,42 @@ def test_packed_forward_equals_each_document_alone(family, impl):
             torch.testing.assert_close(nll[at: at + len(d)], alone_nll, atol=1e-5, rtol=1e-5)
             at += len(d)
     assert not torch.allclose(plain[7:11], logits[7:11], atol=1e-3)  # without the mask, documents do mix
+
+
+@pytest.mark.parametrize("family,impl", CASES)
+def test_flat_tokens_attending_in_rows_equal_each_document_alone(family, impl):
+    """AttnRows: a prompt written once in the flat tokens and copied into two rows (one per sample), a third
+    document beside one of them, padding in the other row — every token's output is its document's alone."""
+    model = build(family, impl).eval()
+    prompt, a, b, other = documents((5, 4, 6, 3), seed=1)
+    flat = torch.cat((prompt, a, other, b))[None]  # (1, 18): the prompt once
+    positions = torch.cat((torch.arange(9), torch.arange(3), torch.arange(5, 11)))[None]
+    index = torch.tensor([list(range(9)) + list(range(9, 12)), list(range(5)) + list(range(12, 18)) + [0]])
+    home = torch.tensor(list(range(12)) + list(range(17, 23)))  # row 1's cells 5…10 hold b's own tokens
+    doc = torch.tensor([[0] * 9 + [1] * 3, [0] * 11 + [-1]])
+    rows = AttnRows(index, home, document_mask(doc))
+    with torch.no_grad():
+        got = model(flat, positions=positions, attn_rows=rows)[0]  # (18, V)
+        for want, at in ((model(torch.cat((prompt, a))[None])[0], list(range(9))),
+                         (model(other[None])[0], list(range(9, 12))),
+                         (model(torch.cat((prompt, b))[None])[0][5:], list(range(12, 18)))):
+            torch.testing.assert_close(got[at], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_attention_rows_are_clear_errors():
+    model = build("llama")
+    flat, pos = torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None]
+    rows = AttnRows(torch.tensor([[0, 1], [2, 3]]), torch.arange(4), None)
+    with pytest.raises(ValueError, match=r"attn_rows: idx must be \(1, N\) with home \(N,\)"):
+        model(torch.zeros(2, 2, dtype=torch.long), positions=torch.zeros(2, 2, dtype=torch.long), attn_rows=rows)
+    with pytest.raises(ValueError, match=r"attn_rows.mask must be a bool tensor of shape \(R, 1, W, W\) = \(2, 1, 2, 2\)"):
+        model(flat, positions=pos, attn_rows=AttnRows(rows.index, rows.home, torch.ones(2, 2, 2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="needs the tokens' positions"):
+        model(flat, attn_rows=rows)
+    with pytest.raises(ValueError, match="cannot be combined with a kv_cache"):
+        model(flat, kv_cache=model.new_cache(1, 8), attn_rows=rows)
+    with pytest.raises(ValueError, match="MTP and balance losses read each document as a row"):
+        build("deepseek")(flat, flat, positions=pos, attn_rows=rows)
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])

@@ -74,8 +74,10 @@ class GRPOConfig(MemoryOptions):
     grad_clip: float = 1.0  # clip the gradient's global norm to this (0: off)
     micro_batch: int = 0  # rows per forward/backward (gradient accumulation); 0 = the whole batch
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches also hold at most this many (padded) tokens
-    packing: bool = True  # training forwards pack rollouts into rows of documents (no FLOPs on padding); false: padded rows
-    share_prompts: bool = True  # with packing: a row holds a prompt once for several of its samples (each sees it)
+    # training forwards run their token-wise layers on the real tokens only (packing.py); attention's rows:
+    packing: bool = True  # several rollouts side by side in a row (block-diagonal mask); false: a row each
+    share_prompts: bool = True  # with packing: each distinct prompt computed once, and a row holds it once for
+    #                             several of its samples (each sees it)
     device: str = "auto"  # cuda | mps | cpu | auto (cuda → mps → cpu)
     dtype: str = "auto"  # compute (autocast) dtype; auto = bf16 on a GPU that has it, else fp32
     mu: int = 1  # inner updates per batch; > 1 is where the ratio and the clip matter
