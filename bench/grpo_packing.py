@@ -58,7 +58,9 @@ def token_counts(cfg: grpo.GRPOConfig, rollouts: list[Rollout]) -> tuple[int, in
     for mb in grpo.plan_micro_batches(cfg, rollouts):
         b, _ = grpo.rollout_batch(rollouts, mb, share=grpo_batch.shares_prompts(cfg))
         flat, cells = flat + b.tokens, cells + b.rows.index.numel()
-    return sum(lengths), len(lengths) * max(lengths), flat, cells
+    step = cfg.micro_batch or len(lengths)  # padded_update's micro-batches, each as wide as its longest
+    padded = sum(len(lengths[a:a + step]) * max(lengths[a:a + step]) for a in range(0, len(lengths), step))
+    return sum(lengths), padded, flat, cells
 
 
 def padded_update(cfg, model, ref, opt, rollouts, adv) -> None:
