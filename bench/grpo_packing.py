@@ -64,7 +64,8 @@ def token_counts(cfg: grpo.GRPOConfig, rollouts: list[Rollout]) -> tuple[int, in
 
 
 def padded_update(cfg, model, ref, opt, rollouts, adv) -> None:
-    """The right-padded update (μ = 1, token-mean −A·log π, + β·KL to ref by cfg.kl_estimator): a row per rollout, micro-batched."""
+    """The right-padded update: a row per rollout, micro-batched; μ = 1, token-mean −A·log π (+ β · the
+    cfg.kl_estimator KL to ref)."""
     P = [len(r.prompt_ids) for r in rollouts]
     L = [p + len(r.sample.tokens) for p, r in zip(P, rollouts)]
     n_tok = sum(L) - sum(P)

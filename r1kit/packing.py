@@ -203,7 +203,8 @@ def pack_documents(docs: list[list[int]], scored: list[int], rows: list[list[int
                     document_mask(doc, branch if prefix is not None else None).to(device) if packed else None)
     return PackedBatch(torch.tensor([flat.tokens], dtype=torch.long, device=device),
                        torch.tensor([flat.positions], dtype=torch.long, device=device), attn, doc.to(device),
-                       branch.to(device), order, token_index, torch.tensor([logit_pos], dtype=torch.long, device=device),
+                       branch.to(device), order, token_index,
+                       torch.tensor([logit_pos], dtype=torch.long, device=device),
                        targets.to(device), mask.to(device))
 
 

@@ -87,8 +87,9 @@ def completion_logprobs(model, batch: packing.PackedBatch, temperature: float) -
     The forward runs on the batch's flat tokens (no padding, each shared prompt once), attention over its
     rows (per-document positions, block-diagonal mask when a row holds several documents). Only the outputs
     that predict a completion token go on to the vocabulary: the prompts' never do, and those outputs are
-    the forward's `token_mask` (so prompts never steer an MoE model's load balancing). With the model's `logprob_chunk` > 0 the
-    projection runs a chunk of tokens at a time (models/logprobs.py): no (M, V) logits are ever held.
+    the forward's `token_mask` (so prompts never steer an MoE model's load balancing). With the model's
+    `logprob_chunk` > 0 the projection runs a chunk of tokens at a time (models/logprobs.py): no (M, V)
+    logits are ever held.
     """
     inner = dist.unwrap(model)  # DDP: the forward goes through the wrapper, attributes live on the model
     chunk = getattr(inner, "logprob_chunk", 0)
