@@ -262,37 +262,40 @@ class MLA(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)  # (B, T, r), (B, T, rope)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin, self.interleaved)  # one RoPE key per token, shared by all heads
-        if rows is not None:  # padding-free: the N tokens laid out in rows for attention alone (llama.AttnRows)
-            q_nope, q_pe, c_kv, k_pe = (rows.gather(t) for t in (q_nope, q_pe, c_kv, k_pe))  # (1, N, …) → (R, W, …)
+        # rows (llama.AttnRows, padding-free training): each path's per-token work runs on the N flat tokens,
+        # only its attention in rows gathered from them
         attend = self._absorbed if absorb else self._naive
-        y = attend(q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask)  # (B, T, H, d_v)
-        if rows is not None:
-            y = rows.back(y)  # (R, W, H, d_v) → (1, N, H, d_v)
+        y = attend(q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask, rows)  # (B, T, H, d_v)
         return self.wo(y.flatten(2))  # (B, T, H·d_v) → (B, T, d)
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask):
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask, rows=None):
         """Expand every token's latent into per-head K/V (what MHA would cache)."""
         B, T, H, _ = q_nope.shape
         kv = self.wkv_b(c_kv).view(B, T, H, self.nope + self.v_dim)  # (B, T, H, d_nope + d_v)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)), dim=-1)  # (B, T, H, d_qk)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if rows is not None:
+            q, k, v = rows.gather(q), rows.gather(k), rows.gather(v)  # (1, N, H, ·) → (R, W, H, ·)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, ·)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos, mask.shape[-1])  # (B, H, Tk, ·)
         # mask (B, 1, T, Tk) broadcasts over heads; None: plain causal
-        y = attention(q, k, v, mask, scale=self.softmax_scale)  # (B, H, T, d_v)
-        return y.transpose(1, 2)  # (B, T, H, d_v)
+        y = attention(q, k, v, mask, scale=self.softmax_scale).transpose(1, 2)  # (B, H, T, d_v) → (B, T, H, d_v)
+        return y if rows is None else rows.back(y)  # (R, W, H, d_v) → (1, N, H, d_v)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask):
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, layer, pos, mask, rows=None):
         """Attend in latent space: q_nope·(W_UK c) = (W_UKᵀ q_nope)·c, and W_UV moves after the softmax."""
-        B, T, H, _ = q_nope.shape
+        H = q_nope.shape[2]
         w = weight_of(self.wkv_b).view(H, self.nope + self.v_dim, self.rank)  # (H, d_nope + d_v, r), adapter included
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # (B, T, H, r): W_UK folded in
+        query, latent = torch.cat((q_lat, q_pe), dim=-1), torch.cat((c_kv, k_pe), dim=-1)  # (B, T, H, ·), (B, T, ·)
+        if rows is not None:
+            query, latent = rows.gather(query), rows.gather(latent)  # (1, N, …) → (R, W, …)
+        B, T = latent.shape[:2]
         # every head attends to the same latent key, so heads become extra query rows of one
         # single-head attention: (B, T·H, r + rope) against (B, Tk, r + rope), with no K/V copies
-        query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, self.rank + self.rope)
-        latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, T, r + rope)
+        query = query.reshape(B, T * H, self.rank + self.rope)
         if cache is not None:
             latent = cache.write(layer, latent, pos, mask.shape[-1])  # (B, Tk, r + rope)
         if mask is None:
@@ -303,6 +306,8 @@ class MLA(nn.Module):
         mask = mask[:, :, None].expand(mask.shape[0], T, H, Tk).reshape(-1, T * H, Tk)  # a row per (t, h)
         o = latent_attention(query, latent, latent[..., : self.rank], mask, self.softmax_scale)  # value = c_kv
         o = o.view(B, T, H, self.rank)  # (B, T·H, r) → (B, T, H, r)
+        if rows is not None:
+            o = rows.back(o)  # (R, W, H, r) → (1, N, H, r)
         return torch.einsum("bthc,hdc->bthd", o, w[:, self.nope:])  # W_UV: (B, T, H, d_v)
 
 
