@@ -89,17 +89,17 @@ def test_dispatch_only_where_asked_and_where_it_applies():
         assert not kernels.uses_kernel(x, w)  # autograd on
     with torch.no_grad(), kernels.decode_kernels():
         assert not kernels.uses_kernel(torch.randn(kernels.MAX_ROWS + 1, 32), w)
-        # above SMALL_ROWS rows (WIDE_SMALL_ROWS with the 16-wide kernel), only a weight too big to stay in cache:
-        # MKL's / oneDNN's blocking wins on a cached one
-        kernels._module()
-        small = kernels._state["small_rows"]
-        assert small == (kernels.WIDE_SMALL_ROWS if kernels._module() is not None
-                         and kernels._module().vector_width() == 512 else kernels.SMALL_ROWS)
-        rows = torch.randn(small + 1, 64)
-        cached, streamed = torch.randn(kernels.CACHED_WEIGHT // 64 - 1, 64), torch.randn(kernels.CACHED_WEIGHT // 64, 64)
-        assert not kernels.uses_kernel(rows, cached)
-        assert kernels.uses_kernel(rows, streamed) == (kernels._module() is not None)
-        assert kernels.uses_kernel(rows[:small], cached) == (kernels._module() is not None)
+        # above row_limits' first count, only a weight too big to stay in cache (up to the second count): MKL's /
+        # oneDNN's blocking wins on a cached one
+        built = kernels._module() is not None
+        small, streamed = kernels._state["rows"]
+        assert (small, streamed) == (kernels.row_limits(kernels._module().vector_width(), kernels._cpu_vendor())
+                                     if built else (kernels.SMALL_ROWS, kernels.MAX_ROWS))
+        cached, big = torch.randn(kernels.CACHED_WEIGHT // 64 - 1, 64), torch.randn(kernels.CACHED_WEIGHT // 64, 64)
+        assert not kernels.uses_kernel(torch.randn(small + 1, 64), cached)
+        assert kernels.uses_kernel(torch.randn(small + 1, 64), big) == (built and streamed > small)
+        assert not kernels.uses_kernel(torch.randn(streamed + 1, 64), big)
+        assert kernels.uses_kernel(torch.randn(small, 64), cached) == built
         assert not kernels.uses_kernel(x.double(), w.double())
         assert not kernels.uses_kernel(x, torch.randn(32, 8).t())  # a transposed view
         assert not kernels.uses_kernel(torch.randn(4, 4), torch.randn(8, 4))  # K < one vector

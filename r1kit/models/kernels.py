@@ -70,11 +70,15 @@ SMALL_ROWS, CACHED_WEIGHT = 16, 1 << 17  # rows; weight elements (512 KB in fp32
 # the 16-wide kernel (AVX-512) stays ahead of MKL and oneDNN on every weight up to 48 rows (Zen 5, one thread:
 # 128 × 128 at 32 rows 102 GFLOP/s against oneDNN's 57 and MKL's 76; 688 × 256 at 48 rows 140 against 153 / 85)
 WIDE_SMALL_ROWS = 48
+# on an Intel core MKL runs its own AVX-512 code, and it overtakes the kernel sooner, streamed weights included
+# (Xeon with AVX-512, one thread, weights out of L2 — kernel / MKL GFLOP/s: 512 × 1376 at 24 rows 65 / 59, at 32
+# 68 / 72, at 48 72 / 95; 49152 × 576 at 24 rows 68 / 56, at 48 84 / 75, at 64 91 / 92; 128 × 128 at 32 73 / 77)
+INTEL_WIDE_ROWS = 24
 MAX_QUERIES = 4  # queries per row: decode (1), MTP verification; above ≈ 8 SDPA is faster (its GEMM reuses keys)
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny_linear.cpp", "decode_attention.cpp",
                                                                 "llama_decode.cpp", "rms_norm.cpp", "sampling.cpp",
                                                                 "swiglu.cpp")]
-_state: dict = {"tried": False, "module": None, "small_rows": SMALL_ROWS}
+_state: dict = {"tried": False, "module": None, "rows": (SMALL_ROWS, MAX_ROWS)}
 _local = threading.local()  # .on: this thread is inside decode_kernels()
 _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake tensors): those go to torch
 
@@ -108,7 +112,7 @@ def _module():
                                 # when the extension itself is built with OpenMP (else one thread runs all)
                                 extra_cflags=["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"],
                                 extra_ldflags=["-fopenmp"])
-        _state["small_rows"] = WIDE_SMALL_ROWS if _state["module"].vector_width() == 512 else SMALL_ROWS
+        _state["rows"] = row_limits(_state["module"].vector_width(), _cpu_vendor())
     except Exception as e:  # noqa: BLE001 — any build failure (no compiler, no ninja) means: use torch's
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("r1kit: the CPU decode kernels did not build (%s); decode steps use F.linear and SDPA", first)
@@ -124,15 +128,27 @@ def _switched_on(a: torch.Tensor, b: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def row_limits(width: int, vendor: str) -> tuple[int, int]:
+    """(rows up to which `linear` always takes the kernel, rows up to which it takes it for a weight of at least
+    CACHED_WEIGHT elements), for the kernel's vector width and the CPU's vendor (whose GEMM it competes with).
+
+    >>> row_limits(256, "AuthenticAMD"), row_limits(512, "AuthenticAMD"), row_limits(512, "GenuineIntel")
+    ((16, 64), (48, 64), (24, 24))
+    """
+    if width != 512:
+        return SMALL_ROWS, MAX_ROWS
+    return (INTEL_WIDE_ROWS, INTEL_WIDE_ROWS) if vendor == "GenuineIntel" else (WIDE_SMALL_ROWS, MAX_ROWS)
+
+
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` takes the kernel (see the module docstring for the rules): up to
-    SMALL_ROWS rows always (WIDE_SMALL_ROWS with the 16-wide kernel), up to MAX_ROWS only for a weight of at
-    least CACHED_WEIGHT elements."""
-    if not _switched_on(x, weight) or x.shape[-1] < 8:
+    """Whether `linear(x, weight)` takes the kernel (see the module docstring for the rules): up to the
+    first of row_limits' rows always, up to the second only for a weight of at least CACHED_WEIGHT elements."""
+    if not _switched_on(x, weight) or x.shape[-1] < 8 or _module() is None:  # (built first: it sets the rows)
         return False
     rows = x.numel() // x.shape[-1]
-    return (0 < rows <= MAX_ROWS and (rows <= _state["small_rows"] or weight.numel() >= CACHED_WEIGHT)
-            and x.is_contiguous() and weight.is_contiguous() and _module() is not None)
+    small, streamed = _state["rows"]
+    return (0 < rows <= streamed and (rows <= small or weight.numel() >= CACHED_WEIGHT)
+            and x.is_contiguous() and weight.is_contiguous())
 
 
 def uses_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
