@@ -131,9 +131,7 @@ def _check(cfg, name: str, ok: bool, why: str) -> None:
         raise ValueError(f"DeepseekConfig.{name}={getattr(cfg, name)!r} {why}")
 
 
-# ---------------------------------------------------------------------------------------------
-# RoPE with YaRN (only the qk_rope_head_dim slice of each head is rotated)
-# ---------------------------------------------------------------------------------------------
+# -- RoPE with YaRN (only the qk_rope_head_dim slice of each head is rotated) -----------------
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -179,9 +177,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# KV caches — the llama.KVCache protocol; each names its storage in BUFFERS
-# ---------------------------------------------------------------------------------------------
+# -- KV caches — the llama.KVCache protocol; each names its storage in BUFFERS ----------------
 class NaiveMLACache(KVCache):
     """Per-head keys (L, B, H, T, d_nope + d_rope) and values (L, B, H, T, d_v): what MHA would cache."""
 
@@ -220,9 +216,7 @@ class MLACache(KVCache):
         return self.kv[layer, :, :Tk]
 
 
-# ---------------------------------------------------------------------------------------------
-# Multi-head Latent Attention
-# ---------------------------------------------------------------------------------------------
+# -- Multi-head Latent Attention --------------------------------------------------------------
 def latent_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """softmax(q·kᵀ·scale where mask) · v in plain matmuls: (B, Tq, D) × (B, Tk, D) → (B, Tq, Dv).
 
@@ -311,9 +305,7 @@ class MLA(nn.Module):
         return torch.einsum("bthc,hdc->bthd", o, w[:, self.nope:])  # W_UV: (B, T, H, d_v)
 
 
-# ---------------------------------------------------------------------------------------------
-# DeepSeekMoE
-# ---------------------------------------------------------------------------------------------
+# -- DeepSeekMoE ------------------------------------------------------------------------------
 class Gate(nn.Module):
     """Sigmoid affinities → group-limited top-k over bias-adjusted scores → weights from unbiased scores."""
 
@@ -448,9 +440,7 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, out)  # sum each token's k expert outputs
 
 
-# ---------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------
+# -- Blocks -----------------------------------------------------------------------------------
 class Block(nn.Module):
     def __init__(self, cfg: DeepseekConfig, dense: bool, softmax_scale: float):
         super().__init__()
@@ -507,9 +497,7 @@ class MTPLayer(Block):
         return self.head_norm(super().forward(x, cos, sin, cache, layer, pos, mask, absorb, token_mask))
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
+# -- Model ------------------------------------------------------------------------------------
 class DeepseekV3(nn.Module):
     cuda_graphs_safe = False  # MoE dispatch reads each expert's token count on the host (no CUDA graph)
 

@@ -75,9 +75,7 @@ class LlamaConfig:
         return [f.name for f in fields(cls) if f.name not in ("extra", "architecture")]
 
 
-# ---------------------------------------------------------------------------------------------
-# RoPE
-# ---------------------------------------------------------------------------------------------
+# -- RoPE -------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,), with the config's long-context scaling applied."""
     d = cfg.head_dim
@@ -241,9 +239,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-# ---------------------------------------------------------------------------------------------
-# KV cache
-# ---------------------------------------------------------------------------------------------
+# -- KV cache ---------------------------------------------------------------------------------
 class KVCache:
     """Preallocated keys and values for every layer, plus each row's filled length.
 
@@ -351,9 +347,7 @@ class KVCache:
         self.lens[slots] = other.lens
 
 
-# ---------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------
+# -- Blocks -----------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -427,9 +421,7 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
+# -- Model ------------------------------------------------------------------------------------
 class Llama(nn.Module):
     cuda_graphs_safe = True  # a cached forward reads nothing back to the host: a decode step can be a CUDA graph
 
