@@ -242,8 +242,10 @@ class Batch:
         state travel together, so each row decodes as before); returns the new slots."""
         k = len(slots)
         src, dst = torch.tensor(slots, device=self.device), torch.arange(k, device=self.device)
+        # only the columns a busy row has filled (and the one it feeds next) move: the rest are never read
+        filled = max(self.rows[s].prompt_len + len(self.rows[s].tokens) for s in slots)
         moved = self.cache.leading_rows(slots[-1] + 1)
-        moved.select(src)  # a copy of the busy rows (select indexes: new tensors), then written back in place
+        moved.select(src, filled)  # a copy of those columns of the busy rows (new tensors), written back in place
         self.cache.insert(dst, moved)
         for t in (self.last, self.temp, self.top_p, self.top_k):
             t[:k] = t[src]

@@ -362,6 +362,14 @@ def test_compaction_moves_rows_with_their_state():
     assert [r.tag if r else None for r in batch.rows[:3]] == [6, 9, None]
     assert batch.top_k[:2].tolist() == [5, 5] and torch.allclose(batch.temp[:2], torch.tensor([0.7, 0.7]))
     assert batch.cache.lens[:2].tolist() == [3, 3] and batch.cache.lens[2:].tolist() == [0] * 8
+    # only the filled columns move (and the one fed next): the moved rows' keys and values, and their tokens,
+    # are those of the same two rows decoded alone
+    alone = Batch(m, None, capacity=2, max_len=12)
+    alone.add([[7, 9], [10, 12]], [params[6], params[9]], [6, 9])
+    alone.step()
+    for name in ("k", "v"):
+        torch.testing.assert_close(getattr(batch.cache, name)[:, :2, :, :3], getattr(alone.cache, name)[:, :, :, :3])
+    assert [batch.rows[i].tokens for i in (0, 1)] == [alone.rows[i].tokens for i in (0, 1)]
 
 
 def test_per_token_nll_and_logprobs_agree():

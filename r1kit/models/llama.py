@@ -329,10 +329,12 @@ class KVCache:
         view.lens = self.lens[:n]
         return view
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (e.g. copy a prefilled prompt to the G rows that sample it)."""
-        for name in self.BUFFERS:  # index_select: ≈ 10× advanced indexing's speed on the batch axis
-            setattr(self, name, getattr(self, name).index_select(1, rows))
+    def select(self, rows: torch.Tensor, columns: int | None = None) -> None:
+        """Keep only `rows` (e.g. copy a prefilled prompt to the G rows that sample it); columns: keep only the
+        first `columns` token slots too (the filled ones, when the rest are never read)."""
+        for name, axis in self.BUFFERS.items():  # index_select: ≈ 10× advanced indexing's speed on the batch axis
+            t = getattr(self, name)
+            setattr(self, name, (t if columns is None else t.narrow(axis, 0, columns)).index_select(1, rows))
         self.lens = self.lens[rows]
 
     def insert(self, slots: torch.Tensor | slice, other: "KVCache") -> None:
