@@ -48,9 +48,12 @@ def decode_failure(path: str, settings: str = "{}") -> str | None:
     return f"llama.cpp could not decode {Path(path).name} (exit {run.returncode}): {tail}"
 
 
-def skip_unless_decodes(path, **settings) -> None:
-    """Skip the calling test when llama.cpp cannot decode `path` with these Llama(...) settings here
-    (decode_failure says why)."""
-    why = decode_failure(str(path), json.dumps(settings, sort_keys=True))
-    if why is not None:
-        pytest.skip(why)
+def open_llama(llama_cpp, path, **settings):
+    """llama_cpp.Llama(path, n_threads=1, verbose=False, **settings), after a child process decoded `path` with
+    the same settings; skips the calling test when it could not (decode_failure says why). A vocab-only load
+    runs no matmul: no child then."""
+    if not settings.get("vocab_only"):
+        why = decode_failure(str(path), json.dumps(settings, sort_keys=True))
+        if why is not None:
+            pytest.skip(why)
+    return llama_cpp.Llama(str(path), n_threads=1, verbose=False, **settings)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, TokenType
-from llama_cpp_probe import skip_unless_decodes
+from llama_cpp_probe import open_llama
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -81,9 +81,7 @@ def llama_cpp():
 
 @contextlib.contextmanager
 def loaded(llama_cpp, path, **kw):
-    if not kw.get("vocab_only"):  # a native build's AMX backend may crash the process (llama_cpp_probe)
-        skip_unless_decodes(path, n_ctx=256, **kw)
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, verbose=False, **kw)
+    llm = open_llama(llama_cpp, path, n_ctx=256, **kw)  # a native build's AMX backend may crash: probed first
     try:
         yield llm
     finally:

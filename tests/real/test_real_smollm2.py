@@ -18,7 +18,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from llama_cpp_probe import skip_unless_decodes
+from llama_cpp_probe import open_llama
 from r1kit.cli import main as cli_main
 from r1kit.engine import Engine, SamplingParams
 from r1kit.formats.gguf import export_gguf
@@ -36,9 +36,8 @@ N_NEW = 32
 
 @contextlib.contextmanager
 def llama(llama_cpp, path, **kw):
-    if not kw.get("vocab_only"):  # a native build's AMX backend may crash the process (llama_cpp_probe)
-        skip_unless_decodes(path, n_ctx=512, type_k=0, type_v=0, **kw)
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False, type_k=0, type_v=0, **kw)  # F32 KV
+    # F32 KV cache; a native build's AMX backend may crash the process, so the decode is probed first
+    llm = open_llama(llama_cpp, path, n_ctx=512, type_k=0, type_v=0, **kw)
     try:
         yield llm
     finally:
