@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from r1kit import sampling
-from r1kit.models.kernels import decode_kernels
+from r1kit.models.kernels import WeightPacks, decode_kernels
 from r1kit.models.routing import record_routing
 
 
@@ -126,6 +126,7 @@ class Batch:
         self.shared_gen = torch.Generator(self.device)
         self.shared_gen.seed()
         self.static = StaticDecode(self) if static_decode else None  # decode at fixed shapes (CUDA graphs)
+        self.packs = WeightPacks()  # the decode matmul kernel's packed weights, for this batch's life (CPU)
 
     # -- admission ------------------------------------------------------------------------------
     @property
@@ -161,7 +162,7 @@ class Batch:
         for i, p in enumerate(unique):
             ids[i, : len(p)] = torch.tensor(p, device=self.device)
         tmp = self.model.new_cache(len(unique), ids.shape[1])
-        with self._routing() as routes, decode_kernels():
+        with self._routing() as routes, decode_kernels(self.packs):
             logits = self.model(ids, kv_cache=tmp, logit_pos=lens - 1)[:, -1][which]  # (n, V)
         tmp.lens = lens  # padding past each row's end is garbage; decoding overwrites it
         if len(unique) < len(prompts):
@@ -233,7 +234,7 @@ class Batch:
         """The decode forward of slots 0..n-1, each fed its last token → (logits (n, V), routes or None);
         span: the key span, which covers every row's columns (see KVCache.leading_rows); None: read from lens."""
         cache = self.cache if n == len(self.rows) and span is None else self.cache.leading_rows(n, span)
-        with self._routing() as routes, decode_kernels():
+        with self._routing() as routes, decode_kernels(self.packs):
             logits = self.model(self.last[:n, None], kv_cache=cache)[:, -1]  # (n, V)
         return logits, routes
 

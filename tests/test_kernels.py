@@ -31,10 +31,10 @@ def test_kernel_equals_float64_matmul(rows, n, k):
     """Every row / column / K-tail combination of the tiles, with and without bias, against fp64."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    kernel = kernels._module().skinny_linear  # the kernel itself: linear() sends some of these to MKL
+    mod = kernels._module()  # the kernel itself: linear() sends some of these to MKL
     for bias in (None, b):
         ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-        got = kernel(x, w, bias)
+        got = mod.skinny_linear(x, mod.pack_weight(w), n, bias)
         assert got.shape == (rows, n) and got.dtype == torch.float32
         # fp32 rounding of a K-long dot product of N(0,1) terms: ~ sqrt(K) · 2^-24 · |terms|
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
@@ -174,7 +174,8 @@ def test_the_cpu_gemm_is_chosen_once_by_the_environment_or_the_cpu(kernel_state,
 @needs_kernel
 @pytest.mark.parametrize("width", [256, 512])
 def test_both_vector_widths_equal_float64_and_stay_batch_invariant(width):
-    """The AVX2 and the AVX-512 skinny kernels (the latter where this CPU has it) on the tiles' edge cases."""
+    """The AVX2 and the AVX-512 skinny kernels (the latter where this CPU has it) on the tiles' edge cases:
+    each output is summed in k order in its own lane, so the two widths also give the same bits."""
     mod = kernels._module()
     before = mod.vector_width()
     if mod.set_vector_width(width) != width:
@@ -184,13 +185,54 @@ def test_both_vector_widths_equal_float64_and_stay_batch_invariant(width):
         for rows, n, k in [(1, 1, 8), (3, 5, 13), (5, 7, 17), (16, 193, 576), (17, 9, 33), (64, 577, 1537)]:
             g = torch.Generator().manual_seed(rows + n + k)
             x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-            got = mod.skinny_linear(x, w, b)
+            packed = mod.pack_weight(w)
+            panel = 48 if width == 512 else 16
+            assert packed.shape == (-(-n // panel), k, panel)
+            got = mod.skinny_linear(x, packed, n, b)
             ref = F.linear(x.double(), w.double(), b.double())
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
             if rows > 1:  # a row alone gives the bits it gives in the batch
-                assert torch.equal(mod.skinny_linear(x[1:2], w, b)[0], got[1])
+                assert torch.equal(mod.skinny_linear(x[1:2], packed, n, b)[0], got[1])
+            mod.set_vector_width(256)  # the narrow kernel: the same bits
+            assert torch.equal(mod.skinny_linear(x, mod.pack_weight(w), n, b), got)
+            mod.set_vector_width(width)
     finally:
         mod.set_vector_width(before)
+
+
+@needs_kernel
+def test_weight_packs_follow_the_weight_and_the_vector_width():
+    """A session's packed copy is used until the weight changes in place (its version moves) or the width does."""
+    mod = kernels._module()
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(16, 64, generator=g), torch.randn(100, 64, generator=g)
+    packs = kernels.WeightPacks()
+    with torch.no_grad(), kernels.decode_kernels(packs):
+        first = kernels.linear(x, w)
+        assert packs.get(w) is packs.get(w)  # packed once
+        w.mul_(-2.0)  # an optimizer-like in-place update
+        torch.testing.assert_close(kernels.linear(x, w), -2.0 * first, rtol=1e-6, atol=1e-5)
+        other = torch.randn(100, 64, generator=g)
+        torch.testing.assert_close(kernels.linear(x, other), F.linear(x, other), rtol=1e-5, atol=1e-4)
+    before = mod.vector_width()
+    try:
+        mod.set_vector_width(256)
+        with torch.no_grad(), kernels.decode_kernels(packs):
+            assert packs.get(w).shape[2] == 16  # repacked for the narrow kernel
+            torch.testing.assert_close(kernels.linear(x, w), -2.0 * first, rtol=1e-6, atol=1e-5)
+    finally:
+        mod.set_vector_width(before)
+
+
+@needs_kernel
+def test_packed_panels_are_refused_where_they_do_not_fit():
+    mod = kernels._module()
+    x, w = torch.randn(4, 64), torch.randn(30, 64)
+    packed = mod.pack_weight(w)
+    with pytest.raises(RuntimeError, match="panels of N columns"):
+        mod.skinny_linear(x, packed, 31 + packed.shape[2], None)  # more columns than the panels hold
+    with pytest.raises(RuntimeError, match="panels of N columns"):
+        mod.skinny_linear(torch.randn(4, 63), packed, 30, None)  # another K
 
 
 def test_switched_off_means_f_linear_exactly(kernel_state, monkeypatch):

@@ -6,9 +6,12 @@ attends from one new query per row over the KV cache. Measured on the 2-core AVX
 - matmuls (a weight matrix per layer, so nothing stays in cache): one core streams memory at 13 GB/s,
   but MKL's sgemm behind `F.linear` reads the weights at only ≈ 3.7 GB/s with 16 rows (≈ 30 GFLOP/s of
   the 87 a large matmul reaches) — at 16 rows a matmul needs 8 FLOP per weight byte, so neither memory
-  nor the FMA units are what stops it. `csrc/skinny_linear.cpp` uses the weight in place and streams
-  it once per call: 45–51 GFLOP/s at 16 rows over the bench configs' weights against MKL's 21–31,
-  about equal at 64 (bench/generate.py measures both in the engine).
+  nor the FMA units are what stops it. `csrc/skinny_linear.cpp` packs each weight once per decode session
+  (`WeightPacks`: column panels, K-major) and streams the panels once per call, an outer product per k with
+  no horizontal sums — on a Zen 4 core with AVX-512, 89–105 GFLOP/s at 4–64 rows on three bench shapes in
+  cache where the earlier in-place dot-product kernel reached 71–90 (its 4 × 4 tiles paid a horizontal
+  sum per output); the fused decode call of the medium config 1.25× faster at 16 rows, the SmolLM2 shape's
+  1.20× (in-process A/B). The price: a packed copy of those weights while a session lives.
 - attention: a decode query does 4 FLOP per cached float, so reading the cache is its whole cost;
   torch's CPU SDPA reads it at 2.4–4.8 GB/s, a plain pass over the same cache slices runs at 7–11.
   `csrc/decode_attention.cpp` reads each row's keys and values once for all its query heads, only up
@@ -25,8 +28,8 @@ attends from one new query per row over the KV cache. Measured on the 2-core AVX
   Intel's, oneDNN (in every torch build, `torch.ops.mkldnn._linear_pointwise`) its AVX-512 code. On a Zen 5
   core a GRPO step's shapes ran 2–3× faster forward and dx, 1.3–1.7× dW; `onednn_gemm` says which one a
   process uses (R1KIT_CPU_GEMM=auto|onednn|mkl), once, so π_θ, π_old and π_ref stay one function.
-- the skinny matmul and the 16-wide CPU: where the CPU has AVX-512, `skinny_linear` runs 16-wide tiles (1.4–2×
-  the AVX2 kernel's GFLOP/s at 16 rows on that Zen 5 core); both widths are tested against fp64.
+- the skinny matmul and the 16-wide CPU: where the CPU has AVX-512, `skinny_linear` runs 16-wide tiles on
+  48-column panels (AVX2: 16-column panels); both widths are tested against fp64, and give the same bits.
 - sampling (`sample_untruncated`, sampling.py's greedy and untruncated rows on a CPU): one pass per row where
   the torch path is ~20 ops — 29 against 194 µs at 16 rows × 512 ids, 0.54 against 3.6 ms over 49k ids.
 - SwiGLU (`swiglu`, every Llama MLP on a CPU in fp32, trainers included): silu(a)·b and its two gradients in one
@@ -54,6 +57,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -79,19 +83,44 @@ _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("module.cpp", "skinny
                                                                 "llama_decode.cpp", "rms_norm.cpp", "sampling.cpp",
                                                                 "swiglu.cpp")]
 _state: dict = {"tried": False, "module": None, "rows": (SMALL_ROWS, MAX_ROWS)}
-_local = threading.local()  # .on: this thread is inside decode_kernels()
+_local = threading.local()  # .on: this thread is inside decode_kernels(); .packs: that block's WeightPacks
 _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake tensors): those go to torch
 
 
+class WeightPacks:
+    """The weights of a decode session packed for the skinny kernel (csrc/skinny_linear.cpp's column panels),
+    each packed on first use and again when its version moves (an optimizer step, a load_state_dict) or the
+    vector width changed. A session is the engine's Batch (a generate call, a server's running batch): the
+    copies live as long as it does — as much memory again as the weights the kernel takes. A write that
+    bypasses the version counter (`weight.data.copy_(…)`) during a session is not seen: start a new one."""
+
+    def __init__(self):
+        self._packs: dict[int, tuple] = {}  # id(weight) → (weakref to it, its _version, panels)
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight (N, K) → its panels (P, K, C) for the vector width in use."""
+        hit = self._packs.get(id(weight))
+        if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2].shape[2] == _panel():
+            return hit[2]
+        packed = _state["module"].pack_weight(weight)
+        self._packs[id(weight)] = (weakref.ref(weight), weight._version, packed)
+        return packed
+
+
+def _panel() -> int:
+    return 48 if _state["module"].vector_width() == 512 else 16
+
+
 @contextlib.contextmanager
-def decode_kernels():
-    """Within this block, this thread's `linear` and `attention` calls take the kernels where they apply."""
-    before = getattr(_local, "on", False)
-    _local.on = True
+def decode_kernels(packs: WeightPacks | None = None):
+    """Within this block, this thread's `linear` and `attention` calls take the kernels where they apply;
+    `linear`'s packed weights are kept in `packs` (a session's: see WeightPacks), else in one for this block."""
+    before = getattr(_local, "on", False), getattr(_local, "packs", None)
+    _local.on, _local.packs = True, packs if packs is not None else WeightPacks()
     try:
         yield
     finally:
-        _local.on = before
+        _local.on, _local.packs = before
 
 
 def _module():
@@ -166,7 +195,8 @@ def _attention_on(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (…, K) @ weight (N, K)ᵀ + bias (N,) → (…, N); equal to F.linear up to summation order."""
     if uses_kernel(x, weight):
-        return _state["module"].skinny_linear(x, weight, None if bias is None else bias.contiguous())  # (…, N)
+        return _state["module"].skinny_linear(x, _local.packs.get(weight), weight.shape[0],
+                                              None if bias is None else bias.contiguous())  # (…, N)
     if (_plain_cpu_fp32(x, weight) and (bias is None or _plain_cpu_fp32(bias)) and x.numel() > 0
             and not torch.is_autocast_enabled("cpu") and onednn_gemm()):  # (no empty matmul; autocast: F.linear's)
         return _OneDNNLinear.apply(x, weight, bias)
@@ -269,9 +299,12 @@ def decode_layers(x: torch.Tensor, weights: list, k_cache: torch.Tensor, v_cache
                     for w in weights)):
         return None
     rows = x.view(x.shape[0], -1)
-    skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:len(LAYER_SLOTS)]]  # layer 0
+    n = len(LAYER_SLOTS)
+    skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:n]]  # layer 0's
+    packs = _local.packs
+    packed = [packs.get(w) if skinny[i % n] else None for i, w in enumerate(weights)]
     return _state["module"].llama_decode_layers(x, weights, k_cache, v_cache, pos, cos, sin, mask, heads[0],
-                                                heads[1], eps, scale, skinny, onednn_gemm(), MAX_QUERIES)
+                                                heads[1], eps, scale, packed, onednn_gemm(), MAX_QUERIES)
 
 
 def layers_apply(x: torch.Tensor, k_cache: torch.Tensor) -> bool:

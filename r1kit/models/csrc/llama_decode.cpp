@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
+torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                             const c10::optional<torch::Tensor>& bias);
 c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                               const c10::optional<torch::Tensor>& mask, double scale,
@@ -54,7 +54,6 @@ struct Step {  // what every layer of this step shares
   int64_t B, H, Hkv, D, Tk;
   double eps, scale;
   int64_t max_queries;
-  std::vector<bool> skinny;  // per matmul slot: the skinny kernel, as kernels.uses_kernel says
   bool onednn;  // the other matmuls by oneDNN (kernels.onednn_gemm), else at::linear (MKL)
   torch::Tensor cos, sin, pos, mask;
 };
@@ -68,10 +67,12 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& W, cons
   return stack[0].toTensor();
 }
 
-torch::Tensor project(const Step& st, const torch::Tensor& x, const Weights& w, int slot, int bias) {
+// x @ W[slot]ᵀ (+ the bias slot): the skinny kernel where the slot has a packed weight (kernels.uses_kernel)
+torch::Tensor project(const Step& st, const torch::Tensor& x, const Weights& w, const Weights& packed, int slot,
+                      int bias) {
   const torch::Tensor& W = *w[slot];
   const c10::optional<torch::Tensor> b = bias < 0 ? c10::nullopt : w[bias];
-  if (st.skinny[slot]) return skinny_linear(x, W, b);
+  if (packed[slot].has_value()) return skinny_linear(x, *packed[slot], W.size(0), b);
   if (st.onednn) return onednn_linear(x, W, b);
   return b.has_value() ? at::linear(x, W, *b) : at::linear(x, W);
 }
@@ -102,12 +103,12 @@ torch::Tensor attend(const Step& st, const torch::Tensor& q, const torch::Tensor
   return out.transpose(1, 2).reshape({st.B, st.H * st.D});  // (B, H, 1, D) → (B, H·D)
 }
 
-void layer(const Step& st, torch::Tensor& x, const Weights& w, torch::Tensor kc, torch::Tensor vc) {
+void layer(const Step& st, torch::Tensor& x, const Weights& w, const Weights& pk, torch::Tensor kc, torch::Tensor vc) {
   const int64_t d = x.size(1), D = st.D;
   auto h = torch::empty_like(x);
   rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kAttnNorm]->data_ptr<float>(), st.B, d, st.eps);
-  auto q = project(st, h, w, kWq, kBq).contiguous(), k = project(st, h, w, kWk, kBk).contiguous();
-  auto v = project(st, h, w, kWv, kBv).contiguous();
+  auto q = project(st, h, w, pk, kWq, kBq).contiguous(), k = project(st, h, w, pk, kWk, kBk).contiguous();
+  auto v = project(st, h, w, pk, kWv, kBv).contiguous();
   if (w[kQNorm].has_value()) {  // Qwen3: each head normalised before it is rotated
     rms_norm_rows(q.data_ptr<float>(), q.data_ptr<float>(), w[kQNorm]->data_ptr<float>(), st.B * st.H, D, st.eps);
     rms_norm_rows(k.data_ptr<float>(), k.data_ptr<float>(), w[kKNorm]->data_ptr<float>(), st.B * st.Hkv, D, st.eps);
@@ -116,39 +117,42 @@ void layer(const Step& st, torch::Tensor& x, const Weights& w, torch::Tensor kc,
   rope(q.data_ptr<float>(), st.cos.data_ptr<float>(), st.sin.data_ptr<float>(), cs, st.B, st.H, D);
   rope(k.data_ptr<float>(), st.cos.data_ptr<float>(), st.sin.data_ptr<float>(), cs, st.B, st.Hkv, D);
   auto y = attend(st, q, k, v, kc, vc).contiguous();
-  add_into(x, project(st, y, w, kWo, kBo).contiguous());
+  add_into(x, project(st, y, w, pk, kWo, kBo).contiguous());
   rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kFfnNorm]->data_ptr<float>(), st.B, d, st.eps);
-  auto gate = project(st, h, w, kW1, -1).contiguous();
-  const auto up = project(st, h, w, kW3, -1).contiguous();
+  auto gate = project(st, h, w, pk, kW1, -1).contiguous();
+  const auto up = project(st, h, w, pk, kW3, -1).contiguous();
   swiglu_rows(gate.data_ptr<float>(), up.data_ptr<float>(), gate.data_ptr<float>(), gate.numel());  // silu(gate)·up
-  add_into(x, project(st, gate, w, kW2, -1).contiguous());
+  add_into(x, project(st, gate, w, pk, kW2, -1).contiguous());
 }
 
 }  // namespace
 
 // x (B, 1, d) → x after every layer; k_cache, v_cache (L, B, Hkv, max_len, D) (the rows of this step),
 // pos (B, 1) int64 positions written, cos, sin (B, 1, 1, D) views with contiguous rows, mask (B, 1, 1, Tk)
-// additive float; weights: L × kSlots entries (see Slot); skinny: kSlots flags; onednn: see Step.
+// additive float; weights: L × kSlots entries (see Slot); packed: the same list with kernels.WeightPacks' panels in
+// the matmul slots the skinny kernel takes (None elsewhere); onednn: see Step.
 torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c10::optional<torch::Tensor>>& weights,
                                   const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& pos,
                                   const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask,
                                   int64_t n_heads, int64_t n_kv, double eps, double scale,
-                                  const std::vector<bool>& skinny, bool onednn, int64_t max_queries) {
+                                  const std::vector<c10::optional<torch::Tensor>>& packed, bool onednn,
+                                  int64_t max_queries) {
   const int64_t L = k_cache.size(0), B = x_in.size(0), d = x_in.size(2), D = k_cache.size(4);
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1 && x_in.scalar_type() == at::kFloat, "x must be (B, 1, d) fp32");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kSlots && static_cast<int64_t>(skinny.size()) == kSlots,
-              "weights must hold ", kSlots, " slots per layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kSlots && packed.size() == weights.size(),
+              "weights and packed must hold ", kSlots, " slots per layer");
   TORCH_CHECK(k_cache.size(1) == B && k_cache.size(2) == n_kv && k_cache.stride(4) == 1 && v_cache.sizes() == k_cache.sizes(),
               "caches must be (L, B, Hkv, max_len, D) with contiguous heads");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == B && pos.is_contiguous(), "pos must be (B, 1) int64");
   TORCH_CHECK(cos.numel() / cos.size(0) == D && cos.size(0) == B && cos.stride(3) == 1 && sin.strides() == cos.strides(),
               "cos/sin must be (B, 1, 1, D) with contiguous rows");
   TORCH_CHECK(mask.dim() == 4 && mask.size(0) == B && mask.scalar_type() == at::kFloat, "mask must be (B, 1, 1, Tk) float");
-  Step st{B, n_heads, n_kv, D, mask.size(3), eps, scale, max_queries, skinny, onednn, cos, sin, pos, mask};
+  Step st{B, n_heads, n_kv, D, mask.size(3), eps, scale, max_queries, onednn, cos, sin, pos, mask};
   auto x = x_in.reshape({B, d}).clone();  // (B, d): the residual stream, updated in place
   for (int64_t l = 0; l < L; ++l) {
     Weights w(weights.begin() + l * kSlots, weights.begin() + (l + 1) * kSlots);
-    layer(st, x, w, k_cache[l], v_cache[l]);
+    Weights pk(packed.begin() + l * kSlots, packed.begin() + (l + 1) * kSlots);
+    layer(st, x, w, pk, k_cache[l], v_cache[l]);
   }
   return x.view({B, 1, d});
 }

@@ -1,7 +1,8 @@
 // The Python module of r1kit's CPU decode kernels (r1kit/models/kernels.py builds and loads it).
 #include <torch/extension.h>
 
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
+torch::Tensor pack_weight(const torch::Tensor& weight);
+torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                             const c10::optional<torch::Tensor>& bias);
 int64_t vector_width();
 int64_t set_vector_width(int64_t bits);
@@ -14,7 +15,8 @@ torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c
                                   const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& pos,
                                   const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask,
                                   int64_t n_heads, int64_t n_kv, double eps, double scale,
-                                  const std::vector<bool>& skinny, bool onednn, int64_t max_queries);
+                                  const std::vector<c10::optional<torch::Tensor>>& packed, bool onednn,
+                                  int64_t max_queries);
 
 std::vector<torch::Tensor> sample_untruncated(const torch::Tensor& logits, const torch::Tensor& temperature,
                                               const torch::Tensor& top_p, const torch::Tensor& top_k,
@@ -26,7 +28,8 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch
                                              double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows (fp32, AVX2 + FMA)");
+  m.def("pack_weight", &pack_weight, "W (N, K) -> the skinny kernel's (P, K, 48 | 16) column panels (fp32)");
+  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows, from pack_weight(W) and N (fp32)");
   m.def("vector_width", &vector_width, "the skinny kernel's vector width in bits: 512 (AVX-512) or 256 (AVX2)");
   m.def("set_vector_width", &set_vector_width, "use the 256- or 512-bit skinny kernel (512 only with AVX-512)");
   m.def("decode_attention_applies", &decode_attention_applies, "whether decode_attention takes these inputs");

@@ -1,203 +1,156 @@
-// y = x Wᵀ (+ b) for the few rows of a decode step, fp32, AVX2 + FMA.  Loaded by r1kit/models/kernels.py.
+// y = x Wᵀ (+ b) for the few rows of a decode step, fp32, from a packed copy of W.  Loaded by r1kit/models/kernels.py.
 //
-// Why a kernel of our own: at 16 rows, MKL's sgemm (torch's F.linear) reads each weight at ≈ 3.7 GB/s
-// on this box while one core streams 13 GB/s; it is neither compute- nor bandwidth-bound (it packs
-// the weight panel on every call). Here the weight is used in place, row-major (N, K) as nn.Linear
-// stores it: no packed copy to keep in sync with an optimizer, LoRA or a checkpoint load.
+// Why a kernel of our own: at 16 rows, MKL's sgemm (torch's F.linear) reads each weight at ≈ 3.7 GB/s on
+// an AVX2 box while one core streams 13 GB/s; it is neither compute- nor bandwidth-bound (it packs the
+// weight panel on every call). Here the weight is packed once per decode session (kernels.WeightPacks: a
+// Batch's life, repacked when the weight's version moves), so a call only streams the packed panels.
 //
-// Shape of the computation: a tile is MB rows of x × NB rows of W, each output a dot product over K
-// kept in its own 8-wide accumulator (4 × 3 = 12 of the 16 ymm registers; 3 W + 4 x loads feed 12
-// FMAs). The NB weight rows (≤ 18 KB) stay in L1 while every row block of x passes over them, so
-// each weight byte comes from memory once per call; the next tile's weight rows are prefetched while
-// this tile computes, so memory and FMAs overlap. Every output element is summed in the same order
-// whatever the number of rows or a row's place in the batch: results are batch-invariant.
+// Layout: pack_weight(W (N, K)) → (P, K, C): panel p holds output columns p·C … p·C + C − 1 (zero past N),
+// K rows of C floats, C = 48 (3 zmm vectors) with AVX-512, 16 (2 ymm) with AVX2. A tile is MB rows of x × one
+// panel: for each k, C weights are loaded once and every row's x[m, k] broadcast against them — an outer
+// product into the tile's accumulators (8 rows × 3 of the 32 zmm registers, 6 × 2 of the 16 ymm ones), no
+// horizontal sums. Each panel comes from memory once per call (the other row blocks find it in L2), in one
+// sequential stream that the next panel's prefetch runs ahead of.
 //
-// On a CPU with AVX-512 the same tiles run 16 floats wide (MB 4 × NB 4 accumulators of the 32 zmm
-// registers), chosen at run time: MKL keeps to AVX2 on non-Intel CPUs, and on a Zen 5 core the wide
-// kernel does 1.6–2× the AVX2 one's GFLOP/s at 16–128 rows. The two widths sum in different orders (each
-// batch-invariant on its own); `set_vector_width` picks one for a test.
+// Summation order: every output y[m, n] is Σ_k x[m, k]·W[n, k] accumulated in k order, one FMA per k, in
+// its own lane — whatever the number of rows, the row's tile, the panel width or the thread: results are
+// batch-invariant, and both vector widths give the same bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include "vec.h"
-
 #include <algorithm>
-#include <vector>
 
 namespace {
 
-constexpr int kRowBlock = 4;   // MB: rows of x per tile
-constexpr int kColBlock = 3;   // NB: rows of W (output columns) per tile
-
-using r1kit_vec::hsum4;
-
 struct Args {
-  const float* x; const float* w; const float* bias; float* y;
+  const float* x; const float* packed; const float* bias; float* y;
   int64_t M, K, N;
-  int64_t k_tail;   // K % 8, read with a masked load
-  __m256i tail_mask;
 };
 
-// MB × NB outputs at (row 0 of x, row 0 of w); prefetch (nullable) = the next tile's weight rows
-template <int MB, int NB>
-inline void tile(const Args& a, const float* x, const float* w, float* y, const float* bias,
-                 const float* prefetch) {
+// MB rows of x (row stride K) × the panel at `panel` (K × C) → y rows (stride N), `cols` of the C columns real
+// -O2 for this one: GCC 12 at -O3 stores every accumulator to the stack on every k of this loop (never read
+// back), which halves its FMA rate; the 16-wide tiles below do not get that code
+template <int MB>
+__attribute__((optimize("O2"))) void tile256(const Args& a, const float* x, const float* panel, float* y, int64_t cols, const float* bias,
+             const float* next) {
+  constexpr int C = 16;
+  __m256 lo[MB], hi[MB];  // columns 0–7 and 8–15 of each row
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
   const int64_t K = a.K;
-  __m256 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
-    if (prefetch != nullptr && (k & 15) == 0)  // one 64-byte line per weight row every 16 floats
-      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * K + k), _MM_HINT_T0);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * C;
+    if (next != nullptr)  // the next panel, 64 bytes a k: one line
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * C), _MM_HINT_T1);
+    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      const __m256 xv = _mm256_broadcast_ss(x + i * K + k);
+      lo[i] = _mm256_fmadd_ps(xv, w0, lo[i]);
+      hi[i] = _mm256_fmadd_ps(xv, w1, hi[i]);
     }
   }
-  if (a.k_tail) {
-    __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm256_maskload_ps(w + j * K + k, a.tail_mask);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xv = _mm256_maskload_ps(x + i * K + k, a.tail_mask);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  // the MB·NB dot products reduced four at a time (3 hsum4 for a 12-accumulator tile where 12 hsums took
-  // 72 shuffles and adds: 1.00–1.06× at 16 rows, most where K is short); every output's lanes are summed in
-  // the same order, so rows stay batch-invariant whatever tile they fall in
-  constexpr int n = MB * NB, groups = (n + 3) / 4;
-  const __m256* flat = &acc[0][0];
-  const __m256 zero = _mm256_setzero_ps();
-  alignas(16) float sums[groups * 4];
-  for (int g = 0; g < groups; ++g) {
-    const int i = 4 * g;
-    _mm_store_ps(sums + i, hsum4(flat[i], i + 1 < n ? flat[i + 1] : zero, i + 2 < n ? flat[i + 2] : zero,
-                                 i + 3 < n ? flat[i + 3] : zero));
-  }
+  alignas(32) float out[MB][C];  // the accumulators at constant indices, then the real columns
+#pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) y[i * a.N + j] = sums[i * NB + j] + (bias != nullptr ? bias[j] : 0.f);
-}
-
-// every row of x against NB weight rows starting at output column n
-template <int NB>
-void column(const Args& a, int64_t n, const float* prefetch) {
-  const float* w = a.w + n * a.K;
-  const float* bias = a.bias != nullptr ? a.bias + n : nullptr;
-  int64_t m = 0;
-  for (; m + kRowBlock <= a.M; m += kRowBlock) {
-    // every row block prefetches the next tile again: measured 42 → 49 GFLOP/s at 16 rows over the
-    // first block alone (a repeat of a line already in L1 costs next to nothing; one pass lets it slip)
-    tile<kRowBlock, NB>(a, a.x + m * a.K, w, a.y + m * a.N + n, bias, prefetch);
-  }
-  const float* x = a.x + m * a.K;
-  float* y = a.y + m * a.N + n;
-  switch (a.M - m) {
-    case 3: tile<3, NB>(a, x, w, y, bias, prefetch); break;
-    case 2: tile<2, NB>(a, x, w, y, bias, prefetch); break;
-    case 1: tile<1, NB>(a, x, w, y, bias, prefetch); break;
-    default: break;
-  }
+    _mm256_store_ps(&out[i][0], lo[i]), _mm256_store_ps(&out[i][8], hi[i]);
+  for (int i = 0; i < MB; ++i)
+    for (int64_t j = 0; j < cols; ++j) y[i * a.N + j] = out[i][j] + (bias != nullptr ? bias[j] : 0.f);
 }
 
 }  // namespace
 
 
-// -- the 16-wide kernel: compiled for AVX-512 only inside this region (everything torch's headers define
-// lies above it, so no inline function of theirs is built for a CPU the process may not have) ------------
+// -- the 16-wide tiles: compiled for AVX-512 only inside this region (everything torch's headers define lies
+// above it, so no inline function of theirs is built for a CPU the process may not have) -------------------
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace {
-namespace wide {
 
-constexpr int kRowBlock = 4;  // MB
-constexpr int kColBlock = 4;  // NB: 16 accumulators + 4 W + 1 x of the 32 registers
-
-template <int MB, int NB>
-inline void tile(const Args& a, __mmask16 tail, const float* x, const float* w, float* y, const float* bias,
-                 const float* prefetch) {
+template <int MB>
+void tile512(const Args& a, const float* x, const float* panel, float* y, int64_t cols, const float* bias,
+             const float* next) {
+  constexpr int C = 48;
+  __m512 acc[MB][3];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t K = a.K;
-  __m512 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w + j * K + k);
-    if (prefetch != nullptr)  // one 64-byte line per weight row every 16 floats
-      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * K + k), _MM_HINT_T0);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * C;
+    if (next != nullptr)  // the next panel, 192 bytes a k: three lines in the time of 3·MB FMAs
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * C), _MM_HINT_T1);
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
     for (int i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + i * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      const __m512 xv = _mm512_set1_ps(x[i * K + k]);
+      acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
     }
   }
-  if (k < K) {  // the last K % 16 through masked loads (zeros past the row)
-    __m512 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(tail, w + j * K + k);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + i * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
+  // every accumulator stored at a constant index first: a runtime loop over acc would keep it in memory, and
+  // the compiler then stores it on every k as well (measured: half the FMA rate)
+  alignas(64) float out[MB][C];
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) y[i * a.N + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias != nullptr ? bias[j] : 0.f);
+    for (int j = 0; j < 3; ++j) _mm512_store_ps(&out[i][16 * j], acc[i][j]);
+  for (int i = 0; i < MB; ++i)
+    for (int64_t j = 0; j < cols; ++j) y[i * a.N + j] = out[i][j] + (bias != nullptr ? bias[j] : 0.f);
 }
 
-template <int NB>
-void column(const Args& a, __mmask16 tail, int64_t n, const float* prefetch) {
-  const float* w = a.w + n * a.K;
+// every row of x against panel p: row blocks of 8, then one tile of the remaining 1–7
+void panel512(const Args& a, int64_t p, int64_t panels) {
+  constexpr int C = 48;
+  const float* panel = a.packed + p * a.K * C;
+  const float* next = p + 1 < panels ? panel + a.K * C : nullptr;
+  const int64_t n = p * C, cols = std::min<int64_t>(C, a.N - n);
   const float* bias = a.bias != nullptr ? a.bias + n : nullptr;
   int64_t m = 0;
-  for (; m + kRowBlock <= a.M; m += kRowBlock)
-    tile<kRowBlock, NB>(a, tail, a.x + m * a.K, w, a.y + m * a.N + n, bias, prefetch);
+  for (; m + 8 <= a.M; m += 8)  // the first block prefetches the next panel; the others find this one in L2
+    tile512<8>(a, a.x + m * a.K, panel, a.y + m * a.N + n, cols, bias, m == 0 ? next : nullptr);
   const float* x = a.x + m * a.K;
   float* y = a.y + m * a.N + n;
+  const float* pre = m == 0 ? next : nullptr;
   switch (a.M - m) {
-    case 3: tile<3, NB>(a, tail, x, w, y, bias, prefetch); break;
-    case 2: tile<2, NB>(a, tail, x, w, y, bias, prefetch); break;
-    case 1: tile<1, NB>(a, tail, x, w, y, bias, prefetch); break;
+    case 7: tile512<7>(a, x, panel, y, cols, bias, pre); break;
+    case 6: tile512<6>(a, x, panel, y, cols, bias, pre); break;
+    case 5: tile512<5>(a, x, panel, y, cols, bias, pre); break;
+    case 4: tile512<4>(a, x, panel, y, cols, bias, pre); break;
+    case 3: tile512<3>(a, x, panel, y, cols, bias, pre); break;
+    case 2: tile512<2>(a, x, panel, y, cols, bias, pre); break;
+    case 1: tile512<1>(a, x, panel, y, cols, bias, pre); break;
     default: break;
   }
 }
 
-// the column tiles lo..hi (kColBlock output columns each)
-void columns(const Args& a, int64_t lo, int64_t hi) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (a.K % 16)) - 1u);
-  for (int64_t t = lo; t < hi; ++t) {
-    const int64_t n = t * kColBlock;
-    const int64_t width = std::min<int64_t>(kColBlock, a.N - n);
-    const float* next = (t + 1 < hi && n + 2 * kColBlock <= a.N) ? a.w + (n + kColBlock) * a.K : nullptr;
-    switch (width) {
-      case 4: column<4>(a, tail, n, next); break;
-      case 3: column<3>(a, tail, n, nullptr); break;
-      case 2: column<2>(a, tail, n, nullptr); break;
-      default: column<1>(a, tail, n, nullptr); break;
-    }
-  }
-}
-
-}  // namespace wide
 }  // namespace
 #pragma GCC pop_options
 
 namespace {
 
-// 512 where the CPU (and the OS) run AVX-512, else 256; set_vector_width narrows it (tests run both kernels)
-int64_t g_width = __builtin_cpu_supports("avx512f") ? 512 : 256;
-
-void narrow_columns(const Args& a, int64_t lo, int64_t hi) {  // the AVX2 kernel's column tiles lo..hi
-  for (int64_t t = lo; t < hi; ++t) {
-    const int64_t n = t * kColBlock;
-    const int64_t width = std::min<int64_t>(kColBlock, a.N - n);
-    const float* next = (t + 1 < hi && n + 2 * kColBlock <= a.N) ? a.w + (n + kColBlock) * a.K : nullptr;
-    if (width == 3) column<3>(a, n, next);
-    else if (width == 2) column<2>(a, n, nullptr);
-    else column<1>(a, n, nullptr);
+void panel256(const Args& a, int64_t p, int64_t panels) {  // as panel512: 2-vector panels, row blocks of 6
+  constexpr int C = 16;
+  const float* panel = a.packed + p * a.K * C;
+  const float* next = p + 1 < panels ? panel + a.K * C : nullptr;
+  const int64_t n = p * C, cols = std::min<int64_t>(C, a.N - n);
+  const float* bias = a.bias != nullptr ? a.bias + n : nullptr;
+  int64_t m = 0;
+  for (; m + 6 <= a.M; m += 6)
+    tile256<6>(a, a.x + m * a.K, panel, a.y + m * a.N + n, cols, bias, m == 0 ? next : nullptr);
+  const float* x = a.x + m * a.K;
+  float* y = a.y + m * a.N + n;
+  const float* pre = m == 0 ? next : nullptr;
+  switch (a.M - m) {
+    case 5: tile256<5>(a, x, panel, y, cols, bias, pre); break;
+    case 4: tile256<4>(a, x, panel, y, cols, bias, pre); break;
+    case 3: tile256<3>(a, x, panel, y, cols, bias, pre); break;
+    case 2: tile256<2>(a, x, panel, y, cols, bias, pre); break;
+    case 1: tile256<1>(a, x, panel, y, cols, bias, pre); break;
+    default: break;
   }
 }
+
+// 512 where the CPU (and the OS) run AVX-512, else 256; set_vector_width narrows it (tests run both kernels)
+int64_t g_width = __builtin_cpu_supports("avx512f") ? 512 : 256;
 
 }  // namespace
 
@@ -210,36 +163,61 @@ int64_t set_vector_width(int64_t bits) {
   return g_width;
 }
 
-// x (…, K) contiguous, weight (N, K), bias (N,) or None; all fp32, on the CPU → y (…, N): the leading axes
-// are the rows (taken and given back here, so a decode step's call costs no reshape and view in Python)
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
+// weight (N, K) contiguous fp32 → its panels (ceil(N / C), K, C) for the vector width in use, C = 48 or 16
+torch::Tensor pack_weight(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
+              "pack_weight: a contiguous fp32 (N, K) weight expected, got ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1), C = g_width == 512 ? 48 : 16, P = (N + C - 1) / C;
+  auto out = torch::zeros({P, K, C}, weight.options());
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p)
+      for (int64_t j = 0; j < C && p * C + j < N; ++j) {
+        const float* src = w + (p * C + j) * K;  // column p·C + j of Wᵀ: one row of W
+        float* dst = o + p * K * C + j;
+        for (int64_t k = 0; k < K; ++k) dst[k * C] = src[k];
+      }
+  });
+  return out;
+}
+
+// x (…, K) contiguous; packed = pack_weight(W) for W (N, K); bias (N,) or None; all fp32, on the CPU → y (…, N):
+// the leading axes are the rows (taken and given back here, so a decode step's call costs no reshape in Python)
+torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                             const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
-              "skinny_linear: x (..., K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == at::kFloat &&
-              weight.scalar_type() == at::kFloat, "skinny_linear: contiguous fp32 tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && packed.dim() == 3 && x.size(-1) == packed.size(1) &&
+              (packed.size(2) == 48 || packed.size(2) == 16) && packed.size(0) * packed.size(2) >= N &&
+              (packed.size(0) - 1) * packed.size(2) < N,
+              "skinny_linear: x (..., K) and pack_weight's (P, K, 48 | 16) panels of N columns expected, got ",
+              x.sizes(), ", ", packed.sizes(), " and N = ", N);
+  TORCH_CHECK(x.is_contiguous() && packed.is_contiguous() && x.scalar_type() == at::kFloat &&
+              packed.scalar_type() == at::kFloat, "skinny_linear: contiguous fp32 tensors expected");
+  const bool wide = packed.size(2) == 48;
+  TORCH_CHECK(!wide || __builtin_cpu_supports("avx512f"), "skinny_linear: 48-wide panels need AVX-512");
   Args a{};
-  a.K = x.size(-1); a.M = a.K > 0 ? x.numel() / a.K : 0; a.N = weight.size(0);
+  a.K = x.size(-1); a.M = 1; a.N = N;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) a.M *= x.size(i);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = a.N;
+  shape.back() = N;
   auto y = torch::empty(shape, x.options());
-  a.x = x.data_ptr<float>(); a.w = weight.data_ptr<float>(); a.y = y.data_ptr<float>();
+  a.x = x.data_ptr<float>(); a.packed = packed.data_ptr<float>(); a.y = y.data_ptr<float>();
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == a.N && bias->scalar_type() == at::kFloat,
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kFloat,
                 "skinny_linear: bias (N,) fp32 expected");
     a.bias = bias->data_ptr<float>();
   }
-  a.k_tail = a.K % 8;
-  alignas(32) int32_t mask[8];
-  for (int i = 0; i < 8; ++i) mask[i] = i < a.k_tail ? -1 : 0;
-  a.tail_mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(mask));
-  if (a.M == 0 || a.N == 0) return y;
-  const bool is_wide = g_width == 512;
-  const int64_t block = is_wide ? wide::kColBlock : kColBlock;
-  const int64_t tiles = (a.N + block - 1) / block;
-  at::parallel_for(0, tiles, 16, [&](int64_t lo, int64_t hi) {
-    if (is_wide) wide::columns(a, lo, hi);
-    else narrow_columns(a, lo, hi);
+  if (a.M == 0 || N == 0) return y;
+  if (a.K == 0) {  // no terms: the bias alone
+    y.zero_();
+    return a.bias != nullptr ? y.add_(*bias) : y;
+  }
+  const int64_t panels = packed.size(0);
+  at::parallel_for(0, panels, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      if (wide) panel512(a, p, hi);
+      else panel256(a, p, hi);
+    }
   });
   return y;
 }

@@ -13,13 +13,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// the lane sums of four vectors at once → [Σa, Σb, Σc, Σd]: three hadds where four hsums take twelve
-// shuffles and adds; each sum is ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)) whichever vectors share the call
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [a0123 b0123 c0123 d0123 | a4567 …]
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
