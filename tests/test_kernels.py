@@ -225,6 +225,17 @@ def test_weight_packs_follow_the_weight_and_the_vector_width():
 
 
 @needs_kernel
+def test_weight_packs_take_inference_tensors():
+    """Weights made under inference_mode keep no version counter: packed once for the session."""
+    with torch.inference_mode():
+        x, w = torch.randn(4, 64), torch.randn(30, 64)
+    packs = kernels.WeightPacks()
+    with torch.no_grad(), kernels.decode_kernels(packs):
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+        assert packs.get(w) is packs.get(w)
+
+
+@needs_kernel
 def test_packed_panels_are_refused_where_they_do_not_fit():
     mod = kernels._module()
     x, w = torch.randn(4, 64), torch.randn(30, 64)

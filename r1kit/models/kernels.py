@@ -99,11 +99,12 @@ class WeightPacks:
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         """weight (N, K) → its panels (P, K, C) for the vector width in use."""
+        version = -1 if weight.is_inference() else weight._version  # inference tensors keep no version
         hit = self._packs.get(id(weight))
-        if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2].shape[2] == _panel():
+        if hit is not None and hit[0]() is weight and hit[1] == version and hit[2].shape[2] == _panel():
             return hit[2]
         packed = _state["module"].pack_weight(weight)
-        self._packs[id(weight)] = (weakref.ref(weight), weight._version, packed)
+        self._packs[id(weight)] = (weakref.ref(weight), version, packed)
         return packed
 
 
