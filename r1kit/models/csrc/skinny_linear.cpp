@@ -97,56 +97,52 @@ void tile512(const Args& a, const float* x, const float* panel, float* y, int64_
     for (int64_t j = 0; j < cols; ++j) y[i * a.N + j] = out[i][j] + (bias != nullptr ? bias[j] : 0.f);
 }
 
-// every row of x against panel p: row blocks of 8, then one tile of the remaining 1–7
-void panel512(const Args& a, int64_t p, int64_t panels) {
-  constexpr int C = 48;
-  const float* panel = a.packed + p * a.K * C;
-  const float* next = p + 1 < panels ? panel + a.K * C : nullptr;
-  const int64_t n = p * C, cols = std::min<int64_t>(C, a.N - n);
-  const float* bias = a.bias != nullptr ? a.bias + n : nullptr;
-  int64_t m = 0;
-  for (; m + 8 <= a.M; m += 8)  // the first block prefetches the next panel; the others find this one in L2
-    tile512<8>(a, a.x + m * a.K, panel, a.y + m * a.N + n, cols, bias, m == 0 ? next : nullptr);
-  const float* x = a.x + m * a.K;
-  float* y = a.y + m * a.N + n;
-  const float* pre = m == 0 ? next : nullptr;
-  switch (a.M - m) {
-    case 7: tile512<7>(a, x, panel, y, cols, bias, pre); break;
-    case 6: tile512<6>(a, x, panel, y, cols, bias, pre); break;
-    case 5: tile512<5>(a, x, panel, y, cols, bias, pre); break;
-    case 4: tile512<4>(a, x, panel, y, cols, bias, pre); break;
-    case 3: tile512<3>(a, x, panel, y, cols, bias, pre); break;
-    case 2: tile512<2>(a, x, panel, y, cols, bias, pre); break;
-    case 1: tile512<1>(a, x, panel, y, cols, bias, pre); break;
-    default: break;
+struct Wide {  // the 16-wide tile family: 48-column panels, row blocks of 8
+  static constexpr int C = 48, MB = 8;
+  template <int R>
+  static void run(const Args& a, const float* x, const float* panel, float* y, int64_t cols, const float* bias,
+                  const float* next) {
+    tile512<R>(a, x, panel, y, cols, bias, next);
   }
-}
+};
 
 }  // namespace
 #pragma GCC pop_options
 
 namespace {
 
-void panel256(const Args& a, int64_t p, int64_t panels) {  // as panel512: 2-vector panels, row blocks of 6
-  constexpr int C = 16;
+struct Narrow {  // the AVX2 tile family: 16-column panels, row blocks of 6
+  static constexpr int C = 16, MB = 6;
+  template <int R>
+  static void run(const Args& a, const float* x, const float* panel, float* y, int64_t cols, const float* bias,
+                  const float* next) {
+    tile256<R>(a, x, panel, y, cols, bias, next);
+  }
+};
+
+// the R-row tile of family T for rows = R, else the next smaller one (the rows left after a panel's full blocks)
+template <typename T, int R>
+void tail(int64_t rows, const Args& a, const float* x, const float* panel, float* y, int64_t cols,
+          const float* bias, const float* next) {
+  if constexpr (R > 0) {
+    if (rows == R) return T::template run<R>(a, x, panel, y, cols, bias, next);
+    tail<T, R - 1>(rows, a, x, panel, y, cols, bias, next);
+  }
+}
+
+// every row of x against panel p (`end`: one past this thread's last panel): row blocks of T::MB, then one tile of
+// the rest; the first block prefetches the next panel, the others find this one in L2
+template <typename T>
+void panel(const Args& a, int64_t p, int64_t end) {
+  constexpr int C = T::C;
   const float* panel = a.packed + p * a.K * C;
-  const float* next = p + 1 < panels ? panel + a.K * C : nullptr;
+  const float* next = p + 1 < end ? panel + a.K * C : nullptr;
   const int64_t n = p * C, cols = std::min<int64_t>(C, a.N - n);
   const float* bias = a.bias != nullptr ? a.bias + n : nullptr;
   int64_t m = 0;
-  for (; m + 6 <= a.M; m += 6)
-    tile256<6>(a, a.x + m * a.K, panel, a.y + m * a.N + n, cols, bias, m == 0 ? next : nullptr);
-  const float* x = a.x + m * a.K;
-  float* y = a.y + m * a.N + n;
-  const float* pre = m == 0 ? next : nullptr;
-  switch (a.M - m) {
-    case 5: tile256<5>(a, x, panel, y, cols, bias, pre); break;
-    case 4: tile256<4>(a, x, panel, y, cols, bias, pre); break;
-    case 3: tile256<3>(a, x, panel, y, cols, bias, pre); break;
-    case 2: tile256<2>(a, x, panel, y, cols, bias, pre); break;
-    case 1: tile256<1>(a, x, panel, y, cols, bias, pre); break;
-    default: break;
-  }
+  for (; m + T::MB <= a.M; m += T::MB)
+    T::template run<T::MB>(a, a.x + m * a.K, panel, a.y + m * a.N + n, cols, bias, m == 0 ? next : nullptr);
+  tail<T, T::MB - 1>(a.M - m, a, a.x + m * a.K, panel, a.y + m * a.N + n, cols, bias, m == 0 ? next : nullptr);
 }
 
 // 512 where the CPU (and the OS) run AVX-512, else 256; set_vector_width narrows it (tests run both kernels)
@@ -215,8 +211,8 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed,
   const int64_t panels = packed.size(0);
   at::parallel_for(0, panels, 4, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
-      if (wide) panel512(a, p, hi);
-      else panel256(a, p, hi);
+      if (wide) panel<Wide>(a, p, hi);
+      else panel<Narrow>(a, p, hi);
     }
   });
   return y;
