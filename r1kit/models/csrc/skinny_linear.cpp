@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -32,8 +33,8 @@ struct Args {
 // -O2 for this one: GCC 12 at -O3 stores every accumulator to the stack on every k of this loop (never read
 // back), which halves its FMA rate; the 16-wide tiles below do not get that code
 template <int MB>
-__attribute__((optimize("O2"))) void tile256(const Args& a, const float* x, const float* panel, float* y, int64_t cols, const float* bias,
-             const float* next) {
+__attribute__((optimize("O2"))) void tile256(const Args& a, const float* x, const float* panel, float* y,
+                                             int64_t cols, const float* bias, const float* next) {
   constexpr int C = 16;
   __m256 lo[MB], hi[MB];  // columns 0–7 and 8–15 of each row
 #pragma GCC unroll 8
@@ -88,9 +89,7 @@ void tile512(const Args& a, const float* x, const float* panel, float* y, int64_
       acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
     }
   }
-  // every accumulator stored at a constant index first: a runtime loop over acc would keep it in memory, and
-  // the compiler then stores it on every k as well (measured: half the FMA rate)
-  alignas(64) float out[MB][C];
+  alignas(64) float out[MB][C];  // the accumulators at constant indices, then the real columns
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 3; ++j) _mm512_store_ps(&out[i][16 * j], acc[i][j]);
   for (int i = 0; i < MB; ++i)
