@@ -79,8 +79,11 @@ void tile512(const Args& a, const float* x, const float* panel, float* y, int64_
   const int64_t K = a.K;
   for (int64_t k = 0; k < K; ++k) {
     const float* w = panel + k * C;
-    if (next != nullptr)  // the next panel, 192 bytes a k: three lines in the time of 3·MB FMAs
+    if (next != nullptr) {  // the next panel, 192 bytes a k: three lines in the time of 3·MB FMAs
       _mm_prefetch(reinterpret_cast<const char*>(next + k * C), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * C + 16), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * C + 32), _MM_HINT_T1);
+    }
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
     for (int i = 0; i < MB; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i * K + k]);
