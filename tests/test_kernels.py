@@ -193,6 +193,8 @@ def test_both_vector_widths_equal_float64_and_stay_batch_invariant(width):
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6 * k ** 0.5 * 8)
             if rows > 1:  # a row alone gives the bits it gives in the batch
                 assert torch.equal(mod.skinny_linear(x[1:2], packed, n, b)[0], got[1])
+            then = mod.pack_weight(torch.randn(n + 50, 2 * k, generator=g))  # the next matmul's panels: prefetched only
+            assert torch.equal(mod.skinny_linear(x, packed, n, b, then), got)
             mod.set_vector_width(256)  # the narrow kernel: the same bits
             assert torch.equal(mod.skinny_linear(x, mod.pack_weight(w), n, b), got)
             mod.set_vector_width(width)
@@ -244,6 +246,8 @@ def test_packed_panels_are_refused_where_they_do_not_fit():
         mod.skinny_linear(x, packed, 31 + packed.shape[2], None)  # more columns than the panels hold
     with pytest.raises(RuntimeError, match="panels of N columns"):
         mod.skinny_linear(torch.randn(4, 63), packed, 30, None)  # another K
+    with pytest.raises(RuntimeError, match="`then` must be"):
+        mod.skinny_linear(x, packed, 30, None, torch.randn(2, 64, packed.shape[2] + 1))  # another panel width
 
 
 def test_switched_off_means_f_linear_exactly(kernel_state, monkeypatch):

@@ -18,7 +18,7 @@
 #include <vector>
 
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                            const c10::optional<torch::Tensor>& bias);
+                            const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& then);
 c10::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                               const c10::optional<torch::Tensor>& mask, double scale,
                                               int64_t max_queries);
@@ -67,12 +67,13 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& W, cons
   return stack[0].toTensor();
 }
 
-// x @ W[slot]ᵀ (+ the bias slot): the skinny kernel where the slot has a packed weight (kernels.uses_kernel)
+// x @ W[slot]ᵀ (+ the bias slot): the skinny kernel where the slot has a packed weight (kernels.uses_kernel),
+// prefetching `then`'s first panel (the packed weight of the matmul after this one, if any)
 torch::Tensor project(const Step& st, const torch::Tensor& x, const Weights& w, const Weights& packed, int slot,
-                      int bias) {
+                      int bias, const c10::optional<torch::Tensor>& then) {
   const torch::Tensor& W = *w[slot];
   const c10::optional<torch::Tensor> b = bias < 0 ? c10::nullopt : w[bias];
-  if (packed[slot].has_value()) return skinny_linear(x, *packed[slot], W.size(0), b);
+  if (packed[slot].has_value()) return skinny_linear(x, *packed[slot], W.size(0), b, then);
   if (st.onednn) return onednn_linear(x, W, b);
   return b.has_value() ? at::linear(x, W, *b) : at::linear(x, W);
 }
@@ -103,12 +104,15 @@ torch::Tensor attend(const Step& st, const torch::Tensor& q, const torch::Tensor
   return out.transpose(1, 2).reshape({st.B, st.H * st.D});  // (B, H, 1, D) → (B, H·D)
 }
 
-void layer(const Step& st, torch::Tensor& x, const Weights& w, const Weights& pk, torch::Tensor kc, torch::Tensor vc) {
+// after: the next layer's packed wq (its first matmul), or None
+void layer(const Step& st, torch::Tensor& x, const Weights& w, const Weights& pk, torch::Tensor kc, torch::Tensor vc,
+           const c10::optional<torch::Tensor>& after) {
   const int64_t d = x.size(1), D = st.D;
   auto h = torch::empty_like(x);
   rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kAttnNorm]->data_ptr<float>(), st.B, d, st.eps);
-  auto q = project(st, h, w, pk, kWq, kBq).contiguous(), k = project(st, h, w, pk, kWk, kBk).contiguous();
-  auto v = project(st, h, w, pk, kWv, kBv).contiguous();
+  auto q = project(st, h, w, pk, kWq, kBq, pk[kWk]).contiguous();
+  auto k = project(st, h, w, pk, kWk, kBk, pk[kWv]).contiguous();
+  auto v = project(st, h, w, pk, kWv, kBv, pk[kWo]).contiguous();
   if (w[kQNorm].has_value()) {  // Qwen3: each head normalised before it is rotated
     rms_norm_rows(q.data_ptr<float>(), q.data_ptr<float>(), w[kQNorm]->data_ptr<float>(), st.B * st.H, D, st.eps);
     rms_norm_rows(k.data_ptr<float>(), k.data_ptr<float>(), w[kKNorm]->data_ptr<float>(), st.B * st.Hkv, D, st.eps);
@@ -117,12 +121,12 @@ void layer(const Step& st, torch::Tensor& x, const Weights& w, const Weights& pk
   rope(q.data_ptr<float>(), st.cos.data_ptr<float>(), st.sin.data_ptr<float>(), cs, st.B, st.H, D);
   rope(k.data_ptr<float>(), st.cos.data_ptr<float>(), st.sin.data_ptr<float>(), cs, st.B, st.Hkv, D);
   auto y = attend(st, q, k, v, kc, vc).contiguous();
-  add_into(x, project(st, y, w, pk, kWo, kBo).contiguous());
+  add_into(x, project(st, y, w, pk, kWo, kBo, pk[kW1]).contiguous());
   rms_norm_rows(x.data_ptr<float>(), h.data_ptr<float>(), w[kFfnNorm]->data_ptr<float>(), st.B, d, st.eps);
-  auto gate = project(st, h, w, pk, kW1, -1).contiguous();
-  const auto up = project(st, h, w, pk, kW3, -1).contiguous();
+  auto gate = project(st, h, w, pk, kW1, -1, pk[kW3]).contiguous();
+  const auto up = project(st, h, w, pk, kW3, -1, pk[kW2]).contiguous();
   swiglu_rows(gate.data_ptr<float>(), up.data_ptr<float>(), gate.data_ptr<float>(), gate.numel());  // silu(gate)·up
-  add_into(x, project(st, gate, w, pk, kW2, -1).contiguous());
+  add_into(x, project(st, gate, w, pk, kW2, -1, after).contiguous());
 }
 
 }  // namespace
@@ -152,7 +156,8 @@ torch::Tensor llama_decode_layers(const torch::Tensor& x_in, const std::vector<c
   for (int64_t l = 0; l < L; ++l) {
     Weights w(weights.begin() + l * kSlots, weights.begin() + (l + 1) * kSlots);
     Weights pk(packed.begin() + l * kSlots, packed.begin() + (l + 1) * kSlots);
-    layer(st, x, w, pk, k_cache[l], v_cache[l]);
+    const c10::optional<torch::Tensor> after = l + 1 < L ? packed[(l + 1) * kSlots + kWq] : c10::nullopt;
+    layer(st, x, w, pk, k_cache[l], v_cache[l], after);
   }
   return x.view({B, 1, d});
 }

@@ -3,7 +3,7 @@
 
 torch::Tensor pack_weight(const torch::Tensor& weight);
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                            const c10::optional<torch::Tensor>& bias);
+                            const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& then);
 int64_t vector_width();
 int64_t set_vector_width(int64_t bits);
 bool decode_attention_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -29,7 +29,9 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& x, const torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "W (N, K) -> the skinny kernel's (P, K, 48 | 16) column panels (fp32)");
-  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows, from pack_weight(W) and N (fp32)");
+  m.def("skinny_linear", &skinny_linear, "y = x W^T (+ b) for few rows, from pack_weight(W) and N (fp32); then: the "
+        "next matmul's panels, prefetched", py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("bias") = py::none(),
+        py::arg("then") = py::none());
   m.def("vector_width", &vector_width, "the skinny kernel's vector width in bits: 512 (AVX-512) or 256 (AVX2)");
   m.def("set_vector_width", &set_vector_width, "use the 256- or 512-bit skinny kernel (512 only with AVX-512)");
   m.def("decode_attention_applies", &decode_attention_applies, "whether decode_attention takes these inputs");
