@@ -99,11 +99,11 @@ class WeightPacks:
     def __init__(self):
         self._packs: dict[int, tuple] = {}  # id(weight) → (weakref to it, its _version, panels)
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight (N, K) → its panels (P, K, C) for the vector width in use."""
+    def get(self, weight: torch.Tensor, panel: int = 0) -> torch.Tensor:
+        """weight (N, K) → its panels (P, K, C) for the vector width in use (panel: its C, when the caller has it)."""
         version = -1 if weight.is_inference() else weight._version  # inference tensors keep no version
         hit = self._packs.get(id(weight))
-        if hit is not None and hit[0]() is weight and hit[1] == version and hit[2].shape[2] == _panel():
+        if hit is not None and hit[0]() is weight and hit[1] == version and hit[2].shape[2] == (panel or _panel()):
             return hit[2]
         packed = _state["module"].pack_weight(weight)
         self._packs[id(weight)] = (weakref.ref(weight), version, packed)
@@ -175,7 +175,14 @@ def row_limits(width: int, vendor: str) -> tuple[int, int]:
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear(x, weight)` takes the kernel (see the module docstring for the rules): up to the
     first of row_limits' rows always, up to the second only for a weight of at least CACHED_WEIGHT elements."""
-    if not _switched_on(x, weight) or x.shape[-1] < 8 or _module() is None:  # (built first: it sets the rows)
+    if not _switched_on(x, weight) or _module() is None:  # (built first: it sets the rows)
+        return False
+    return _rows_fit(x, weight)
+
+
+def _rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """uses_kernel's rules past the shared ones: the rows, K and the weight's size."""
+    if x.shape[-1] < 8:
         return False
     rows = x.numel() // x.shape[-1]
     small, streamed = _state["rows"]
@@ -298,14 +305,15 @@ def decode_layers(x: torch.Tensor, weights: list, k_cache: torch.Tensor, v_cache
     mask (B, 1, 1, Tk) additive float; heads = (query heads, KV heads). Each matmul inside takes the skinny
     kernel exactly where `linear` would (uses_kernel on layer 0's weights: every layer has their shapes)."""
     if not (layers_apply(x, k_cache) and mask.dtype is torch.float32
-            and all(w is None or (type(w) in _PLAIN and w.dtype is torch.float32 and w.is_contiguous())
+            and all(w is None or (type(w) in _PLAIN and w.dtype is torch.float32 and w.is_cpu and w.is_contiguous())
                     for w in weights)):
         return None
     rows = x.view(x.shape[0], -1)
     n = len(LAYER_SLOTS)
-    skinny = [w is not None and w.dim() == 2 and uses_kernel(rows, w) for w in weights[:n]]  # layer 0's
-    packs = _local.packs
-    packed = [packs.get(w) if skinny[i % n] else None for i, w in enumerate(weights)]
+    # layer 0's (the shared rules hold: layers_apply checked them on x, the line above on every weight)
+    skinny = [w is not None and w.dim() == 2 and _rows_fit(rows, w) for w in weights[:n]]
+    packs, panel = _local.packs, _panel()
+    packed = [packs.get(w, panel) if skinny[i % n] else None for i, w in enumerate(weights)]
     return _state["module"].llama_decode_layers(x, weights, k_cache, v_cache, pos, cos, sin, mask, heads[0],
                                                 heads[1], eps, scale, packed, onednn_gemm(), MAX_QUERIES)
 
