@@ -195,7 +195,7 @@ def _wait_idle(server, timeout: float = 10.0) -> dict:
 
 
 def test_disconnects_free_slots_and_server_stays_healthy(server, client):
-    before = _wait_idle(server)["cancelled"]
+    before = _wait_idle(server)
     # 1000 tokens a row: far more than the few steps a disconnect takes to be noticed
     body = {"model": "tiny", "messages": ask(PAIRS[5][0]), "max_tokens": 1000, "ignore_eos": True,
             "temperature": 0, "stream": True}
@@ -217,8 +217,11 @@ def test_disconnects_free_slots_and_server_stays_healthy(server, client):
         # 4 × 8 rows for 8 slots: each gives up running or waiting
         timeouts = sum(pool.map(give_up_waiting, range(4)))
     assert timeouts == 4
-    after = _wait_idle(server)
-    assert after["cancelled"] - before >= 12 + timeouts
+    after = _wait_idle(server)  # every slot free again: nothing still decodes for a client that left
+    # every hang-up had its answer started, so it was submitted and is cancelled; a client that gives up before the
+    # server has read its request (a loaded machine: 0.2 s) was never submitted, so it has nothing to cancel
+    assert 12 <= after["cancelled"] - before["cancelled"] <= 12 + timeouts
+    assert after["finished"] == before["finished"]  # none of those 1000-token requests ran to its end
     q, r, a = PAIRS[5]
     out = client.chat.completions.create(model="tiny", messages=ask(q), temperature=0)
     assert (out.choices[0].message.reasoning_content, out.choices[0].message.content) == (r, a)
