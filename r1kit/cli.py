@@ -71,12 +71,12 @@ def main(argv=None) -> int:
         return 2
     except dist.DistError as e:  # torchrun: a peer missing or dead, a bad launch
         print(f"r1kit {verb}: error: {e}", file=sys.stderr)
-        return 3
+        return dist.leave_after_peer_loss(3)
     except RuntimeError as e:  # a collective inside autograd (DDP/FSDP2) met a dead peer
         if not dist.is_peer_failure(e):
             raise
         print(f"r1kit {verb}: error: {dist.peer_lost(e, 'training')}", file=sys.stderr)
-        return 3
+        return dist.leave_after_peer_loss(3)
     except ValueError as e:  # bad values met deeper (task files, sampling settings): still one line
         if not _raised_by_r1kit_check(e):
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -93,6 +94,22 @@ def shutdown() -> None:
     if tdist.is_initialized():
         barrier("finishing the run")
         tdist.destroy_process_group()
+
+
+def leave_after_peer_loss(code: int) -> int:
+    """End this rank at once with `code` after a peer was lost; returns `code` when no group is up.
+
+    Why not a normal return: a gloo group whose peer died aborts the interpreter's exit (its
+    transport threads are torn down still joinable: "terminate called without an active
+    exception", SIGABRT), which would replace the one-line error and its status with a C++ abort;
+    and destroying the group first can block on the dead peer. Everything r1kit writes is already
+    closed (checkpoints, metrics lines), so only the standard streams need flushing."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _check_same_backend(device: torch.device) -> None:
