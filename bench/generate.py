@@ -16,7 +16,9 @@ issue's fixed limit (MKL's large matmul on the AVX2 box it was set on); the firs
 large-matmul rate, MKL's and oneDNN's (on a non-Intel AVX-512 core oneDNN's is ≈ 2.4× MKL's and the fixed limit
 understates what the core can do), and the last line gives the batch-16 fractions of the faster one.
 `--profile` prints where a decode step of each config at batch 16 spends its time (matmul, attention,
-cache writes, norms, RoPE, sampling, other).
+cache writes, norms, RoPE, sampling, other). On an AVX-512 machine, `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`
+runs every side's CPU code as on the AVX2 box (torch's kernels, MKL's GEMM, r1kit's 256-bit decode kernel; the
+first line says which ran) — the code the fixed limit was set for, on this machine's memory and clock.
     python bench/generate.py [--new 128 --new-real 64 --repeats 3 --threads 1 --profile]
 """
 from __future__ import annotations
@@ -211,7 +213,9 @@ def main():
     peak = machine_peak()
     print("this machine, one n³ matmul: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
           + f" (the fixed limit: {PEAK / 1e9:.0f} a thread); r1kit's CPU GEMM outside the decode kernel: "
-          + ("oneDNN" if kernels.onednn_gemm() else "MKL (F.linear)"), flush=True)
+          + ("oneDNN" if kernels.onednn_gemm() else "MKL (F.linear)") + f"; torch's CPU code {torch.backends.cpu.get_cpu_capability()}"
+          + (f", the decode kernel's {kernels._module().vector_width()}-bit" if kernels._module() is not None else ""),
+          flush=True)
     results = {}
     for name in args.configs:
         built = build(name)

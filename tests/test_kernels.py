@@ -2,6 +2,9 @@
 are batch-invariant, used only where asked for and where they apply (never in a trainer's forward), and a
 build that fails falls back to torch's functions with one warning."""
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -200,6 +203,19 @@ def test_both_vector_widths_equal_float64_and_stay_batch_invariant(width):
             mod.set_vector_width(width)
     finally:
         mod.set_vector_width(before)
+
+
+@needs_kernel
+def test_the_kernels_follow_torchs_cpu_capability():
+    """ATEN_CPU_CAPABILITY=avx2 (torch's own kernels at AVX2) also narrows r1kit's: the 256-bit matmul tiles, their
+    row limits and MKL's GEMM, so one variable runs a process as on an AVX2-only CPU."""
+    code = ("from r1kit.models import kernels; m = kernels._module(); "
+            "print(m.vector_width(), kernels._state['rows'], kernels.onednn_gemm())")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env.pop("R1KIT_CPU_GEMM", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["256", "(16,", "64)", "False"]
 
 
 @needs_kernel

@@ -32,6 +32,8 @@ attends from one new query per row over the KV cache. Measured on the 2-core AVX
   process uses (R1KIT_CPU_GEMM=auto|onednn|mkl), once, so π_θ, π_old and π_ref stay one function.
 - the skinny matmul and the 16-wide CPU: where the CPU has AVX-512, `skinny_linear` runs 16-wide tiles on
   48-column panels (AVX2: 16-column panels); both widths are tested against fp64, and give the same bits.
+  The width follows torch's CPU capability, so `ATEN_CPU_CAPABILITY=avx2` runs a process's CPU code as on an
+  AVX2-only CPU (torch's kernels, this width, MKL's GEMM): how bench/ measures the AVX2 box on an AVX-512 one.
 - sampling (`sample_untruncated`, sampling.py's greedy and untruncated rows on a CPU): one pass per row where
   the torch path is ~20 ops — 29 against 194 µs at 16 rows × 512 ids, 0.54 against 3.6 ms over 49k ids.
 - SwiGLU (`swiglu`, every Llama MLP on a CPU in fp32, trainers included): silu(a)·b and its two gradients in one
@@ -144,6 +146,8 @@ def _module():
                                 # when the extension itself is built with OpenMP (else one thread runs all)
                                 extra_cflags=["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"],
                                 extra_ldflags=["-fopenmp"])
+        if torch.backends.cpu.get_cpu_capability() != "AVX512":  # torch's own kernels run AVX2 code (the CPU
+            _state["module"].set_vector_width(256)  # has no AVX-512, or ATEN_CPU_CAPABILITY=avx2): so do these
         _state["rows"] = row_limits(_state["module"].vector_width(), _cpu_vendor())
     except Exception as e:  # noqa: BLE001 — any build failure (no compiler, no ninja) means: use torch's
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
